@@ -1,0 +1,93 @@
+"""Entry point of the ``cryofield`` command.
+
+Each sub-command lives in ``cryofield.cli.<name>`` and defines ``add_arguments(parser)``
+and ``run(args) -> int``; its module docstring's first line is its one-line summary and
+the rest (with an example) is its ``--help`` epilog. Modules are imported only when
+their command runs, so ``cryofield --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+
+from cryofield import __version__
+from cryofield.errors import CryofieldError
+
+#: command name -> (module, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("cryofield.cli.info", "Summarise a particle stack or metadata file."),
+    "parse": ("cryofield.cli.parse", "Write a particle table (.npz) from .star/.cs/.mrcs/.txt."),
+    "downsample": ("cryofield.cli.downsample", "Fourier-crop a particle stack to a smaller box."),
+    "simulate": ("cryofield.cli.simulate", "Simulate a particle dataset with exact truth."),
+    "backproject": ("cryofield.cli.backproject", "Reconstruct a map from known poses."),
+    "train": ("cryofield.cli.train", "Neural ab initio / fixed-pose reconstruction."),
+    "analyze": ("cryofield.cli.analyze", "Latent-space analysis, volumes and HTML report."),
+    "eval-vol": ("cryofield.cli.eval_vol", "Generate volumes at chosen latent points."),
+    "select": ("cryofield.cli.select", "Write a particle subset back as .star/.cs."),
+    "export": ("cryofield.cli.export", "Export poses/latents/classes to RELION/cryoSPARC."),
+    "evaluate": ("cryofield.cli.evaluate", "Score a run against simulation truth."),
+    "demo": ("cryofield.cli.demo", "Simulate the demo dataset and run the whole pipeline."),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = [f"  {name:<12} {summary}" for name, (_, summary) in COMMANDS.items()]
+    parser = argparse.ArgumentParser(
+        prog="cryofield",
+        description="Neural ab initio heterogeneous cryo-EM reconstruction.",
+        epilog="commands:\n" + "\n".join(lines) + "\n\nRun 'cryofield COMMAND --help' for details.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"cryofield {__version__}")
+    parser.add_argument("command", nargs="?", help="command to run")
+    return parser
+
+
+def build_command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
+    """Import the module of command ``name`` and return its parser and module."""
+    module_name, summary = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    doc = (module.__doc__ or summary).strip()
+    epilog = doc.split("\n", 1)[1].strip() if "\n" in doc else None
+    parser = argparse.ArgumentParser(
+        prog=f"cryofield {name}",
+        description=summary,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    module.add_arguments(parser)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``cryofield``; returns the process exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        parser = _top_parser()
+        parser.parse_args(argv)
+        parser.print_help()
+        return 0 if argv else 1
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"cryofield: unknown command '{name}' (see 'cryofield --help')", file=sys.stderr)
+        return 2
+    parser, module = build_command_parser(name)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except CryofieldError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"cryofield {name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cryofield {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""cryofield.inference."""
