@@ -1,0 +1,61 @@
+"""Write a particle table (.npz) from .star/.cs/.mrcs/.txt.
+
+The table holds, per particle, the image path and frame, pixel size, CTF (defocus U/V in
+A, astigmatism angle in degrees, voltage, Cs, amplitude contrast, phase shift, B-factor),
+poses when the file has them (RELION rotation matrices and shifts in px), the optics
+group, and the original rows (star columns and optics block, or the .cs array) so that
+subsets can be written back without losing a column. It is a plain .npz (no pickles);
+see docs/parse.md for the keys. `cryofield train` and `cryofield info` accept it.
+
+examples:
+  cryofield parse particles.star --datadir /data/project -o particles.npz
+  cryofield parse J24_particles.cs --ind keep.npy -o subset.npz
+  cryofield parse stack.mrcs --ctf ctf.pkl --poses pose.pkl -o table.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cryofield.cli.info import describe
+from cryofield.io.metadata import load_index, load_particle_table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``cryofield parse``."""
+    parser.add_argument("particles", help="particle file: .star, .cs, .mrcs/.mrc, .txt or .npz")
+    parser.add_argument("-o", "--output", required=True, help="output table (.npz)")
+    parser.add_argument("--datadir", help="folder where relative image paths are looked up")
+    parser.add_argument("--ind", help="index filter: .npy, text, or cryoDRGN .pkl")
+    parser.add_argument("--ctf", help="cryoDRGN ctf.pkl to attach (read without executing code)")
+    parser.add_argument("--poses", help="cryoDRGN pose .pkl to attach")
+    parser.add_argument(
+        "--no-image-check",
+        action="store_true",
+        help="do not check that every image stack exists and holds the referenced frames",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Read, check, and save the table; exit status 0, or 2 on a bad input."""
+    table = load_particle_table(args.particles, datadir=args.datadir)
+    n_total = len(table)
+    if args.ind:
+        table = table.subset(load_index(args.ind, n_total, args.particles))
+    if args.ctf or args.poses:
+        from cryofield.io.legacy import attach_legacy
+
+        table = attach_legacy(table, ctf_pkl=args.ctf, pose_pkl=args.poses)
+    if not args.no_image_check:
+        from cryofield.io.particles import ParticleSource
+
+        source = ParticleSource(table)  # raises on missing stacks / frames / bad headers
+        if not table.box_px:
+            from dataclasses import replace
+
+            table = replace(table, box_px=source.box_px)
+    for line in describe(table, n_total):
+        print(line)
+    out = table.save_npz(args.output)
+    print(f"wrote {out}")
+    return 0

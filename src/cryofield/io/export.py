@@ -1,0 +1,398 @@
+"""Write particles back to RELION (.star) or cryoSPARC (.cs) with poses, latents, classes.
+
+:func:`write_particles` is the one writer used by ``cryofield export``, ``select`` and
+the end of ``train``. It writes a subset of the *original* input table:
+
+- every original column is kept (RELION: the particle block and the ``data_optics``
+  block; cryoSPARC: every field of the structured array). Across formats the original
+  columns are carried under their own names: a .cs field ``ctf/df1_A`` becomes the star
+  column ``_ctf/df1_A`` (vector fields one column per component, ``_ctf/shift_A.0``,
+  ``_ctf/shift_A.1``; bytes decoded as UTF-8), a star column ``rlnMicrographName`` becomes
+  the .cs field ``rlnMicrographName`` (optics columns are joined to each particle). The
+  standard fields (image location, pixel size, box, CTF, optics group, poses) are always
+  also written in the target's own columns by :mod:`cryofield.io.star` /
+  :mod:`cryofield.io.cryosparc`.
+- image paths point at the original stacks: relative to the output file's folder when
+  the stack is inside it, absolute otherwise; a stack that cannot be found keeps the
+  name the input file gave it.
+- poses are written in the target format's convention (:mod:`cryofield.io.poses`):
+  RELION ``rlnAngleRot/Tilt/Psi`` (deg) and ``rlnOriginX/YAngst`` (``rlnOriginX/Y`` in
+  px for a RELION 3.0 file that already has them); cryoSPARC ``alignments3D/pose``
+  (axis-angle) and ``alignments3D/shift`` (px of ``blob/psize_A``).
+- latents ``z`` (N, K) as numbered columns: star ``rlnCryofieldZ01 .. rlnCryofieldZK``,
+  cs fields ``cryofield/z01 .. cryofield/zK`` (float32); cluster labels (0-based) as
+  ``rlnClassNumber = label + 1`` (RELION classes start at 1) and
+  ``alignments3D/class = label`` (cryoSPARC classes start at 0).
+
+Shifts: ``shifts_px`` are in pixels of the *input table's* images (``table.apix_A``), not
+of a downsampled training box. A training run stores ``shifts_A`` (A) in
+``epoch_NNN/poses.npz``; pass those as ``shifts_A=`` and they are divided by each
+particle's ``table.apix_A``.
+
+Outputs are written atomically (temporary file + rename) by the io writers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cryofield.errors import CryofieldError
+from cryofield.io.cryosparc import read_cs, write_cs
+from cryofield.io.metadata import ParticleTable
+from cryofield.io.poses import internal_to_cryosparc, internal_to_relion
+from cryofield.io.star import write_star
+
+__all__ = ["latent_column_names", "latent_field_names", "write_particles"]
+
+FORMATS = {".star": "star", ".cs": "cs"}
+
+
+def latent_column_names(zdim: int) -> list[str]:
+    """Star columns of a ``zdim``-dimensional latent: ``rlnCryofieldZ01`` ..."""
+    width = max(2, len(str(zdim)))
+    return [f"rlnCryofieldZ{k:0{width}d}" for k in range(1, zdim + 1)]
+
+
+def latent_field_names(zdim: int) -> list[str]:
+    """cryoSPARC fields of a ``zdim``-dimensional latent: ``cryofield/z01`` ..."""
+    width = max(2, len(str(zdim)))
+    return [f"cryofield/z{k:0{width}d}" for k in range(1, zdim + 1)]
+
+
+def write_particles(
+    path: str | os.PathLike[str],
+    table: ParticleTable,
+    indices: np.ndarray | None = None,
+    rotations: np.ndarray | None = None,
+    shifts_px: np.ndarray | None = None,
+    latents: np.ndarray | None = None,
+    classes: np.ndarray | None = None,
+    *,
+    shifts_A: np.ndarray | None = None,
+) -> Path:
+    """Write rows of ``table`` to ``path`` (.star or .cs) with optional poses/latents/classes.
+
+    Parameters
+    ----------
+    path
+        Output file; the format follows the extension (``.star`` or ``.cs``).
+    table
+        The original input table (as read by :func:`cryofield.io.load_particle_table`).
+    indices
+        ``(M,)`` 0-based rows of ``table`` to write, in this order (default: all N rows).
+    rotations
+        ``(M, 3, 3)`` poses (contract convention), one per written row, or None to keep
+        the table's own poses.
+    shifts_px
+        ``(M, 2)`` translations in pixels of the *input* images (``table.apix_A``).
+        When ``rotations`` are given without shifts, the shifts are written as zero (the
+        input's origins belong to another alignment).
+    latents
+        ``(M, K)`` (or ``(M,)``) latent coordinates.
+    classes
+        ``(M,)`` 0-based non-negative integer class / cluster labels.
+    shifts_A
+        ``(M, 2)`` translations in A, an alternative to ``shifts_px``.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    CryofieldError
+        Unknown output extension, or an empty selection.
+    ValueError
+        Arrays whose lengths do not match the selection, or negative / non-integer classes.
+    """
+    path = Path(path)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise CryofieldError(f"{path}: output must end in .star or .cs, not '{path.suffix}'")
+    idx = np.arange(len(table)) if indices is None else np.asarray(indices, dtype=np.int64)
+    sub = table.subset(idx.reshape(-1))
+    n = len(sub)
+    if n == 0:
+        raise CryofieldError(f"{path}: no particles selected, nothing to write")
+
+    if shifts_A is not None:
+        if shifts_px is not None:
+            raise ValueError("give shifts_px or shifts_A, not both")
+        shifts_px = _rows(shifts_A, n, (2,), "shifts_A") / sub.apix_A[:, None]
+    if rotations is not None:
+        rotations = _rows(rotations, n, (3, 3), "rotations")
+        shifts_px = np.zeros((n, 2)) if shifts_px is None else shifts_px
+    if shifts_px is not None:
+        shifts_px = _rows(shifts_px, n, (2,), "shifts_px")
+    if latents is not None:
+        latents = np.asarray(latents, dtype=np.float32)
+        latents = _rows(latents.reshape(len(latents), -1), n, None, "latents")
+    if classes is not None:
+        classes = _classes(classes, n)
+
+    if fmt == "star":
+        return _write_star(path, sub, rotations, shifts_px, latents, classes)
+    return _write_cs(path, sub, rotations, shifts_px, latents, classes)
+
+
+# ----------------------------------------------------------------------------- checks
+def _rows(values: np.ndarray, n: int, shape: tuple[int, ...] | None, name: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim == 0 or len(arr) != n:
+        got = "a scalar" if arr.ndim == 0 else f"{len(arr)} rows"
+        raise ValueError(f"{name} has {got} for {n} selected particles")
+    if shape is not None and arr.shape[1:] != shape:
+        raise ValueError(f"{name} must have shape ({n}, {', '.join(map(str, shape))}), "
+                         f"got {arr.shape}")  # fmt: skip
+    if not np.all(np.isfinite(arr)):
+        row = int(np.flatnonzero(~np.isfinite(arr.reshape(n, -1)).all(axis=1))[0])
+        raise ValueError(f"{name} row {row} is not finite")
+    return arr
+
+
+def _classes(classes: np.ndarray, n: int) -> np.ndarray:
+    arr = np.asarray(classes).reshape(-1)
+    if len(arr) != n:
+        raise ValueError(f"classes has {len(arr)} rows for {n} selected particles")
+    if arr.dtype.kind == "f" and np.any(arr != np.round(arr)):
+        raise ValueError("classes must be integers")
+    arr = arr.astype(np.int64)
+    if n and arr.min() < 0:
+        raise ValueError(f"classes must be 0-based non-negative labels, got {arr.min()}")
+    return arr
+
+
+# ----------------------------------------------------------------------------- paths
+def _stack_names(table: ParticleTable, out_dir: Path, original: np.ndarray | None) -> list[str]:
+    """Per-particle stack path: relative below ``out_dir``, else absolute.
+
+    A stack that does not exist keeps its ``original`` name (when given).
+    """
+    out_dir = Path(os.path.abspath(out_dir))
+    names: dict[str, str] = {}
+    for p in np.unique(table.image_paths):
+        if not Path(p).is_file():
+            continue
+        try:
+            rel = os.path.relpath(p, out_dir)
+        except ValueError:  # another drive (Windows)
+            rel = p
+        names[p] = p if rel.startswith("..") else rel
+    out = []
+    for i, p in enumerate(table.image_paths):
+        if p in names:
+            out.append(names[p])
+        else:
+            out.append(str(original[i]) if original is not None else str(p))
+    return out
+
+
+# ----------------------------------------------------------------------------- star
+def _write_star(
+    path: Path,
+    sub: ParticleTable,
+    rotations: np.ndarray | None,
+    shifts_px: np.ndarray | None,
+    latents: np.ndarray | None,
+    classes: np.ndarray | None,
+) -> Path:
+    extra: dict[str, list[object] | np.ndarray] = {}
+    original = None
+    if isinstance(sub.raw, pd.DataFrame) and "rlnImageName" in sub.raw.columns:
+        original = np.array([s.partition("@")[2] or s for s in sub.raw["rlnImageName"].astype(str)])
+    elif isinstance(sub.raw, np.ndarray) and "blob/path" in (sub.raw.dtype.names or ()):
+        original = np.char.lstrip(np.char.decode(sub.raw["blob/path"].astype(bytes), "utf-8"), ">")
+    stacks = _stack_names(sub, path.parent, original)
+    image_names = [f"{i + 1:06d}@{s}" for i, s in zip(sub.image_index, stacks, strict=True)]
+    if sub.source_format == "cs" and isinstance(sub.raw, np.ndarray):
+        carried = _cs_fields_as_columns(sub.raw)
+        _update_carried_cs(carried, sub, rotations, shifts_px, classes)
+        extra.update(carried)
+    if latents is not None:
+        extra.update(dict(zip(latent_column_names(latents.shape[1]), latents.T, strict=True)))
+    if classes is not None:
+        extra["rlnClassNumber"] = classes + 1
+    return write_star(
+        path, sub, rotations=rotations, shifts_px=shifts_px, extra_columns=extra,
+        image_names=image_names,
+    )  # fmt: skip
+
+
+def _cs_fields_as_columns(arr: np.ndarray) -> dict[str, list[object] | np.ndarray]:
+    """Every field of a .cs array as star columns (vector fields split, bytes decoded)."""
+    out: dict[str, list[object] | np.ndarray] = {}
+    for name in arr.dtype.names or ():
+        values = np.asarray(arr[name])
+        flat = values.reshape(len(values), -1)
+        names = [name] if values.ndim == 1 else [f"{name}.{k}" for k in range(flat.shape[1])]
+        for col, column in zip(names, flat.T, strict=True):
+            if column.dtype.kind == "S":
+                column = np.char.decode(column, "utf-8")
+            if column.dtype.kind == "U":
+                out[col] = column.tolist()  # starfile quotes empty / spaced strings
+            elif column.dtype.kind == "u":
+                # uint64 uids do not fit int64; write them as exact decimal strings
+                out[col] = [str(v) for v in column.tolist()]
+            else:
+                out[col] = column
+    return out
+
+
+def _update_carried_cs(
+    carried: dict[str, list[object] | np.ndarray],
+    sub: ParticleTable,
+    rotations: np.ndarray | None,
+    shifts_px: np.ndarray | None,
+    classes: np.ndarray | None,
+) -> None:
+    """Carried cryoSPARC alignment columns get the new poses/classes, not stale ones."""
+    if rotations is not None:
+        pose, shift = internal_to_cryosparc(rotations, shifts_px)
+        for k in range(3):
+            if f"alignments3D/pose.{k}" in carried:
+                carried[f"alignments3D/pose.{k}"] = pose[:, k]
+        for k in range(2):
+            if f"alignments3D/shift.{k}" in carried and shift is not None:
+                carried[f"alignments3D/shift.{k}"] = shift[:, k]
+        if "alignments3D/psize_A" in carried:
+            carried["alignments3D/psize_A"] = sub.apix_A  # shifts are in blob pixels
+    if classes is not None and "alignments3D/class" in carried:
+        carried["alignments3D/class"] = [str(c) for c in classes.tolist()]
+
+
+# ----------------------------------------------------------------------------- cs
+def _write_cs(
+    path: Path,
+    sub: ParticleTable,
+    rotations: np.ndarray | None,
+    shifts_px: np.ndarray | None,
+    latents: np.ndarray | None,
+    classes: np.ndarray | None,
+) -> Path:
+    if sub.source_format == "cs" and isinstance(sub.raw, np.ndarray):
+        arr = sub.raw
+        original = np.char.lstrip(np.char.decode(arr["blob/path"].astype(bytes), "utf-8"), ">")
+    else:
+        arr = _base_cs_array(path, sub)
+        original = None
+        if isinstance(sub.raw, pd.DataFrame) and "rlnImageName" in sub.raw.columns:
+            original = np.array(
+                [s.partition("@")[2] or s for s in sub.raw["rlnImageName"].astype(str)]
+            )
+        if rotations is None and sub.rotations is not None:
+            rotations = sub.rotations
+            shifts_px = sub.shifts_px if sub.shifts_px is not None else np.zeros((len(sub), 2))
+    new: dict[str, np.ndarray] = {}
+    stacks = _stack_names(sub, path.parent, original)
+    new["blob/path"] = np.array([s.encode("utf-8") for s in stacks])
+    if isinstance(sub.raw, pd.DataFrame):
+        carried = _star_columns_as_fields(sub)
+        _update_carried_star(carried, sub, rotations, shifts_px, classes)
+        new.update(carried)
+    if latents is not None:
+        new.update(
+            dict(
+                zip(latent_field_names(latents.shape[1]), latents.astype(np.float32).T, strict=True)
+            )
+        )
+    if classes is not None:
+        new["alignments3D/class"] = classes.astype(np.uint32)
+    arr = _set_fields(arr, new)
+    return write_cs(path, replace(sub, raw=arr, source_format="cs"), rotations, shifts_px)
+
+
+def _base_cs_array(path: Path, sub: ParticleTable) -> np.ndarray:
+    """The standard .cs fields of a non-cryoSPARC table, as :func:`write_cs` builds them."""
+    plain = replace(sub, rotations=None, shifts_px=None)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.base.", suffix=".cs", dir=path.parent)
+    os.close(fd)
+    try:
+        write_cs(tmp_name, plain)
+        return read_cs(tmp_name)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+
+
+def _star_columns_as_fields(sub: ParticleTable) -> dict[str, np.ndarray]:
+    """The star particle columns and the joined optics columns, as .cs fields."""
+    df = sub.raw
+    assert isinstance(df, pd.DataFrame)
+    cols = {c: df[c].to_numpy() for c in df.columns}
+    optics = sub.raw_optics
+    if optics is not None and "rlnOpticsGroup" in optics.columns:
+        groups = pd.to_numeric(optics["rlnOpticsGroup"]).to_numpy().astype(np.int64)
+        lookup = {int(g): i for i, g in enumerate(groups)}
+        rows = np.array([lookup.get(int(g), 0) for g in sub.optics_group], dtype=np.int64)
+        for c in optics.columns:
+            if c not in cols:
+                cols[c] = optics[c].to_numpy()[rows]
+    out = {}
+    for name, values in cols.items():
+        if values.dtype.kind in "iub":
+            out[name] = values.astype(np.int64)
+        elif values.dtype.kind == "f":
+            out[name] = values.astype(np.float64)
+        else:
+            out[name] = np.array([str(v).encode("utf-8") for v in values])
+    return out
+
+
+def _update_carried_star(
+    carried: dict[str, np.ndarray],
+    sub: ParticleTable,
+    rotations: np.ndarray | None,
+    shifts_px: np.ndarray | None,
+    classes: np.ndarray | None,
+) -> None:
+    """Carried RELION pose/class columns get the new poses/classes, not stale ones."""
+    if rotations is not None:
+        euler, origin_px = internal_to_relion(rotations, shifts_px)
+        for k, name in enumerate(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
+            if name in carried:
+                carried[name] = euler[:, k]
+        if origin_px is not None:
+            for k, axis in enumerate("XY"):
+                if f"rlnOrigin{axis}" in carried:
+                    carried[f"rlnOrigin{axis}"] = origin_px[:, k]
+                if f"rlnOrigin{axis}Angst" in carried:
+                    carried[f"rlnOrigin{axis}Angst"] = origin_px[:, k] * sub.apix_A
+    if classes is not None and "rlnClassNumber" in carried:
+        carried["rlnClassNumber"] = classes + 1
+
+
+def _set_fields(arr: np.ndarray, new: dict[str, np.ndarray]) -> np.ndarray:
+    """Copy of ``arr`` with fields set from ``new`` (added, or retyped when they don't fit)."""
+    descr: list[tuple] = []
+    existing = arr.dtype.names or ()
+    for name in existing:
+        dt, shape = arr.dtype.fields[name][0], arr[name].shape[1:]
+        if name in new:
+            dt = _field_dtype(new[name], dt)
+        descr.append((name, dt.base if dt.shape else dt, shape) if shape else (name, dt))
+    for name, values in new.items():
+        if name not in existing:
+            descr.append((name, _field_dtype(values, None)))
+    out = np.zeros(len(arr), dtype=descr)
+    for name in existing:
+        out[name] = arr[name]
+    for name, values in new.items():
+        out[name] = values
+    return out
+
+
+def _field_dtype(values: np.ndarray, current: np.dtype | None) -> np.dtype:
+    if values.dtype.kind == "S":
+        width = max(1, values.dtype.itemsize)
+        if current is not None and current.kind == "S":
+            width = max(width, current.itemsize)
+        return np.dtype(f"S{width}")
+    if current is not None and current.kind == values.dtype.kind:
+        return current
+    return values.dtype

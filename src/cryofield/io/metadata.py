@@ -1,0 +1,466 @@
+"""The particle table: one row per particle, whatever the input format.
+
+:class:`ParticleTable` holds, for N particles, where each image is (absolute stack path
+and 0-based frame), its pixel size, its CTF, its pose when the file has one, its optics
+group, and the original rows of the input file (``raw``) so that writing back to the
+same format keeps every column. :func:`load_particle_table` reads any supported input
+(.star, .cs, .mrcs/.mrc, .txt list of stacks, or a saved table .npz) and applies an
+optional index filter (``--ind``: .npy, text, or legacy cryoDRGN .pkl).
+
+Conventions (docs/dev/contracts.md): ``rotations`` are RELION's matrix ``A`` (float32);
+``shifts_px`` is the particle's displacement from the box centre in pixels of the input
+images (float32; see :mod:`cryofield.io.poses` for the file conventions). CTF values are
+float64 in the units of their names; angles in degrees as in RELION files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cryofield.errors import InputFileError
+from cryofield.io.atomic import atomic_path
+from cryofield.logs import get_logger
+
+__all__ = ["CTF_KEYS", "ParticleTable", "load_index", "load_particle_table"]
+
+#: Keys of :attr:`ParticleTable.ctf`, each an ``(N,)`` float64 array.
+CTF_KEYS = (
+    "defocus_u_A",
+    "defocus_v_A",
+    "astig_angle_deg",
+    "voltage_kV",
+    "cs_mm",
+    "amp_contrast",
+    "phase_shift_deg",
+    "bfactor_A2",
+)
+
+_NPZ_VERSION = 1
+_log = get_logger("io")
+
+
+@dataclass
+class ParticleTable:
+    """Per-particle metadata (all arrays of length N).
+
+    Attributes
+    ----------
+    image_paths : numpy.ndarray
+        ``(N,)`` str, absolute path of the stack holding each image.
+    image_index : numpy.ndarray
+        ``(N,)`` int64, 0-based frame of the image in its stack.
+    apix_A : numpy.ndarray
+        ``(N,)`` float64, pixel size of the images in A.
+    box_px : int
+        Image size D in pixels (0 when unknown: no size column and no readable stack).
+    ctf : dict of str to numpy.ndarray or None
+        ``(N,)`` float64 arrays keyed by :data:`CTF_KEYS`; None when the input has no CTF.
+    rotations : numpy.ndarray or None
+        ``(N, 3, 3)`` float32 pose matrices (RELION's ``A``), None without poses.
+    shifts_px : numpy.ndarray or None
+        ``(N, 2)`` float32 ``(tx, ty)`` displacement of the particle from the box centre.
+    optics_group : numpy.ndarray
+        ``(N,)`` int64 optics group as numbered in the file (RELION: from 1; cryoSPARC
+        ``ctf/exp_group_id``; 0 when the file has none).
+    source_path : str
+        The file the table was read from.
+    source_format : str
+        ``'star'``, ``'cs'``, ``'mrcs'`` or ``'txt'``.
+    raw : pandas.DataFrame or numpy.ndarray or None
+        Original rows: the particle block of a star file (DataFrame, column names without
+        the leading underscore) or the structured array of a .cs file.
+    raw_optics : pandas.DataFrame or None
+        The ``data_optics`` block of a RELION 3.1+ star file.
+    raw_block : str
+        Name of the star particle block (``'particles'``, ``'images'``, ``''``).
+    _extra : dict
+        ``source_index``: ``(N,)`` int64 row of each particle in the file it was read
+        from, set by :meth:`subset` (composed over repeated subsets) and saved in .npz.
+    """
+
+    image_paths: np.ndarray
+    image_index: np.ndarray
+    apix_A: np.ndarray
+    box_px: int
+    ctf: dict[str, np.ndarray] | None
+    rotations: np.ndarray | None
+    shifts_px: np.ndarray | None
+    optics_group: np.ndarray
+    source_path: str
+    source_format: str
+    raw: Any = None
+    raw_optics: pd.DataFrame | None = None
+    raw_block: str = "particles"
+    _extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.image_paths)
+        self.image_paths = np.asarray(self.image_paths, dtype=str)
+        self.image_index = np.asarray(self.image_index, dtype=np.int64)
+        self.apix_A = np.asarray(self.apix_A, dtype=np.float64)
+        self.optics_group = np.asarray(self.optics_group, dtype=np.int64)
+        self.box_px = int(self.box_px)
+        arrays = {
+            "image_index": self.image_index,
+            "apix_A": self.apix_A,
+            "optics_group": self.optics_group,
+        }
+        if self.ctf is not None:
+            self.ctf = {k: np.asarray(self.ctf[k], dtype=np.float64) for k in CTF_KEYS}
+            arrays.update({f"ctf[{k}]": v for k, v in self.ctf.items()})
+        if self.rotations is not None:
+            self.rotations = np.asarray(self.rotations, dtype=np.float32).reshape(-1, 3, 3)
+            arrays["rotations"] = self.rotations
+        if self.shifts_px is not None:
+            self.shifts_px = np.asarray(self.shifts_px, dtype=np.float32).reshape(-1, 2)
+            arrays["shifts_px"] = self.shifts_px
+        if self.raw is not None:
+            arrays["raw"] = self.raw
+        for name, arr in arrays.items():
+            if len(arr) != n:
+                raise InputFileError(
+                    self.source_path,
+                    f"mismatched particle counts: {name} has {len(arr)} rows, image paths have {n}",
+                )
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    @property
+    def n_optics_groups(self) -> int:
+        """Number of distinct optics groups."""
+        return len(np.unique(self.optics_group))
+
+    def subset(self, indices: np.ndarray | list[int]) -> ParticleTable:
+        """Table of the particles ``indices`` (0-based, in the given order)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            bad = int(idx[(idx < -n) | (idx >= n)][0])
+            raise InputFileError(self.source_path, f"index {bad} out of range for {n} particles")
+        raw = self.raw
+        if isinstance(raw, pd.DataFrame):
+            raw = raw.iloc[idx].reset_index(drop=True)
+        elif raw is not None:
+            raw = raw[idx]
+        return replace(
+            self,
+            image_paths=self.image_paths[idx],
+            image_index=self.image_index[idx],
+            apix_A=self.apix_A[idx],
+            ctf=None if self.ctf is None else {k: v[idx] for k, v in self.ctf.items()},
+            rotations=None if self.rotations is None else self.rotations[idx],
+            shifts_px=None if self.shifts_px is None else self.shifts_px[idx],
+            optics_group=self.optics_group[idx],
+            raw=raw,
+            _extra={**self._extra, "source_index": self.source_index[idx]},
+        )
+
+    @property
+    def source_index(self) -> np.ndarray:
+        """``(N,)`` int64 row of each particle in the original file (after subsets)."""
+        idx = self._extra.get("source_index")
+        return np.arange(len(self), dtype=np.int64) if idx is None else np.asarray(idx)
+
+    # ------------------------------------------------------------------ npz I/O
+    def save_npz(self, path: str | os.PathLike[str]) -> Path:
+        """Save the table (incl. the raw rows) to ``path`` (.npz), atomically.
+
+        Everything is stored as plain arrays (no pickles): fields under their own names,
+        CTF under ``ctf__<key>``, a star file's columns under ``raw__<i>`` with names in
+        ``raw_columns`` (optics: ``optics__<i>`` / ``optics_columns``), a .cs structured
+        array as ``raw_cs``.
+        """
+        out: dict[str, np.ndarray] = {
+            "format_version": np.array(_NPZ_VERSION),
+            "image_paths": self.image_paths,
+            "image_index": self.image_index,
+            "apix_A": self.apix_A,
+            "box_px": np.array(self.box_px),
+            "optics_group": self.optics_group,
+            "source_path": np.array(str(self.source_path)),
+            "source_format": np.array(self.source_format),
+            "raw_block": np.array(self.raw_block),
+        }
+        if self.ctf is not None:
+            out.update({f"ctf__{k}": v for k, v in self.ctf.items()})
+        if "source_index" in self._extra:
+            out["source_index"] = np.asarray(self._extra["source_index"], dtype=np.int64)
+        if self.rotations is not None:
+            out["rotations"] = self.rotations
+        if self.shifts_px is not None:
+            out["shifts_px"] = self.shifts_px
+        if isinstance(self.raw, pd.DataFrame):
+            out.update(_frame_to_arrays(self.raw, "raw"))
+        elif self.raw is not None:
+            out["raw_cs"] = np.asarray(self.raw)
+        if self.raw_optics is not None:
+            out.update(_frame_to_arrays(self.raw_optics, "optics"))
+        path = Path(path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **out)
+        return path
+
+    @classmethod
+    def load_npz(cls, path: str | os.PathLike[str]) -> ParticleTable:
+        """Load a table written by :meth:`save_npz` (``allow_pickle=False``)."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                d = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as err:
+            raise InputFileError(path, f"not a readable particle table .npz ({err})") from None
+        if "image_paths" not in d or "format_version" not in d:
+            raise InputFileError(path, "not a cryofield particle table (no 'image_paths')")
+        ctf = None
+        if f"ctf__{CTF_KEYS[0]}" in d:
+            ctf = {k: d[f"ctf__{k}"] for k in CTF_KEYS}
+        raw: Any = None
+        if "raw_columns" in d:
+            raw = _arrays_to_frame(d, "raw")
+        elif "raw_cs" in d:
+            raw = d["raw_cs"]
+        raw_optics = _arrays_to_frame(d, "optics") if "optics_columns" in d else None
+        return cls(
+            image_paths=d["image_paths"],
+            image_index=d["image_index"],
+            apix_A=d["apix_A"],
+            box_px=int(d["box_px"]),
+            ctf=ctf,
+            rotations=d.get("rotations"),
+            shifts_px=d.get("shifts_px"),
+            optics_group=d["optics_group"],
+            source_path=str(d["source_path"]),
+            source_format=str(d["source_format"]),
+            raw=raw,
+            raw_optics=raw_optics,
+            raw_block=str(d["raw_block"]),
+            _extra={"source_index": d["source_index"]} if "source_index" in d else {},
+        )
+
+
+def _frame_to_arrays(df: pd.DataFrame, prefix: str) -> dict[str, np.ndarray]:
+    out = {f"{prefix}_columns": np.array(list(df.columns), dtype=str)}
+    for i, col in enumerate(df.columns):
+        values = df[col].to_numpy()
+        if values.dtype.kind not in "iufb":
+            values = values.astype(str)
+        out[f"{prefix}__{i}"] = values
+    return out
+
+
+def _arrays_to_frame(d: dict[str, np.ndarray], prefix: str) -> pd.DataFrame:
+    cols = [str(c) for c in d[f"{prefix}_columns"]]
+    return pd.DataFrame({c: d[f"{prefix}__{i}"] for i, c in enumerate(cols)})
+
+
+# ---------------------------------------------------------------------- loading
+def load_index(ind: str | os.PathLike[str] | np.ndarray, n: int, source: object) -> np.ndarray:
+    """Read and check an index filter against a table of ``n`` particles.
+
+    Parameters
+    ----------
+    ind
+        Array of 0-based indices, or a file: ``.npy``, ``.pkl`` (cryoDRGN index pickle,
+        read through the restricted unpickler) or text (whitespace/comma-separated ints).
+    n
+        Number of particles in the table the indices refer to.
+    source
+        The particle file, named in errors.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(M,)`` int64 indices.
+    """
+    where: object = source
+    if isinstance(ind, (str, os.PathLike)):
+        where = ind
+        path = Path(ind)
+        if not path.is_file():
+            raise InputFileError(path, "index file not found")
+        suffix = path.suffix.lower()
+        try:
+            if suffix == ".npy":
+                arr = np.load(path, allow_pickle=False)
+            elif suffix == ".pkl":
+                from cryofield.io.legacy import load_pickle
+
+                arr = np.asarray(load_pickle(path))
+            else:
+                text = path.read_text().replace(",", " ").split()
+                arr = np.array([int(float(t)) for t in text], dtype=np.int64)
+        except ValueError as err:
+            raise InputFileError(path, f"not a list of particle indices ({err})") from None
+    else:
+        arr = np.asarray(ind)
+    arr = np.asarray(arr).reshape(-1)
+    if arr.dtype.kind == "b":
+        if arr.size != n:
+            raise InputFileError(
+                where, f"mismatched particle counts: boolean mask of {arr.size} for {n} particles"
+            )
+        return np.flatnonzero(arr).astype(np.int64)
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise InputFileError(where, "particle indices must be integers")
+    elif arr.dtype.kind not in "iu":
+        raise InputFileError(where, f"particle indices must be integers, got {arr.dtype}")
+    arr = arr.astype(np.int64)
+    bad = np.flatnonzero((arr < 0) | (arr >= n))
+    if bad.size:
+        raise InputFileError(
+            where,
+            f"index {int(arr[bad[0]])} (entry {int(bad[0])}) out of range for the "
+            f"{n} particles of {source}",
+        )
+    return arr
+
+
+def resolve_image_path(
+    name: str, base_dir: Path, datadir: str | os.PathLike[str] | None
+) -> tuple[str, bool]:
+    """Absolute path of a stack named in a metadata file, and whether it exists.
+
+    Tried in order: ``datadir/name``, ``datadir/basename(name)`` (when ``datadir`` is
+    given), ``name`` if absolute, ``base_dir/name``, ``base_dir/basename(name)``, then
+    ``name`` relative to the two folders above ``base_dir`` (RELION and cryoSPARC write
+    paths relative to the project folder, and their metadata files sit in job folders one
+    or two levels below it). When none exists, the first candidate is returned (so errors
+    name where the file was expected).
+    """
+    name = name.strip()
+    p = Path(name)
+    base_dir = Path(os.path.abspath(base_dir))
+    candidates: list[Path] = []
+    if datadir is not None:
+        candidates += [Path(datadir) / p, Path(datadir) / p.name]
+    if p.is_absolute():
+        candidates.append(p)
+    candidates += [base_dir / p, base_dir / p.name]
+    if not p.is_absolute():
+        candidates += [base_dir.parent / p, base_dir.parent.parent / p]
+    for cand in candidates:
+        if cand.is_file():
+            return os.path.abspath(cand), True
+    return os.path.abspath(candidates[0]), False
+
+
+def resolve_image_paths(
+    names: np.ndarray, base_dir: Path, datadir: str | os.PathLike[str] | None
+) -> tuple[np.ndarray, int]:
+    """Vectorised :func:`resolve_image_path` over unique names; returns (paths, n_missing)."""
+    uniq, inverse = np.unique(np.asarray(names, dtype=str), return_inverse=True)
+    resolved = [resolve_image_path(u, base_dir, datadir) for u in uniq]
+    paths = np.array([r[0] for r in resolved], dtype=str)[inverse.reshape(-1)]
+    missing = sum(1 for r in resolved if not r[1])
+    return paths, missing
+
+
+def _stack_table(path: Path) -> ParticleTable:
+    from cryofield.io.mrc import read_mrc_header
+
+    info = read_mrc_header(path)
+    nz, ny, nx = info.shape
+    if ny != nx:
+        raise InputFileError(path, f"images are not square ({ny} x {nx} pixels)")
+    apix = info.apix_A
+    if not apix > 0:
+        _log.warning("%s: no pixel size in the MRC header; assuming 1.0 A", path)
+        apix = 1.0
+    return ParticleTable(
+        image_paths=np.full(nz, os.path.abspath(path)),
+        image_index=np.arange(nz),
+        apix_A=np.full(nz, apix),
+        box_px=nx,
+        ctf=None,
+        rotations=None,
+        shifts_px=None,
+        optics_group=np.zeros(nz, dtype=np.int64),
+        source_path=str(path),
+        source_format="mrcs",
+    )
+
+
+def _txt_table(path: Path, datadir: str | os.PathLike[str] | None) -> ParticleTable:
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    names = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not names:
+        raise InputFileError(path, "empty list of stacks")
+    parts = []
+    for row, name in enumerate(names, start=1):
+        stack, found = resolve_image_path(name, path.parent, datadir)
+        if not found:
+            raise InputFileError(path, f"stack '{name}' not found (looked for {stack})", row=row)
+        parts.append(_stack_table(Path(stack)))
+    boxes = {p.box_px for p in parts}
+    if len(boxes) > 1:
+        raise InputFileError(path, f"stacks have different box sizes {sorted(boxes)}")
+    return ParticleTable(
+        image_paths=np.concatenate([p.image_paths for p in parts]),
+        image_index=np.concatenate([p.image_index for p in parts]),
+        apix_A=np.concatenate([p.apix_A for p in parts]),
+        box_px=parts[0].box_px,
+        ctf=None,
+        rotations=None,
+        shifts_px=None,
+        optics_group=np.zeros(sum(len(p) for p in parts), dtype=np.int64),
+        source_path=str(path),
+        source_format="txt",
+    )
+
+
+def load_particle_table(
+    path: str | os.PathLike[str],
+    datadir: str | os.PathLike[str] | None = None,
+    ind: str | os.PathLike[str] | np.ndarray | None = None,
+) -> ParticleTable:
+    """Read particle metadata from any supported file.
+
+    Parameters
+    ----------
+    path
+        ``.star`` (RELION 3.0/3.1/5), ``.cs`` (cryoSPARC), ``.mrcs``/``.mrc`` (a stack),
+        ``.txt`` (one stack path per line) or ``.npz`` (a table saved by
+        :meth:`ParticleTable.save_npz`).
+    datadir
+        Folder where relative image paths are looked up first (default: the folder of
+        ``path``).
+    ind
+        Optional index filter (array or .npy/.txt/.pkl file) applied after reading.
+
+    Raises
+    ------
+    InputFileError
+        Unknown extension, unreadable file, missing columns, bad rows or indices.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".star":
+        from cryofield.io.star import read_star_table
+
+        table = read_star_table(path, datadir=datadir)
+    elif suffix == ".cs":
+        from cryofield.io.cryosparc import read_cs_table
+
+        table = read_cs_table(path, datadir=datadir)
+    elif suffix in (".mrcs", ".mrc", ".st", ".map"):
+        table = _stack_table(path)
+    elif suffix == ".txt":
+        table = _txt_table(path, datadir)
+    elif suffix == ".npz":
+        table = ParticleTable.load_npz(path)
+    else:
+        raise InputFileError(
+            path, f"unknown particle file type '{suffix}' (use .star, .cs, .mrcs, .txt or .npz)"
+        )
+    if ind is not None:
+        table = table.subset(load_index(ind, len(table), path))
+    return table

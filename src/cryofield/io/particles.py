@@ -1,0 +1,236 @@
+"""Lazy access to particle images: ``ParticleSource(table)[indices] -> (B, D, D)``.
+
+Images are read from memory-mapped stacks (one header read per stack, frames gathered
+per file), converted to float32, optionally Fourier-cropped to a smaller box ``D``
+(:func:`cryofield.physics.filters.fourier_crop`, which keeps pixel values) and
+contrast-inverted. Every stack is checked once when the source is built (exists, square,
+same box as the table, every referenced frame inside the stack), and every batch is
+checked for NaN/inf pixels, so a bad file fails with one line naming the file, the frame
+and the particle.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryofield.errors import InputFileError
+from cryofield.io.metadata import ParticleTable
+from cryofield.io.mrc import MRCInfo, read_mrc_header
+from cryofield.physics.filters import fourier_crop
+
+__all__ = ["ParticleSource", "guess_contrast"]
+
+
+def guess_contrast(images: np.ndarray | torch.Tensor, threshold: float = 3.0) -> str:
+    """Guess whether particles are light-on-dark from the centre versus the edge.
+
+    For each image, the mean of the central disc (radius ``D/4``) minus the mean of the
+    annulus ``0.375 D .. 0.5 D``; if the average difference is more than ``threshold``
+    standard errors above zero the particles are ``'light-on-dark'``, below zero
+    ``'dark-on-light'``, else ``'unclear'``.
+
+    Parameters
+    ----------
+    images
+        ``(B, D, D)`` images (B >= 2 for a verdict).
+    """
+    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+    x = x.to(torch.float64)
+    if x.ndim == 2:
+        x = x[None]
+    B, D = x.shape[0], x.shape[-1]
+    c = (torch.arange(D, dtype=torch.float64) - D // 2) / D
+    r = torch.sqrt(c[None, :] ** 2 + c[:, None] ** 2)
+    centre = r <= 0.25
+    ring = (r >= 0.375) & (r <= 0.5)
+    diff = x[:, centre].mean(-1) - x[:, ring].mean(-1)
+    if B < 2:
+        return "unclear"
+    sem = diff.std() / np.sqrt(B)
+    t = float(diff.mean() / sem) if sem > 0 else 0.0
+    if t > threshold:
+        return "light-on-dark"
+    if t < -threshold:
+        return "dark-on-light"
+    return "unclear"
+
+
+class ParticleSource:
+    """Images of a :class:`~cryofield.io.metadata.ParticleTable`, read on demand.
+
+    Parameters
+    ----------
+    table
+        The particles (paths, frames, pixel size).
+    D
+        Output box in pixels (even, at most the stack box); images are Fourier-cropped
+        to it. Default: the stack box.
+    lazy
+        True: read from the memory-mapped stacks on each access. False: load (and crop)
+        all images into memory now.
+    invert_contrast
+        Multiply images by -1 (for dark-on-light stacks).
+    max_open_files
+        Number of stacks kept memory-mapped at once.
+
+    Attributes
+    ----------
+    box_px : int
+        Box of the stacks on disk.
+    D : int
+        Box of the returned images.
+    apix_A : numpy.ndarray
+        ``(N,)`` pixel size of the returned images (``table.apix_A * box_px / D``).
+    """
+
+    def __init__(
+        self,
+        table: ParticleTable,
+        D: int | None = None,
+        lazy: bool = True,
+        invert_contrast: bool = False,
+        max_open_files: int = 64,
+    ) -> None:
+        self.table = table
+        self.invert_contrast = invert_contrast
+        self._max_open = max_open_files
+        self._open: OrderedDict[str, np.ndarray] = OrderedDict()
+        uniq, inverse = np.unique(table.image_paths, return_inverse=True)
+        self._files = [str(u) for u in uniq]
+        self._file_id = inverse.reshape(-1)
+        self._infos = self._check_stacks()
+        self.box_px = self._infos[0].shape[2]
+        self.D = self.box_px if D is None else int(D)
+        if self.D > self.box_px or self.D % 2 or self.D <= 0:
+            raise InputFileError(
+                table.source_path,
+                f"cannot produce {self.D} px images from {self.box_px} px stacks "
+                "(D must be even and at most the stack box)",
+            )
+        self.apix_A = table.apix_A * self.box_px / self.D
+        self._norm: tuple[float, float] | None = None
+        self._cache: torch.Tensor | None = None
+        if not lazy:
+            self._cache = torch.cat(
+                [self._read(np.arange(i, min(i + 1000, len(self)))) for i in
+                 range(0, len(self), 1000)]
+            )  # fmt: skip
+
+    def _check_stacks(self) -> list[MRCInfo]:
+        t = self.table
+        infos = []
+        box = t.box_px
+        order = np.argsort(self._file_id, kind="stable")
+        rows_per_file = np.split(order, np.flatnonzero(np.diff(self._file_id[order])) + 1)
+        for k, stack in enumerate(self._files):
+            rows = rows_per_file[k]  # particles in this stack, in file order
+            if not Path(stack).is_file():
+                row = int(rows[0])
+                raise InputFileError(
+                    t.source_path,
+                    f"image stack {stack} not found (use --datadir to say where stacks are)",
+                    row=row + 1,
+                )
+            info = read_mrc_header(stack)
+            nz, ny, nx = info.shape
+            if ny != nx:
+                raise InputFileError(stack, f"images are not square ({ny} x {nx} pixels)")
+            if box and nx != box:
+                raise InputFileError(stack, f"images are {nx} px but {t.source_path} says {box} px")
+            box = box or nx
+            too_far = rows[t.image_index[rows] >= nz]
+            if too_far.size:
+                r = int(too_far[0])
+                raise InputFileError(
+                    t.source_path,
+                    f"image {int(t.image_index[r]) + 1} of {stack} does not exist "
+                    f"(the stack has {nz} images)",
+                    row=r + 1,
+                )
+            infos.append(info)
+        if not infos:
+            raise InputFileError(t.source_path, "no particles")
+        return infos
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _memmap(self, k: int) -> np.ndarray:
+        stack = self._files[k]
+        arr = self._open.get(stack)
+        if arr is None:
+            info = self._infos[k]
+            arr = np.memmap(stack, dtype=info.dtype, mode="r", offset=info.data_offset,
+                            shape=info.shape)  # fmt: skip
+            self._open[stack] = arr
+            if len(self._open) > self._max_open:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(stack)
+        return arr
+
+    def _read(self, idx: np.ndarray) -> torch.Tensor:
+        out = np.empty((len(idx), self.box_px, self.box_px), dtype=np.float32)
+        fid = self._file_id[idx]
+        for k in np.unique(fid):
+            pos = np.flatnonzero(fid == k)
+            frames = self.table.image_index[idx[pos]]
+            order = np.argsort(frames, kind="stable")
+            data = np.asarray(self._memmap(int(k))[frames[order]], dtype=np.float32)
+            finite = np.isfinite(data).all(axis=(1, 2))
+            if not finite.all():
+                j = int(np.flatnonzero(~finite)[0])
+                raise InputFileError(
+                    self._files[int(k)],
+                    f"image {int(frames[order][j]) + 1} has NaN or infinite pixels "
+                    f"(particle {int(idx[pos[order][j]])} of {self.table.source_path})",
+                )
+            out[pos[order]] = data
+        images = torch.from_numpy(out)
+        if self.D < self.box_px:
+            images = fourier_crop(images, self.D)
+        if self.invert_contrast:
+            images = -images
+        return images
+
+    def __getitem__(self, indices: int | slice | np.ndarray | list[int]) -> torch.Tensor:
+        """Images ``(B, D, D)`` float32 for ``indices`` (int gives ``(1, D, D)``)."""
+        idx = np.arange(len(self))[indices] if isinstance(indices, slice) else indices
+        idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"particle index out of range for {n} particles")
+        idx = np.where(idx < 0, idx + n, idx)
+        if self._cache is not None:
+            return self._cache[torch.from_numpy(idx)]
+        return self._read(idx)
+
+    def images(self, indices: np.ndarray | list[int]) -> torch.Tensor:
+        """Same as ``source[indices]``."""
+        return self[indices]
+
+    @property
+    def normalization(self) -> tuple[float, float]:
+        """``(mean, std)`` of the pixel values over up to 1000 evenly spaced images."""
+        if self._norm is None:
+            sample = np.unique(np.linspace(0, len(self) - 1, min(len(self), 1000)).astype(int))
+            x = torch.cat([self[sample[i : i + 256]] for i in range(0, len(sample), 256)])
+            x = x.to(torch.float64)
+            self._norm = (float(x.mean()), float(x.std()))
+        return self._norm
+
+    def contrast(self, n: int = 200) -> str:
+        """:func:`guess_contrast` on up to ``n`` evenly spaced images."""
+        sample = np.unique(np.linspace(0, len(self) - 1, min(len(self), n)).astype(int))
+        return guess_contrast(self[sample])
+
+    def __repr__(self) -> str:
+        return (
+            f"ParticleSource({len(self)} images, box {self.box_px} -> {self.D} px, "
+            f"{len(self._files)} stack(s), source {os.fspath(self.table.source_path)})"
+        )

@@ -1,0 +1,454 @@
+"""RELION star files (3.0 single block; 3.1 and 5 with ``data_optics``).
+
+Parsing and writing use the ``starfile`` package. Reading joins each particle row to its
+optics group (``rlnOpticsGroup``), so per-particle pixel size (``rlnImagePixelSize``),
+box (``rlnImageSize``), voltage, Cs and amplitude contrast come from the optics block
+when the particle block does not have them. RELION 3.0 files give the pixel size as
+``rlnDetectorPixelSize * 1e4 / rlnMagnification``. Image names ``idx@path`` (idx from 1)
+are resolved relative to ``datadir`` or the star file's folder
+(:func:`cryofield.io.metadata.resolve_image_path`).
+
+Writing keeps every original column, the block name and the optics block; floats are
+written with the shortest representation that reads back to the same float64, so
+read -> write -> read is lossless. Poses are converted as documented in
+:mod:`cryofield.io.poses`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from cryofield.errors import InputFileError
+from cryofield.io.atomic import atomic_path
+from cryofield.io.metadata import ParticleTable, resolve_image_paths
+from cryofield.io.poses import internal_to_relion, relion_to_internal
+from cryofield.logs import get_logger
+
+__all__ = ["read_star", "read_star_table", "write_star"]
+
+_log = get_logger("io")
+
+#: CTF key -> (RELION column, required when a CTF is present, default). A missing
+#: amplitude contrast defaults to 0.1 with a warning, as in cryoDRGN's parse_ctf_star
+#: (the interop PfCRT refinement has no such column).
+_CTF_COLUMNS = {
+    "defocus_u_A": ("rlnDefocusU", True, None),
+    "defocus_v_A": ("rlnDefocusV", True, None),
+    "astig_angle_deg": ("rlnDefocusAngle", True, None),
+    "voltage_kV": ("rlnVoltage", True, None),
+    "cs_mm": ("rlnSphericalAberration", True, None),
+    "amp_contrast": ("rlnAmplitudeContrast", False, 0.1),
+    "phase_shift_deg": ("rlnPhaseShift", False, 0.0),
+    "bfactor_A2": ("rlnCtfBfactor", False, 0.0),
+}
+
+
+def read_star(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.DataFrame | None, str]:
+    """Read the particle block, the optics block (or None) and the particle block's name."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            blocks = starfile.read(path, always_dict=True)
+    except Exception as err:  # starfile raises assorted parser errors
+        raise InputFileError(path, f"not a readable STAR file ({err})") from None
+    frames = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
+    optics = frames.pop("optics", None)
+    if "particles" in frames:
+        name = "particles"
+    elif len(frames) == 1:
+        name = next(iter(frames))
+    else:
+        raise InputFileError(
+            path, f"no particle block found (blocks: {', '.join(map(repr, blocks)) or 'none'})"
+        )
+    df = frames[name].reset_index(drop=True)
+    if len(df) == 0:
+        raise InputFileError(path, f"the data_{name} block has no rows")
+    return df, optics, name
+
+
+def _optics_rows(
+    path: Path, df: pd.DataFrame, optics: pd.DataFrame | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Optics group per particle and, per particle, the row of ``optics`` it refers to."""
+    if "rlnOpticsGroup" not in df.columns:
+        if optics is not None and len(optics) > 1:
+            raise InputFileError(path, "missing column rlnOpticsGroup with several optics groups")
+        rows = None if optics is None else np.zeros(len(df), dtype=np.int64)
+        group = np.ones(len(df), np.int64) if optics is not None else np.zeros(len(df), np.int64)
+        return group, rows
+    group = pd.to_numeric(df["rlnOpticsGroup"], errors="coerce").to_numpy()
+    bad = np.flatnonzero(~np.isfinite(group))
+    if bad.size:
+        raise InputFileError(path, "field rlnOpticsGroup is not a number", row=int(bad[0]) + 1)
+    group = group.astype(np.int64)
+    if optics is None:
+        return group, None
+    if "rlnOpticsGroup" not in optics.columns:
+        raise InputFileError(path, "data_optics block has no rlnOpticsGroup column")
+    lookup = {int(g): i for i, g in enumerate(optics["rlnOpticsGroup"].to_numpy())}
+    rows = np.array([lookup.get(int(g), -1) for g in group], dtype=np.int64)
+    bad = np.flatnonzero(rows < 0)
+    if bad.size:
+        raise InputFileError(
+            path,
+            f"field rlnOpticsGroup: group {int(group[bad[0]])} is not in the data_optics block",
+            row=int(bad[0]) + 1,
+        )
+    return group, rows
+
+
+def _numeric(path: Path, values: pd.Series | np.ndarray, column: str) -> np.ndarray:
+    out = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(out))
+    if bad.size:
+        raise InputFileError(path, f"field {column} is not a finite number", row=int(bad[0]) + 1)
+    return out
+
+
+class _Columns:
+    """Per-particle column lookup: the particle block first, then the joined optics row."""
+
+    def __init__(
+        self, path: Path, df: pd.DataFrame, optics: pd.DataFrame | None, rows: np.ndarray | None
+    ):
+        self.path, self.df, self.optics, self.rows = path, df, optics, rows
+
+    def __contains__(self, column: str) -> bool:
+        return column in self.df.columns or (
+            self.optics is not None and column in self.optics.columns
+        )
+
+    def get(self, column: str) -> np.ndarray:
+        if column in self.df.columns:
+            return _numeric(self.path, self.df[column], column)
+        assert self.optics is not None and self.rows is not None
+        per_group = _numeric(self.path, self.optics[column], f"{column} (data_optics)")
+        return per_group[self.rows]
+
+
+def _apix(cols: _Columns) -> np.ndarray | None:
+    if "rlnImagePixelSize" in cols:
+        return cols.get("rlnImagePixelSize")
+    if "rlnDetectorPixelSize" in cols and "rlnMagnification" in cols:
+        return cols.get("rlnDetectorPixelSize") * 1e4 / cols.get("rlnMagnification")
+    if "rlnPixelSize" in cols:
+        return cols.get("rlnPixelSize")
+    return None
+
+
+def _ctf(cols: _Columns) -> dict[str, np.ndarray] | None:
+    present = [c for c, req, _ in _CTF_COLUMNS.values() if req and c in cols]
+    if not any(c in cols for c in ("rlnDefocusU", "rlnDefocusV")):
+        return None
+    n = len(cols.df)
+    ctf = {}
+    for key, (column, required, default) in _CTF_COLUMNS.items():
+        if column in cols:
+            ctf[key] = cols.get(column)
+        elif required:
+            raise InputFileError(
+                cols.path, f"missing CTF column {column} (the file has {', '.join(present)})"
+            )
+        else:
+            if key == "amp_contrast":
+                _log.warning(
+                    "%s: no rlnAmplitudeContrast column; using %.2f (as cryoDRGN does)",
+                    cols.path,
+                    default,
+                )
+            ctf[key] = np.full(n, default)
+    return ctf
+
+
+def _split_names(path: Path, names: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """``idx@stack`` -> (0-based index, stack name); a name without ``@`` is frame 0."""
+    idx = np.zeros(len(names), dtype=np.int64)
+    stacks = np.empty(len(names), dtype=object)
+    for i, name in enumerate(names.astype(str).to_numpy()):
+        head, sep, tail = name.partition("@")
+        if not sep:
+            stacks[i] = name
+            continue
+        try:
+            k = int(head)
+        except ValueError:
+            raise InputFileError(
+                path, f"field rlnImageName: bad image number in '{name}'", row=i + 1
+            ) from None
+        if k < 1:
+            raise InputFileError(
+                path, f"field rlnImageName: image numbers start at 1, got '{name}'", row=i + 1
+            )
+        idx[i] = k - 1
+        stacks[i] = tail
+    return idx, stacks.astype(str)
+
+
+def _box_from_stacks(paths: np.ndarray) -> tuple[int, float]:
+    """Box and header pixel size of the first stack that exists (0, 0.0 if none)."""
+    from cryofield.io.mrc import read_mrc_header
+
+    for p in dict.fromkeys(paths.tolist()):
+        if Path(p).is_file():
+            info = read_mrc_header(p)
+            return info.shape[2], info.apix_A
+    return 0, 0.0
+
+
+def read_star_table(
+    path: str | os.PathLike[str], datadir: str | os.PathLike[str] | None = None
+) -> ParticleTable:
+    """Read a RELION star file into a :class:`~cryofield.io.metadata.ParticleTable`."""
+    path = Path(path)
+    df, optics, block = read_star(path)
+    if "rlnImageName" not in df.columns:
+        raise InputFileError(path, f"missing column rlnImageName in data_{block}")
+    group, rows = _optics_rows(path, df, optics)
+    cols = _Columns(path, df, optics, rows)
+    index, names = _split_names(path, df["rlnImageName"])
+    paths, n_missing = resolve_image_paths(names, path.parent, datadir)
+    if n_missing:
+        _log.debug("%s: %d image stack(s) not found", path, n_missing)
+
+    box = 0
+    if "rlnImageSize" in cols:
+        sizes = cols.get("rlnImageSize").astype(np.int64)
+        if len(np.unique(sizes)) > 1:
+            raise InputFileError(path, f"several image sizes {sorted(set(sizes.tolist()))}")
+        box = int(sizes[0])
+    apix = _apix(cols)
+    if apix is None or box == 0:
+        box_hdr, apix_hdr = _box_from_stacks(paths)
+        box = box or box_hdr
+        if apix is None:
+            if apix_hdr > 0:
+                apix = np.full(len(df), apix_hdr)
+            else:
+                _log.warning("%s: no pixel size in the file or the stack; assuming 1.0 A", path)
+                apix = np.ones(len(df))
+
+    rotations = shifts = None
+    angle_cols = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+    if all(c in df.columns for c in angle_cols):
+        euler = np.stack([_numeric(path, df[c], c) for c in angle_cols], axis=1)
+        origin = None
+        if "rlnOriginXAngst" in df.columns and "rlnOriginYAngst" in df.columns:
+            origin = np.stack(
+                [_numeric(path, df[c], c) for c in ("rlnOriginXAngst", "rlnOriginYAngst")], 1
+            )
+            origin = origin / apix[:, None]
+        elif "rlnOriginX" in df.columns and "rlnOriginY" in df.columns:
+            origin = np.stack([_numeric(path, df[c], c) for c in ("rlnOriginX", "rlnOriginY")], 1)
+        rotations, shifts = relion_to_internal(euler, origin)
+
+    return ParticleTable(
+        image_paths=paths,
+        image_index=index,
+        apix_A=apix,
+        box_px=box,
+        ctf=_ctf(cols),
+        rotations=rotations,
+        shifts_px=shifts,
+        optics_group=group,
+        source_path=str(path),
+        source_format="star",
+        raw=df,
+        raw_optics=optics,
+        raw_block=block,
+    )
+
+
+# ---------------------------------------------------------------------------- writing
+def _format_floats(df: pd.DataFrame) -> pd.DataFrame:
+    """Float columns as shortest round-trip strings (``repr``), so nothing is rounded."""
+    out = df.copy()
+    for col in out.columns:
+        if out[col].dtype.kind == "f":
+            out[col] = [repr(float(v)) for v in out[col].to_numpy()]
+    return out
+
+
+def _frames_from_fields(table: ParticleTable, star_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Particle and optics blocks (RELION 3.1) built from a table's own fields."""
+    n = len(table)
+    groups = table.optics_group
+    uniq, first = np.unique(groups, return_index=True)
+    new_ids = np.searchsorted(uniq, groups) + 1
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": np.arange(1, len(uniq) + 1),
+            "rlnOpticsGroupName": [f"opticsGroup{i}" for i in range(1, len(uniq) + 1)],
+            "rlnImagePixelSize": table.apix_A[first],
+            "rlnImageSize": np.full(len(uniq), table.box_px),
+            "rlnImageDimensionality": np.full(len(uniq), 2),
+        }
+    )
+    df = pd.DataFrame({"rlnImageName": _image_names(table, star_dir)})
+    if table.ctf is not None:
+        optics["rlnVoltage"] = table.ctf["voltage_kV"][first]
+        optics["rlnSphericalAberration"] = table.ctf["cs_mm"][first]
+        optics["rlnAmplitudeContrast"] = table.ctf["amp_contrast"][first]
+        df["rlnDefocusU"] = table.ctf["defocus_u_A"]
+        df["rlnDefocusV"] = table.ctf["defocus_v_A"]
+        df["rlnDefocusAngle"] = table.ctf["astig_angle_deg"]
+        df["rlnPhaseShift"] = table.ctf["phase_shift_deg"]
+        df["rlnCtfBfactor"] = table.ctf["bfactor_A2"]
+    df["rlnOpticsGroup"] = new_ids if n else np.zeros(0, np.int64)
+    return df, optics
+
+
+def _image_names(table: ParticleTable, star_dir: Path) -> list[str]:
+    """``idx@path`` names, paths relative to ``star_dir`` when below it."""
+    rel: dict[str, str] = {}
+    for p in np.unique(table.image_paths):
+        try:
+            rel[p] = os.path.relpath(p, star_dir)
+        except ValueError:
+            rel[p] = p
+        if rel[p].startswith(".."):
+            rel[p] = p
+    return [
+        f"{i + 1:06d}@{rel[p]}" for p, i in zip(table.image_paths, table.image_index, strict=True)
+    ]
+
+
+def write_star(
+    path: str | os.PathLike[str],
+    table: ParticleTable,
+    rotations: np.ndarray | None = None,
+    shifts_px: np.ndarray | None = None,
+    extra_columns: dict[str, Sequence[object]] | None = None,
+    image_names: Sequence[str] | None = None,
+    box_px: int | None = None,
+) -> Path:
+    """Write ``table`` as a RELION star file, atomically.
+
+    A table read from a star file keeps all its columns, its block name and its optics
+    block; other tables get a RELION 3.1 file (optics block per optics group).
+
+    Parameters
+    ----------
+    path
+        Output ``.star``.
+    table
+        Particles to write (use :meth:`ParticleTable.subset` for a subset).
+    rotations, shifts_px
+        ``(N, 3, 3)`` and ``(N, 2)`` poses in the internal convention, written as
+        ``rlnAngleRot/Tilt/Psi`` and origins (``rlnOriginX/Y`` in px when the file already
+        uses them, else ``rlnOriginX/YAngst``). Default: the table's own poses are kept
+        as they are in ``raw`` (or written from the table when it has no raw rows).
+    extra_columns
+        More columns, e.g. ``{"rlnClassNumber": classes}`` (N values each).
+    image_names
+        Replacement ``rlnImageName`` values (N strings), e.g. after downsampling.
+    box_px
+        New box of the images after Fourier cropping from ``table.box_px``: the pixel size
+        grows by ``table.box_px / box_px`` in the optics block (``rlnImagePixelSize``,
+        ``rlnImageSize``) or, for RELION 3.0 files, in ``rlnMagnification`` (else a
+        ``rlnImagePixelSize`` column); origins in px are rescaled, origins in A are not.
+    """
+    path = Path(path)
+    n = len(table)
+    if isinstance(table.raw, pd.DataFrame) and table.source_format == "star":
+        df = table.raw.copy()
+        optics = None if table.raw_optics is None else table.raw_optics.copy()
+        block = table.raw_block
+        if rotations is None and table.rotations is not None and "rlnAngleRot" not in df:
+            rotations, shifts_px = table.rotations, table.shifts_px  # poses attached later
+    else:
+        df, optics = _frames_from_fields(table, path.parent)
+        block = "particles"
+        if rotations is None and table.rotations is not None:
+            rotations, shifts_px = table.rotations, table.shifts_px
+    if image_names is not None:
+        if len(image_names) != n:
+            raise ValueError(f"image_names has {len(image_names)} entries for {n} particles")
+        df["rlnImageName"] = list(image_names)
+    if box_px is not None and box_px != table.box_px:
+        if not table.box_px:
+            raise ValueError("the table's box size is unknown; cannot rescale")
+        _rescale(df, optics, table, box_px)
+    if rotations is not None or shifts_px is not None:
+        _set_poses(df, optics, table, rotations, shifts_px)
+    for name, values in (extra_columns or {}).items():
+        values = list(values)
+        if len(values) != n:
+            raise ValueError(f"extra column {name} has {len(values)} values for {n} particles")
+        df[name.lstrip("_")] = values
+    blocks = (
+        {block: _format_floats(df)}
+        if optics is None
+        else {"optics": _format_floats(optics), block or "particles": _format_floats(df)}
+    )
+    with atomic_path(path) as tmp:
+        starfile.write(blocks, tmp, sep=" ")
+    return path
+
+
+def _set_poses(
+    df: pd.DataFrame,
+    optics: pd.DataFrame | None,
+    table: ParticleTable,
+    rotations: np.ndarray | None,
+    shifts_px: np.ndarray | None,
+) -> None:
+    n = len(table)
+    if rotations is not None:
+        rotations = np.asarray(rotations).reshape(-1, 3, 3)
+        if len(rotations) != n:
+            raise ValueError(f"{len(rotations)} rotations for {n} particles")
+        euler, _ = internal_to_relion(rotations, None)
+        df["rlnAngleRot"], df["rlnAngleTilt"], df["rlnAnglePsi"] = euler.T
+    if shifts_px is not None:
+        shifts_px = np.asarray(shifts_px, dtype=np.float64).reshape(-1, 2)
+        if len(shifts_px) != n:
+            raise ValueError(f"{len(shifts_px)} shifts for {n} particles")
+        origin = -shifts_px
+        if "rlnOriginX" in df.columns and optics is None:
+            df["rlnOriginX"], df["rlnOriginY"] = origin.T
+        else:
+            origin_A = origin * table.apix_A[:, None]
+            df["rlnOriginXAngst"], df["rlnOriginYAngst"] = origin_A.T
+            df.drop(columns=["rlnOriginX", "rlnOriginY"], errors="ignore", inplace=True)
+
+
+def _rescale(
+    df: pd.DataFrame, optics: pd.DataFrame | None, table: ParticleTable, box_px: int
+) -> None:
+    """Update pixel size, box and px origins in place for images resampled to ``box_px``."""
+    ratio = table.box_px / box_px  # old px per new px
+    if "rlnOriginX" in df.columns and "rlnOriginY" in df.columns:
+        df["rlnOriginX"] = pd.to_numeric(df["rlnOriginX"]) / ratio
+        df["rlnOriginY"] = pd.to_numeric(df["rlnOriginY"]) / ratio
+    if optics is not None:
+        if "rlnImagePixelSize" in optics.columns:
+            optics["rlnImagePixelSize"] = pd.to_numeric(optics["rlnImagePixelSize"]) * ratio
+        else:  # the pixel size came from the particles or the stacks: write it per group
+            first = {g: i for i, g in reversed(list(enumerate(table.optics_group)))}
+            optics["rlnImagePixelSize"] = [
+                table.apix_A[first.get(int(g), 0)] * ratio for g in optics["rlnOpticsGroup"]
+            ]
+        optics["rlnImageSize"] = int(box_px)
+        df.drop(columns=["rlnImagePixelSize", "rlnImageSize"], errors="ignore", inplace=True)
+        return
+    if (
+        "rlnMagnification" in df.columns
+        and "rlnDetectorPixelSize" in df.columns
+        and ("rlnImagePixelSize" not in df.columns)
+    ):
+        df["rlnMagnification"] = pd.to_numeric(df["rlnMagnification"]) / ratio
+    else:
+        df["rlnImagePixelSize"] = table.apix_A * ratio
+    if "rlnImageSize" in df.columns:
+        df["rlnImageSize"] = int(box_px)

@@ -1,0 +1,198 @@
+"""RELION star files: 3.0/3.1/5, optics groups, poses, lossless write-back, bad rows."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryofield.errors import InputFileError
+from cryofield.io.metadata import load_particle_table
+from cryofield.io.star import read_star, write_star
+
+
+def _is_rotation(R: np.ndarray, tol: float = 1e-5) -> bool:
+    R = np.asarray(R, dtype=np.float64)
+    eye = np.broadcast_to(np.eye(3), R.shape)
+    return bool(
+        np.abs(R @ np.swapaxes(R, -1, -2) - eye).max() < tol
+        and np.abs(np.linalg.det(R) - 1).max() < tol
+    )
+
+
+def test_optics_groups_resolve_per_particle(interop_data):
+    path = interop_data / "relion31.6opticsgroups.star"
+    t = load_particle_table(path)
+    df, optics, _ = read_star(path)
+    assert len(t) == 139 and t.n_optics_groups == 6 and t.box_px == 196
+    # independent join through rlnOpticsGroup
+    by_group = optics.set_index("rlnOpticsGroup")
+    g = df["rlnOpticsGroup"].to_numpy()
+    np.testing.assert_array_equal(t.apix_A, by_group.loc[g, "rlnImagePixelSize"].to_numpy())
+    np.testing.assert_array_equal(t.ctf["cs_mm"], by_group.loc[g, "rlnSphericalAberration"])
+    np.testing.assert_array_equal(t.ctf["voltage_kV"], by_group.loc[g, "rlnVoltage"].to_numpy())
+    assert set(np.unique(t.apix_A)) == {1.24, 1.25}
+    assert set(np.unique(t.ctf["cs_mm"])) == {2.6, 2.7}
+    # group 4 (opticsGroup1) is the one with Cs 2.6
+    assert np.all(t.ctf["cs_mm"][t.optics_group == 4] == 2.6)
+    assert np.all(t.ctf["cs_mm"][t.optics_group != 4] == 2.7)
+    np.testing.assert_array_equal(t.ctf["defocus_u_A"], df["rlnDefocusU"].to_numpy())
+    assert _is_rotation(t.rotations)
+    # origins in A -> px with each particle's own pixel size, sign flipped
+    np.testing.assert_allclose(
+        t.shifts_px[:, 0], -df["rlnOriginXAngst"].to_numpy() / t.apix_A, rtol=1e-6, atol=1e-6
+    )
+
+
+def test_relion31_and_v2_agree_and_images_load(interop_data):
+    a = load_particle_table(interop_data / "relion31.star")
+    b = load_particle_table(interop_data / "relion31.v2.star")
+    assert len(a) == len(b) == 5 and a.box_px == b.box_px == 256
+    np.testing.assert_array_equal(a.apix_A, b.apix_A)
+    assert a.apix_A[0] == 2.806
+    for k in a.ctf:
+        np.testing.assert_array_equal(a.ctf[k], b.ctf[k])
+    np.testing.assert_array_equal(a.rotations, b.rotations)
+    np.testing.assert_array_equal(a.shifts_px, b.shifts_px)
+    np.testing.assert_array_equal(a.image_paths, b.image_paths)
+    assert a.image_paths[0].endswith("relion31.mrcs")
+    np.testing.assert_array_equal(a.image_index, np.arange(5))
+
+
+def test_relion5_tolerated(interop_data):
+    t = load_particle_table(interop_data / "relion5.star")
+    assert len(t) == 17 and t.box_px == 448 and np.all(t.apix_A == 0.89)
+    assert np.all(t.ctf["voltage_kV"] == 100.0) and np.all(t.ctf["cs_mm"] == 1.6)
+    assert _is_rotation(t.rotations)
+    assert {p.rsplit("/", 1)[1] for p in t.image_paths} == {
+        "toy_images_a.mrcs",
+        "toy_images_b.mrcs",
+    }
+
+
+def test_relion30_pixel_size_from_magnification(interop_data):
+    t = load_particle_table(interop_data / "empiar_10076_7.star")
+    assert t.source_format == "star" and t.raw_optics is None
+    np.testing.assert_allclose(t.apix_A, 5 * 1e4 / 38168)
+    assert t.rotations is None and t.shifts_px is None
+
+
+def test_pfcrt_poses_are_rotations(interop_data):
+    t = load_particle_table(interop_data / "FinalRefinement-OriginalParticles-PfCRT.star")
+    df, _, _ = read_star(interop_data / "FinalRefinement-OriginalParticles-PfCRT.star")
+    assert t.rotations.shape == (5, 3, 3) and _is_rotation(t.rotations)
+    # RELION 3.0 origins are in px: shift = -origin
+    np.testing.assert_allclose(t.shifts_px[:, 0], -df["rlnOriginX"], atol=1e-6)
+    np.testing.assert_allclose(t.shifts_px[:, 1], -df["rlnOriginY"], atol=1e-6)
+    # no rlnAmplitudeContrast column: cryoDRGN's default 0.1
+    assert np.all(t.ctf["amp_contrast"] == 0.1)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "relion31.star",
+        "relion31.v2.star",
+        "relion5.star",
+        "relion31.6opticsgroups.star",
+        "empiar_10076_7.star",
+        "FinalRefinement-OriginalParticles-PfCRT.star",
+    ],
+)
+def test_write_read_is_lossless(interop_data, tmp_path, name):
+    src = load_particle_table(interop_data / name)
+    shutil.copy(interop_data / name, tmp_path / name)  # same folder -> same image paths
+    out = tmp_path / f"copy_{name}"
+    write_star(out, src)
+    back = load_particle_table(out)
+    df0, opt0, block0 = read_star(interop_data / name)
+    df1, opt1, block1 = read_star(out)
+    assert block0 == block1
+    pd.testing.assert_frame_equal(df0, df1, check_dtype=False)
+    if opt0 is None:
+        assert opt1 is None
+    else:
+        pd.testing.assert_frame_equal(opt0, opt1, check_dtype=False)
+    np.testing.assert_array_equal(back.apix_A, src.apix_A)
+    np.testing.assert_array_equal(back.image_index, src.image_index)
+    for k in src.ctf:
+        np.testing.assert_array_equal(back.ctf[k], src.ctf[k])
+    if src.rotations is not None:
+        np.testing.assert_array_equal(back.rotations, src.rotations)
+        np.testing.assert_array_equal(back.shifts_px, src.shifts_px)
+
+
+def test_write_new_poses_roundtrip(interop_data, tmp_path):
+    src = load_particle_table(interop_data / "relion31.6opticsgroups.star")
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((len(src), 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    from scipy.spatial.transform import Rotation
+
+    R = Rotation.from_quat(q).as_matrix()
+    t = rng.uniform(-10, 10, (len(src), 2))
+    write_star(
+        tmp_path / "p.star",
+        src,
+        rotations=R,
+        shifts_px=t,
+        extra_columns={"rlnClassNumber": np.arange(len(src)) % 3 + 1},
+    )
+    back = load_particle_table(tmp_path / "p.star")
+    np.testing.assert_allclose(back.rotations, R, atol=1e-6)
+    np.testing.assert_allclose(back.shifts_px, t, atol=1e-5)
+    df, _, _ = read_star(tmp_path / "p.star")
+    np.testing.assert_array_equal(df["rlnClassNumber"], np.arange(len(src)) % 3 + 1)
+
+
+def test_subset_write_keeps_optics(interop_data, tmp_path):
+    src = load_particle_table(interop_data / "relion31.6opticsgroups.star")
+    idx = np.array([138, 0, 50])
+    write_star(tmp_path / "s.star", src.subset(idx))
+    back = load_particle_table(tmp_path / "s.star")
+    np.testing.assert_array_equal(back.apix_A, src.apix_A[idx])
+    np.testing.assert_array_equal(back.ctf["cs_mm"], src.ctf["cs_mm"][idx])
+    np.testing.assert_allclose(back.rotations, src.rotations[idx])
+
+
+# ----------------------------------------------------------------------------- bad input
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_missing_ctf_column_names_field(tmp_path):
+    p = _write(
+        tmp_path / "m.star",
+        "data_\nloop_\n_rlnImageName\n_rlnDefocusU\n_rlnDefocusV\n_rlnDefocusAngle\n"
+        "_rlnSphericalAberration\n_rlnAmplitudeContrast\n"
+        "1@a.mrcs 10000 10000 0 2.7 0.1\n",
+    )
+    with pytest.raises(InputFileError, match=r"m\.star: missing CTF column rlnVoltage"):
+        load_particle_table(p)
+
+
+def test_bad_value_names_row_and_field(tmp_path):
+    p = _write(
+        tmp_path / "b.star",
+        "data_\nloop_\n_rlnImageName\n_rlnDefocusU\n_rlnDefocusV\n_rlnDefocusAngle\n"
+        "_rlnVoltage\n_rlnSphericalAberration\n_rlnAmplitudeContrast\n"
+        "1@a.mrcs 10000 10000 0 300 2.7 0.1\n2@a.mrcs nan 10000 0 300 2.7 0.1\n",
+    )
+    with pytest.raises(InputFileError, match=r"b\.star, row 2: field rlnDefocusU"):
+        load_particle_table(p)
+
+
+def test_unknown_optics_group_and_missing_image_name(tmp_path):
+    p = _write(
+        tmp_path / "o.star",
+        "data_optics\nloop_\n_rlnOpticsGroup\n_rlnImagePixelSize\n_rlnImageSize\n1 1.0 64\n\n"
+        "data_particles\nloop_\n_rlnImageName\n_rlnOpticsGroup\n1@a.mrcs 1\n2@a.mrcs 3\n",
+    )
+    with pytest.raises(InputFileError, match=r"o\.star, row 2: field rlnOpticsGroup: group 3"):
+        load_particle_table(p)
+    q = _write(tmp_path / "n.star", "data_\nloop_\n_rlnDefocusU\n1000\n")
+    with pytest.raises(InputFileError, match=r"n\.star: missing column rlnImageName"):
+        load_particle_table(q)
