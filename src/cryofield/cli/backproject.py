@@ -1,0 +1,202 @@
+"""Reconstruct a map from known poses.
+
+Direct Fourier inversion with CTF correction (cryofield.physics.backproject): every
+image is re-centred by its shift, multiplied by its CTF, and inserted as a central slice
+at its pose; the map is the CTF^2-weighted average with a small Wiener constant. Poses
+and CTF come from the particle file (RELION star, cryoSPARC .cs, a particle .npz), or
+from --poses (a cryoDRGN pose .pkl, or a training poses.npz) and --ctf (a cryoDRGN
+ctf.pkl). With --half-maps the particles are split into two halves (even/odd rows), both
+half maps are written next to the output and the gold-standard FSC resolution is
+printed; a sharp map needs correct poses, so this is the quickest check of a pose file.
+
+examples:
+  cryofield backproject particles.star -o map.mrc --datadir /data/project
+  cryofield backproject J24_particles.cs -o map.mrc -D 128 --half-maps
+  cryofield backproject projections.star --poses angles.pkl -o toy.mrc --half-maps
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cryofield.errors import CryofieldError, InputFileError
+from cryofield.io.metadata import ParticleTable, load_particle_table
+from cryofield.io.mrc import write_mrc
+from cryofield.io.particles import ParticleSource
+from cryofield.physics.backproject import FourierBackprojector
+from cryofield.physics.ctf import CTFParams
+from cryofield.physics.fsc import fsc, resolution_at
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``cryofield backproject``."""
+    parser.add_argument("particles", help="particle file: .star, .cs, .mrcs, .txt or .npz")
+    parser.add_argument("-o", "--output", required=True, help="output map (.mrc)")
+    parser.add_argument("--datadir", help="folder where relative image paths are looked up")
+    parser.add_argument("--ind", help="index filter: .npy, text, or cryoDRGN .pkl")
+    parser.add_argument("-D", type=int, help="Fourier-crop images to this box first (even)")
+    parser.add_argument(
+        "--poses", help="poses: cryoDRGN pose .pkl, or .npz with rotations (+ shifts_A)"
+    )
+    parser.add_argument("--ctf", help="cryoDRGN ctf.pkl (read without executing code)")
+    parser.add_argument("--no-ctf", action="store_true", help="ignore the CTF (no correction)")
+    parser.add_argument(
+        "--contrast", choices=("auto", "as-is", "invert"), default="auto",
+        help="image sign: 'auto' inverts light-on-dark images when the CTF is applied "
+        "(see docs/backproject.md); 'as-is' or 'invert' force it",
+    )  # fmt: skip
+    parser.add_argument("--first", type=int, help="use only the first N particles")
+    parser.add_argument("--half-maps", action="store_true", help="also write half maps + FSC")
+    parser.add_argument("--chunk", type=int, default=500, help="images per chunk (memory)")
+    parser.add_argument(
+        "--pad", type=int, choices=(1, 2), default=2,
+        help="Fourier oversampling (2: accurate; 1: 8x less memory, faster)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--wiener", type=float, default=1e-3, help="Wiener constant relative to mean weight"
+    )
+
+
+def _attach_poses(table: ParticleTable, path: str) -> ParticleTable:
+    """Table with rotations/shifts from a cryoDRGN .pkl or a poses .npz."""
+    from dataclasses import replace
+
+    p = Path(path)
+    if p.suffix.lower() == ".pkl":
+        from cryofield.io.legacy import attach_legacy
+
+        return attach_legacy(table, pose_pkl=p)
+    if p.suffix.lower() != ".npz":
+        raise InputFileError(p, "poses must be a cryoDRGN .pkl or an .npz with 'rotations'")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as err:
+        raise InputFileError(p, f"cannot read poses ({err})") from None
+    if "rotations" not in data:
+        raise InputFileError(p, "missing field 'rotations'")
+    R = np.asarray(data["rotations"], dtype=np.float64)
+    n = len(table)
+    if len(R) != n and "particle_index" in data and len(data["particle_index"]) == len(R):
+        table = table.subset(np.asarray(data["particle_index"], dtype=np.int64))
+        n = len(table)
+    if R.shape != (n, 3, 3):
+        raise InputFileError(
+            p, f"mismatched particle counts: rotations {R.shape} for {n} particles"
+        )
+    if "shifts_A" in data:
+        shifts = np.asarray(data["shifts_A"], dtype=np.float64) / table.apix_A[:, None]
+    elif "shifts_px" in data:
+        shifts = np.asarray(data["shifts_px"], dtype=np.float64)
+    else:
+        shifts = np.zeros((n, 2))
+    if shifts.shape != (n, 2):
+        raise InputFileError(p, f"field 'shifts' has shape {shifts.shape}, expected ({n}, 2)")
+    return replace(table, rotations=R, shifts_px=shifts)
+
+
+def _load(args: argparse.Namespace) -> ParticleTable:
+    table = load_particle_table(args.particles, datadir=args.datadir, ind=args.ind)
+    if args.ctf:
+        from cryofield.io.legacy import attach_legacy
+
+        table = attach_legacy(table, ctf_pkl=args.ctf)
+    if args.poses:
+        table = _attach_poses(table, args.poses)
+    if args.first is not None:
+        if args.first < 1:
+            raise CryofieldError(f"--first must be positive, got {args.first}")
+        table = table.subset(np.arange(min(args.first, len(table))))
+    if table.rotations is None:
+        raise InputFileError(
+            args.particles,
+            "no poses (rlnAngleRot/Tilt/Psi or alignments3D/pose); give them with --poses",
+        )
+    return table
+
+
+def _decide_inversion(mode: str, use_ctf: bool, source: ParticleSource) -> bool:
+    """Whether to multiply the images by -1 so that the map has positive density.
+
+    Our CTF (DESIGN.md, as cryoDRGN) is ``-1`` times RELION's, so it models raw,
+    dark-on-light images: with the CTF applied, light-on-dark stacks (RELION/cryoSPARC
+    after their usual inversion) must be inverted; without it they must not.
+    """
+    if mode != "auto":
+        return mode == "invert"
+    guess = source.contrast()
+    if not use_ctf:
+        invert = guess == "dark-on-light"
+    else:
+        invert = guess != "dark-on-light"
+    shown = guess if guess != "unclear" else "unclear, assuming light-on-dark"
+    print(f"contrast: {shown} -> images {'inverted' if invert else 'used as they are'}")
+    return invert
+
+
+def run(args: argparse.Namespace) -> int:
+    """Back-project; exit status 0, or 2 on a bad input."""
+    out = Path(args.output)
+    if out.suffix.lower() not in (".mrc", ".map"):
+        raise CryofieldError(f"{out}: the output map must end in .mrc")
+    if args.chunk < 1:
+        raise CryofieldError(f"--chunk must be positive, got {args.chunk}")
+    table = _load(args)
+    use_ctf = table.ctf is not None and not args.no_ctf
+    if table.ctf is None and not args.no_ctf:
+        print("note: no CTF parameters found; reconstructing without CTF correction")
+    source = ParticleSource(table, D=args.D)
+    invert = _decide_inversion(args.contrast, use_ctf, source)
+    if invert:
+        source = ParticleSource(table, D=args.D, invert_contrast=True)
+    D, n = source.D, len(source)
+    scale = D / source.box_px  # shifts are in stack px; images may be cropped
+    apix = np.asarray(source.apix_A, dtype=np.float64)
+    halves = [FourierBackprojector(D, pad_factor=args.pad)]
+    if args.half_maps:
+        halves.append(FourierBackprojector(D, pad_factor=args.pad))
+    R_all = torch.as_tensor(np.asarray(table.rotations), dtype=torch.float32)
+    t_all = torch.zeros(n, 2) if table.shifts_px is None else torch.as_tensor(
+        np.asarray(table.shifts_px) * scale, dtype=torch.float32
+    )  # fmt: skip
+    with tqdm(total=n, desc="backproject", unit="img") as bar:
+        for start in range(0, n, args.chunk):
+            idx = np.arange(start, min(start + args.chunk, n))
+            images = source[idx]
+            ctf = CTFParams.from_table(table, idx) if use_ctf else None
+            for h, bp in enumerate(halves):
+                sel = np.flatnonzero(idx % len(halves) == h)
+                if sel.size == 0:
+                    continue
+                bp.add_particles(
+                    images[sel],
+                    R_all[idx[sel]],
+                    t_all[idx[sel]],
+                    None if ctf is None else ctf.subset(sel),
+                    torch.as_tensor(apix[idx[sel]], dtype=torch.float32),
+                )
+            bar.update(len(idx))
+    apix_out = float(apix[0])
+    if not np.allclose(apix, apix_out, rtol=1e-4):
+        print(f"note: pixel sizes differ ({apix.min():.4g} - {apix.max():.4g} A); header gets "
+              f"{apix_out:.4g}")  # fmt: skip
+    if args.half_maps:
+        v1, v2 = halves[0].volume(args.wiener), halves[1].volume(args.wiener)
+        vol = halves[0].merge(halves[1]).volume(args.wiener)
+        stem = out.with_suffix("")
+        write_mrc(f"{stem}_half1.mrc", v1.numpy(), apix_out)
+        write_mrc(f"{stem}_half2.mrc", v2.numpy(), apix_out)
+        curve = fsc(v1, v2)
+        for thr in (0.5, 0.143):
+            shell, res = resolution_at(curve, thr, apix_out)
+            print(f"half-map FSC = {thr}: shell {shell:.1f} px, {res:.2f} A")
+    else:
+        vol = halves[0].volume(args.wiener)
+    write_mrc(out, vol.numpy(), apix_out)
+    print(f"wrote {out}: {n} particles, box {D} px, {apix_out:.4g} A/px")
+    return 0
