@@ -1,0 +1,283 @@
+"""Score a training run against simulation truth (``truth.npz`` of ``simulate_dataset``).
+
+Truth arrays are indexed by the ORIGINAL input particles; the run's ``particle_index``
+maps its rows onto them. Reported (JSON-ready dict):
+
+* ``poses``: :func:`metrics.pose_errors` after global alignment incl. the mirror; shifts
+  compared in truth pixels (the run's ``shifts_A`` divided by the truth pixel size).
+* ``maps``: per true state, the run's map (homogeneous: the epoch's map; heterogeneous:
+  rendered at the latent of the particle of that state nearest the state's mean
+  latent) rigidly aligned to the true map (:func:`align.align_volume`, seeded with the
+  pose alignment), then FSC, resolution at FSC 0.5 / 0.143 and FSC-AUC (CryoBench).
+* ``clustering``: k-means with K = number of true states vs the labels (ARI, NMI,
+  accuracy after matching), junk particles excluded.
+* ``junk``: precision / recall of :func:`junk.estimate_junk` when the truth has junk.
+* ``latent_vs_coord``: Spearman correlation of PC1..3 with a continuous coordinate.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryofield.analysis import latent, metrics
+from cryofield.errors import InputFileError
+
+__all__ = ["evaluate_run", "format_table", "load_truth"]
+
+log = logging.getLogger("cryofield.analysis.evaluate")
+
+_REQUIRED = ("rotations",)
+
+
+def load_truth(path: str | Path) -> dict[str, np.ndarray]:
+    """Read ``truth.npz`` (no pickles); raises InputFileError naming a missing key."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "file not found")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            truth = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as err:
+        raise InputFileError(path, f"not a readable truth .npz ({err})") from None
+    for key in _REQUIRED:
+        if key not in truth:
+            raise InputFileError(path, f"missing key '{key}'")
+    R = truth["rotations"]
+    if R.ndim != 3 or R.shape[1:] != (3, 3):
+        raise InputFileError(path, f"'rotations' must be (N, 3, 3), got {R.shape}")
+    return truth
+
+
+def _true_volumes(truth_path: Path, truth: dict, volumes: list[str] | None) -> list[Path]:
+    """The true maps: ``volumes`` if given (``[]``: none), else the truth's volume_paths."""
+    if volumes is not None:
+        return [Path(v) for v in volumes]
+    if "volume_paths" in truth:
+        return [truth_path.parent / str(p) for p in np.atleast_1d(truth["volume_paths"])]
+    return []
+
+
+def _read_map(path: Path, D: int, apix_A: float) -> np.ndarray:
+    """Read a true map and bring it to the run's box (Fourier crop) and pixel size."""
+    from cryofield.analysis.align import _fourier_crop
+    from cryofield.io.mrc import read_mrc
+
+    if not path.is_file():
+        raise InputFileError(path, "true map not found")
+    vol, info = read_mrc(path)
+    vol = np.asarray(vol, np.float32)
+    if vol.ndim != 3 or len(set(vol.shape)) != 1:
+        raise InputFileError(path, f"not a cubic map: shape {vol.shape}")
+    Dt = vol.shape[0]
+    if Dt != D:
+        if Dt < D:
+            raise InputFileError(path, f"true map box {Dt} is smaller than the run's box {D}")
+        vol = _fourier_crop(vol, D)
+    apix_t = float(info.apix_A) * Dt / D
+    if info.apix_A > 0 and abs(apix_t - apix_A) > 0.02 * apix_A:
+        log.warning(
+            "%s: pixel size %.3f A at box %d differs from the run's %.3f A", path, apix_t, D, apix_A
+        )
+    return vol
+
+
+def _skewness(vol: np.ndarray) -> float:
+    v = np.asarray(vol, np.float64).ravel()
+    v = v - v.mean()
+    sd = v.std()
+    return float((v**3).mean() / sd**3) if sd > 0 else 0.0
+
+
+def _map_scores(pred: np.ndarray, true: np.ndarray, apix_A: float, hints: list) -> dict:
+    """Align ``pred`` onto ``true`` and score it.
+
+    A map of inverted contrast (density negative: negative skewness while the truth's is
+    positive) is negated first and reported with ``negated: true``.
+    """
+    import torch
+
+    from cryofield.physics.fsc import resolution_at
+
+    negated = _skewness(pred) * _skewness(true) < 0
+    if negated:
+        log.warning("the map has inverted contrast relative to the truth; negating it")
+        pred = -np.asarray(pred)
+    al = metrics.align_volume(pred, true, hints=hints)
+    curve = metrics.fsc_curve(al.aligned, true)
+    return {
+        "mirrored": bool(al.mirrored),
+        "negated": bool(negated),
+        "correlation": al.correlation,
+        "fsc_auc": metrics.fsc_auc(curve),
+        "res_0.5_A": resolution_at(torch.as_tensor(curve), 0.5, apix_A)[1],
+        "res_0.143_A": resolution_at(torch.as_tensor(curve), 0.143, apix_A)[1],
+        "fsc": [float(v) for v in curve],
+    }
+
+
+def evaluate_run(
+    outdir: str | Path,
+    truth_path: str | Path,
+    volumes: list[str] | None = None,
+    epoch: int | None = None,
+) -> dict[str, Any]:
+    """Score a run against the truth; see the module docstring for the fields."""
+    from cryofield.analysis.report import resolve_epoch
+    from cryofield.inference.rundir import RunDir
+
+    run = RunDir(outdir)
+    ep = resolve_epoch(run, epoch)
+    truth_path = Path(truth_path)
+    truth = load_truth(truth_path)
+    poses = run.poses(ep)
+    index = np.asarray(poses["particle_index"], np.int64)
+    n_true = len(truth["rotations"])
+    if index.size and index.max() >= n_true:
+        raise InputFileError(
+            truth_path, f"has {n_true} particles but the run uses input particle {index.max()}"
+        )
+    res: dict[str, Any] = {"run": str(run.path), "epoch": ep, "n_particles": len(index)}
+    R_pred = np.asarray(poses["rotations"], np.float64)
+    R_true = np.asarray(truth["rotations"], np.float64)[index]
+    junk = np.asarray(truth.get("is_junk", np.zeros(n_true, bool)), bool)[index]
+    good = ~junk if (~junk).sum() >= 3 else np.ones(len(index), bool)
+    t_pred = t_true = None
+    if "shifts_px" in truth and "shifts_A" in poses and "apix_A" in truth:
+        t_pred = np.asarray(poses["shifts_A"], np.float64)[good] / float(truth["apix_A"])
+        t_true = np.asarray(truth["shifts_px"], np.float64)[index][good]
+    res["poses"] = metrics.pose_errors(R_pred[good], R_true[good], t_pred, t_true)
+    G = np.asarray(res["poses"]["R_global"])
+    mir = bool(res["poses"]["mirrored"])
+    # the pose alignment predicts the map alignment: W(p) = V(Q p), Q = G or M G
+    hints = [(metrics.MIRROR @ G @ metrics.MIRROR if mir else G, mir)]
+
+    z = run.latents(ep)
+    labels = np.asarray(truth["labels"])[index] if "labels" in truth else None
+    vol_paths = _true_volumes(truth_path, truth, volumes)
+    D, apix = run.training_D(), run.apix_A()
+    maps: list[dict] = []
+    if vol_paths:
+        field = run.load_field(ep)
+        for s, vp in enumerate(vol_paths):
+            true_map = _read_map(vp, D, apix)
+            if z is None:
+                vpath = run.volume_path(ep)
+                if vpath is not None:
+                    from cryofield.io.mrc import read_mrc
+
+                    pred = np.asarray(read_mrc(vpath)[0], np.float32)
+                else:
+                    pred = field.render_volume().numpy()
+            else:
+                if labels is None:
+                    members = good
+                else:
+                    members = good & (labels == s)
+                if not members.any():
+                    log.warning("state %d has no particles in the run; skipped", s)
+                    continue
+                zs = z[members]
+                zc = zs[np.argmin(((zs - zs.mean(0)) ** 2).sum(1))]
+                import torch
+
+                pred = field.render_volume(torch.as_tensor(zc, dtype=torch.float32)).numpy()
+            scores = _map_scores(pred, true_map, apix, hints)
+            scores.update({"state": s, "true_map": str(vp)})
+            maps.append(scores)
+            if z is None:
+                break
+    res["maps"] = maps
+    if maps:
+        res["fsc_auc_mean"] = float(np.mean([m["fsc_auc"] for m in maps]))
+    if z is not None and labels is not None:
+        states = np.unique(labels[good])
+        if len(states) >= 2:
+            km = latent.kmeans(np.asarray(z)[good], len(states))
+            res["clustering"] = {
+                "k": len(states),
+                "ari": metrics.adjusted_rand_index(labels[good], km.labels),
+                "nmi": metrics.normalized_mutual_info(labels[good], km.labels),
+                "accuracy": metrics.cluster_accuracy(labels[good], km.labels),
+            }
+    if z is not None and junk.any() and not junk.all():
+        from cryofield.analysis.junk import estimate_junk
+
+        km = latent.kmeans(z)
+        est = estimate_junk(z, km.labels, km.centers).is_junk
+        tp = int((est & junk).sum())
+        res["junk"] = {
+            "n_true": int(junk.sum()),
+            "n_flagged": int(est.sum()),
+            "precision": float(tp / max(int(est.sum()), 1)),
+            "recall": float(tp / int(junk.sum())),
+        }
+    if z is not None and "coord" in truth:
+        coord = np.asarray(truth["coord"], np.float64)[index]
+        if np.isfinite(coord).sum() >= 3:
+            res["latent_vs_coord_spearman"] = metrics.spearman_latent_vs_coord(z, coord)
+    return res
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """Plain-text table of the main numbers of :func:`evaluate_run`."""
+    rows: list[tuple[str, str]] = [
+        ("epoch", str(res["epoch"])),
+        ("particles", str(res["n_particles"])),
+    ]
+    p = res["poses"]
+    rows.append(("hand", "mirrored (flip the map)" if p["mirrored"] else "correct"))
+    rows.append(
+        ("rotation error mean / median", f"{p['rot_mean_deg']:.2f} / {p['rot_median_deg']:.2f} deg")
+    )
+    rows.append(
+        (
+            "out-of-plane mean / median",
+            f"{p['out_of_plane_mean_deg']:.2f} / {p['out_of_plane_median_deg']:.2f} deg",
+        )
+    )
+    rows.append(
+        (
+            "in-plane mean / median",
+            f"{p['in_plane_mean_deg']:.2f} / {p['in_plane_median_deg']:.2f} deg",
+        )
+    )
+    if "trans_mean_px" in p:
+        rows.append(
+            (
+                "translation mean / median",
+                f"{p['trans_mean_px']:.2f} / {p['trans_median_px']:.2f} px",
+            )
+        )
+    for m in res.get("maps", []):
+        rows.append(
+            (
+                f"state {m['state']} map: FSC 0.5 / 0.143",
+                f"{m['res_0.5_A']:.2f} / {m['res_0.143_A']:.2f} A, AUC {m['fsc_auc']:.3f}",
+            )
+        )
+    if "fsc_auc_mean" in res:
+        rows.append(("mean FSC-AUC", f"{res['fsc_auc_mean']:.3f}"))
+    if "clustering" in res:
+        c = res["clustering"]
+        rows.append(
+            (
+                f"clustering (K={c['k']}) ARI / NMI / acc",
+                f"{c['ari']:.3f} / {c['nmi']:.3f} / {c['accuracy']:.3f}",
+            )
+        )
+    if "junk" in res:
+        j = res["junk"]
+        rows.append(("junk precision / recall", f"{j['precision']:.3f} / {j['recall']:.3f}"))
+    if "latent_vs_coord_spearman" in res:
+        rows.append(
+            (
+                "Spearman PC1.. vs coord",
+                ", ".join(f"{v:.3f}" for v in res["latent_vs_coord_spearman"]),
+            )
+        )
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

@@ -1,0 +1,570 @@
+"""``analyze_run``: figures, volumes, junk estimate and a one-page HTML report of a run.
+
+Everything goes to ``OUTDIR/analyze.EPOCH/``::
+
+    report.html            the page (relative links to the PNGs; no network assets)
+    *.png                  figures
+    analysis.npz           PCA, UMAP, k-means labels/centres/nearest, junk flags
+    kmeans/vol_NNN.mrc     maps at the particles nearest the k-means centres (+ .cxc)
+    pc1/vol_NNN.mrc ...    maps along each PC at percentiles (+ .cxc)
+    junk_indices.npy       junk particles as indices into the ORIGINAL input particles
+    final_map.mrc, fsc_halfmaps.png   homogeneous runs
+
+Each step is optional: a failure is logged and listed in the report, the others go on.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryofield.analysis import latent
+from cryofield.io.atomic import atomic_path, write_text_atomic
+
+__all__ = ["PC_PERCENTILES", "analyze_run", "chimerax_script", "kmeans_for_run", "resolve_epoch"]
+
+log = logging.getLogger("cryofield.analysis.report")
+
+#: UMAP is fitted on at most this many particles (a seeded random subset).
+UMAP_MAX_POINTS = 50000
+
+#: Percentiles of the particles' PC values at which PC trajectories are rendered.
+PC_PERCENTILES = (5.0, 15.0, 25.0, 35.0, 45.0, 55.0, 65.0, 75.0, 85.0, 95.0)
+
+
+def kmeans_for_run(run: Any, epoch: int, n_clusters: int | None = None) -> latent.KMeansResult:
+    """k-means of a run's latents, reusing ``analyze.EPOCH/analysis.npz`` when it matches.
+
+    Without a saved result (or with another K) k-means is computed with the same seed
+    as ``analyze``, so labels agree either way.
+    """
+    z = run.latents(epoch)
+    if z is None:
+        from cryofield.errors import CryofieldError
+
+        raise CryofieldError(f"{run.path}: homogeneous run (no latents): there are no clusters")
+    k = latent.default_n_clusters(len(z), n_clusters)
+    saved = run.path / f"analyze.{epoch}" / "analysis.npz"
+    if saved.is_file():
+        with np.load(saved, allow_pickle=False) as f:
+            if "kmeans_labels" in f.files and len(f["kmeans_centers"]) == k:
+                labels = f["kmeans_labels"]
+                if len(labels) == len(z):
+                    return latent.KMeansResult(
+                        labels=labels,
+                        centers=f["kmeans_centers"],
+                        nearest=f["kmeans_nearest"],
+                        counts=np.bincount(labels, minlength=k),
+                    )
+    return latent.kmeans(z, k)
+
+
+def chimerax_script(mrc_names: list[str], apix_A: float, level: float, title: str) -> str:
+    """ChimeraX commands opening maps (relative names) as a series with voxel size and level."""
+    lines = [f"# {title}: open with  chimerax <this file>"]
+    if len(mrc_names) > 1:
+        lines.append("open " + " ".join(mrc_names) + " vseries true")
+    else:
+        lines.append(f"open {mrc_names[0]}")
+    lines.append(f"volume #1 voxelSize {apix_A:.4f} level {level:.5g} style surface")
+    lines.append("view")
+    return "\n".join(lines) + "\n"
+
+
+def _surface_level(vol: np.ndarray) -> float:
+    """Contour level enclosing the top 2 % of voxels (a particle filling ~2 % of the box)."""
+    return float(np.percentile(vol, 98.0))
+
+
+class _Report:
+    """Collects figures, tables and failures, and runs optional steps."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.sections: list[tuple[str, list[str]]] = []
+        self.failures: list[str] = []
+
+    def step(self, name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.time()
+        try:
+            out = fn()
+            log.info("%s: done (%.1f s)", name, time.time() - t0)
+            return out
+        except Exception as err:  # an optional step: log it and go on
+            log.warning("%s failed: %s: %s", name, type(err).__name__, err)
+            self.failures.append(f"{name}: {type(err).__name__}: {err}")
+            return None
+
+    def add(self, section: str, item: str) -> None:
+        for name, items in self.sections:
+            if name == section:
+                items.append(item)
+                return
+        self.sections.append((section, [item]))
+
+    def figure(self, section: str, path: Path | None, caption: str) -> None:
+        if path is None:
+            return
+        rel = html.escape(Path(path).name)
+        self.add(
+            section,
+            f'<figure><img src="{rel}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>",
+        )
+
+    def write(self, title: str, summary: list[tuple[str, str]]) -> Path:
+        rows = "".join(
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary
+        )
+        body = [f"<h1>{html.escape(title)}</h1>", f"<table>{rows}</table>"]
+        for name, items in self.sections:
+            body.append(f"<h2>{html.escape(name)}</h2><div class='row'>{''.join(items)}</div>")
+        if self.failures:
+            lis = "".join(f"<li>{html.escape(f)}</li>" for f in self.failures)
+            body.append(f"<h2>Skipped steps</h2><ul>{lis}</ul>")
+        style = (
+            "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
+            "figure{display:inline-block;margin:.5em;vertical-align:top}"
+            "img{max-width:560px}th{text-align:left;padding-right:1em}"
+            "figcaption{font-size:90%;color:#444}"
+        )
+        page = (
+            "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title><style>{style}</style></head><body>"
+            + "\n".join(body)
+            + "</body></html>\n"
+        )
+        path = self.folder / "report.html"
+        write_text_atomic(path, page)
+        return path
+
+
+def resolve_epoch(run: Any, epoch: int | None) -> int:
+    from cryofield.errors import CryofieldError
+
+    eps = run.epochs()
+    if not eps:
+        raise CryofieldError(f"{run.path}: no complete epoch yet (no epoch_NNN/DONE)")
+    if epoch is None:
+        return eps[-1]
+    if epoch not in eps:
+        raise CryofieldError(f"{run.path}: epoch {epoch} is not complete (complete: {eps})")
+    return int(epoch)
+
+
+def _write_series(field: Any, z_points: np.ndarray, folder: Path, apix_A: float, title: str):
+    from cryofield.analysis.volumes import render_volumes
+    from cryofield.io.mrc import write_mrc
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vols = render_volumes(field, z_points, apix_A)
+    names = []
+    for i, v in enumerate(vols):
+        write_mrc(folder / f"vol_{i:03d}.mrc", v, apix_A)
+        names.append(f"vol_{i:03d}.mrc")
+    write_text_atomic(
+        folder / "z_values.txt", "".join(" ".join(f"{x:.6g}" for x in r) + "\n" for r in z_points)
+    )
+    script = chimerax_script(names, apix_A, _surface_level(vols[0]), title)
+    write_text_atomic(folder / "open_in_chimerax.cxc", script)
+    return names, [v.sum(axis=0) for v in vols]
+
+
+def _load_images(table: Any, rows: np.ndarray, D: int) -> np.ndarray:
+    """Images ``rows`` of a table as ``(n, D, D)`` float32, Fourier-cropped to ``D``."""
+    from cryofield.io.mrc import read_mrc
+
+    out = np.empty((len(rows), D, D), np.float32)
+    paths = table.image_paths[rows]
+    frames = table.image_index[rows]
+    for path in np.unique(paths):
+        sel = np.nonzero(paths == path)[0]
+        stack, _ = read_mrc(path)
+        stack = stack.reshape(-1, stack.shape[-2], stack.shape[-1])
+        imgs = np.asarray(stack[frames[sel]], np.float32)
+        box = imgs.shape[-1]
+        if box != D:
+            F = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(imgs, axes=(-2, -1))), axes=(-2, -1))
+            a = box // 2 - D // 2
+            F = F[:, a : a + D, a : a + D]
+            imgs = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(F, axes=(-2, -1))), axes=(-2, -1))
+            imgs = (imgs.real * (D / box) ** 2).astype(np.float32)
+        out[sel] = imgs
+    return out
+
+
+def half_map_fsc(run: Any, epoch: int, max_particles: int = 20000) -> dict[str, Any]:
+    """Reconstruct two half maps with the run's poses and return their FSC.
+
+    Halves: RELION ``rlnRandomSubset`` when the input has it, else even/odd particles.
+    At most ``max_particles`` (evenly spaced) are used.
+    """
+    import torch
+
+    from cryofield.analysis.metrics import fsc_curve
+    from cryofield.physics.backproject import reconstruct_fourier
+    from cryofield.physics.ctf import CTFParams
+    from cryofield.physics.fsc import resolution_at
+
+    table = run.table()
+    poses = run.poses(epoch)
+    D = run.training_D()
+    apix = run.apix_A()
+    n = len(poses["rotations"])
+    rows = np.arange(n)
+    if n > max_particles:
+        rows = rows[:: int(np.ceil(n / max_particles))]
+    raw = table.raw
+    half = rows % 2
+    if raw is not None and hasattr(raw, "columns") and "rlnRandomSubset" in raw.columns:
+        subset = raw["rlnRandomSubset"].to_numpy()[rows]
+        if set(np.unique(subset)) == {1, 2}:
+            half = subset - 1
+    maps = []
+    for h in (0, 1):
+        sel = rows[half == h]
+        imgs = torch.as_tensor(_load_images(table, sel, D))
+        ctf = None if table.ctf is None else CTFParams.from_table(table, sel)
+        vol = reconstruct_fourier(
+            imgs,
+            torch.as_tensor(poses["rotations"][sel], dtype=torch.float32),
+            torch.as_tensor(poses["shifts_px"][sel], dtype=torch.float32),
+            ctf,
+            apix,
+        )
+        maps.append(vol.numpy())
+    curve = fsc_curve(maps[0], maps[1])
+    res05 = resolution_at(torch.as_tensor(curve), 0.5, apix)[1]
+    res0143 = resolution_at(torch.as_tensor(curve), 0.143, apix)[1]
+    return {"fsc": curve, "res_0.5_A": res05, "res_0.143_A": res0143, "maps": maps}
+
+
+def _pose_section(rep: _Report, run: Any, epoch: int, folder: Path) -> None:
+    from cryofield.analysis import plots
+    from cryofield.analysis.metrics import viewing_directions
+
+    def poses_plot() -> Path:
+        R = run.poses(epoch)["rotations"]
+        return plots.plot_viewing_directions(viewing_directions(R), folder / "poses.png")
+
+    rep.figure("Poses", rep.step("pose plot", poses_plot), "distribution of viewing directions")
+
+    def curves() -> Path | None:
+        rows = run.metrics()
+        return plots.plot_training_curves(rows, folder / "training.png") if rows else None
+
+    rep.figure("Training", rep.step("training curves", curves), "loss and band limit per epoch")
+
+
+def _homogeneous(rep: _Report, run: Any, epoch: int, folder: Path, summary: list) -> None:
+    from cryofield.analysis import plots
+    from cryofield.io.mrc import write_mrc
+
+    def final_map() -> str:
+        src = run.volume_path(epoch)
+        dst = folder / "final_map.mrc"
+        if src is not None:
+            shutil.copyfile(src, dst)
+            from cryofield.io.mrc import read_mrc
+
+            vol = np.asarray(read_mrc(dst)[0])
+        else:
+            vol = run.load_field(epoch).render_volume().numpy()
+            write_mrc(dst, vol, run.apix_A())
+        script = chimerax_script([dst.name], run.apix_A(), _surface_level(vol), "final map")
+        write_text_atomic(folder / "open_in_chimerax.cxc", script)
+        views = [vol.sum(axis=a) for a in (0, 1, 2)]
+        rep.figure(
+            "Map",
+            rep.step(
+                "map projections",
+                lambda: plots.plot_volume_gallery(
+                    views, ["along z", "along y", "along x"], folder / "map_projections.png"
+                ),
+            ),
+            "projections of the final map along the three axes",
+        )
+        return dst.name
+
+    name = rep.step("final map", final_map)
+    if name:
+        rep.add(
+            "Map",
+            f"<p>Final map: <code>{html.escape(name)}</code> "
+            "(ChimeraX: <code>open_in_chimerax.cxc</code>)</p>",
+        )
+
+    def fsc_step() -> Path:
+        res = half_map_fsc(run, epoch)
+        summary.append(("half-map FSC=0.143", f"{res['res_0.143_A']:.2f} A"))
+        summary.append(("half-map FSC=0.5", f"{res['res_0.5_A']:.2f} A"))
+        np.savetxt(folder / "fsc_halfmaps.txt", res["fsc"], fmt="%.6f")
+        return plots.plot_fsc(
+            {"half maps": res["fsc"]}, run.training_D(), run.apix_A(), folder / "fsc_halfmaps.png"
+        )
+
+    rep.figure("Map", rep.step("half-map FSC", fsc_step), "FSC between half-set reconstructions")
+
+
+def _heterogeneous(
+    rep: _Report,
+    run: Any,
+    epoch: int,
+    folder: Path,
+    summary: list,
+    n_clusters: int | None,
+    n_pcs: int,
+    volumes: bool,
+) -> None:
+    from cryofield.analysis import plots
+    from cryofield.analysis.junk import estimate_junk
+
+    z = np.asarray(run.latents(epoch), np.float64)
+    N, zdim = z.shape
+    summary.append(("particles / zdim", f"{N} / {zdim}"))
+    pc = latent.pca(z)
+    km = kmeans_for_run(run, epoch, n_clusters)
+    K = len(km.centers)
+    summary.append(("k-means clusters", str(K)))
+    xy = pc.projected[:, :2] if zdim >= 2 else np.c_[pc.projected[:, 0], np.zeros(N)]
+    cxy = (km.centers - pc.mean) @ pc.components[:2].T
+    cxy = cxy if zdim >= 2 else np.c_[cxy[:, 0], np.zeros(K)]
+    ev = ", ".join(f"{100 * r:.1f}%" for r in pc.explained_variance_ratio[:5])
+    summary.append(("explained variance (PC1..)", ev))
+    axes_pc = ("PC1", "PC2" if zdim >= 2 else "(zdim 1)")
+    s = "Latent space"
+    rep.figure(
+        s,
+        rep.step(
+            "PCA plot",
+            lambda: plots.plot_scatter(
+                xy,
+                km.labels,
+                folder / "pca_clusters.png",
+                "latent PCA, k-means clusters",
+                axes_pc,
+                cxy,
+            ),
+        ),
+        "PCA of the latents coloured by k-means cluster (centres numbered)",
+    )
+    rep.figure(
+        s,
+        rep.step(
+            "explained variance",
+            lambda: plots.plot_explained_variance(
+                pc.explained_variance_ratio, folder / "explained_variance.png"
+            ),
+        ),
+        "explained variance per principal component",
+    )
+    umap_idx = latent.subsample_index(N, UMAP_MAX_POINTS)
+    emb = rep.step("UMAP", lambda: latent.umap_embedding(z[umap_idx]))
+    lab_u = km.labels[umap_idx]
+    if emb is not None:
+        emb_centres = np.array(
+            [emb[lab_u == k].mean(0) if (lab_u == k).any() else [np.nan] * 2 for k in range(K)]
+        )
+        rep.figure(
+            s,
+            rep.step(
+                "UMAP plot",
+                lambda: plots.plot_scatter(
+                    emb,
+                    lab_u,
+                    folder / "umap_clusters.png",
+                    "UMAP, k-means clusters",
+                    ("UMAP1", "UMAP2"),
+                    emb_centres,
+                ),
+            ),
+            "UMAP of the latents coloured by k-means cluster",
+        )
+    if zdim >= 2 and N >= 5:
+        rep.figure(
+            s,
+            rep.step(
+                "PCA density",
+                lambda: plots.plot_kde(
+                    *latent.kde_2d(xy), folder / "kde_pca.png", "latent density (PCA)", axes_pc
+                ),
+            ),
+            "kernel density of the latents (PC1 vs PC2)",
+        )
+    if emb is not None:
+        rep.figure(
+            s,
+            rep.step(
+                "UMAP density",
+                lambda: plots.plot_kde(
+                    *latent.kde_2d(emb),
+                    folder / "kde_umap.png",
+                    "latent density (UMAP)",
+                    ("UMAP1", "UMAP2"),
+                ),
+            ),
+            "kernel density of the UMAP embedding",
+        )
+    junk = rep.step("junk estimate", lambda: estimate_junk(z, km.labels, km.centers))
+    rep.figure(
+        "Clusters",
+        rep.step(
+            "cluster counts",
+            lambda: plots.plot_cluster_counts(
+                km.counts, folder / "cluster_counts.png", junk.junk_clusters if junk else ()
+            ),
+        ),
+        "particles per k-means cluster (hatched: judged junk)",
+    )
+    index = run.poses(epoch)["particle_index"]
+    if junk is not None:
+        n_junk = int(junk.is_junk.sum())
+        summary.append(
+            (
+                "junk estimate",
+                f"{n_junk} particles ({100 * n_junk / N:.1f}%), clusters {junk.junk_clusters}",
+            )
+        )
+        with atomic_path(folder / "junk_indices.npy") as tmp, open(tmp, "wb") as fh:
+            np.save(fh, index[junk.is_junk].astype(np.int64))
+        rep.figure(
+            "Clusters",
+            rep.step(
+                "junk plot",
+                lambda: plots.plot_junk(junk.score, junk.is_junk, xy, 6.0, folder / "junk.png"),
+            ),
+            "junk estimate; drop with: cryofield select OUTDIR --ind "
+            f"{folder.name}/junk_indices.npy --invert",
+        )
+    counts = "".join(
+        f"<tr><td>{k}</td><td>{c}</td><td>{km.nearest[k]}</td></tr>"
+        for k, c in enumerate(km.counts)
+    )
+    rep.add(
+        "Clusters",
+        "<table><tr><th>cluster</th><th>particles</th><th>nearest particle</th>"
+        f"</tr>{counts}</table>",
+    )
+    out = {
+        "z_pca": pc.projected,
+        "pca_components": pc.components,
+        "pca_mean": pc.mean,
+        "explained_variance_ratio": pc.explained_variance_ratio,
+        "kmeans_labels": km.labels,
+        "kmeans_centers": km.centers,
+        "kmeans_nearest": km.nearest,
+        "particle_index": index,
+    }
+    if emb is not None:
+        out["umap"] = emb
+        out["umap_index"] = umap_idx
+    if junk is not None:
+        out["is_junk"] = junk.is_junk
+        out["junk_score"] = junk.score
+    with atomic_path(folder / "analysis.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **out)
+    if not volumes:
+        return
+    field = rep.step("load field", lambda: run.load_field(epoch))
+    if field is None:
+        return
+    apix = run.apix_A()
+    series = rep.step(
+        "k-means volumes",
+        lambda: _write_series(field, z[km.nearest], folder / "kmeans", apix, "k-means centre maps"),
+    )
+    if series:
+        names, projs = series
+        rep.add(
+            "Volumes",
+            f"<p>{len(names)} maps at the particles nearest the k-means centres: "
+            "<code>kmeans/</code> (ChimeraX: <code>kmeans/open_in_chimerax.cxc"
+            "</code>)</p>",
+        )
+        titles = [f"cluster {k} ({c})" for k, c in enumerate(km.counts)]
+        rep.figure(
+            "Volumes",
+            rep.step(
+                "k-means gallery",
+                lambda: plots.plot_volume_gallery(
+                    projs, titles, folder / "kmeans_gallery.png", plots.cluster_colors(K)
+                ),
+            ),
+            "projections along z of the k-means maps (frame: cluster colour)",
+        )
+    for j in range(min(n_pcs, zdim)):
+        pts = latent.pc_trajectory(z, pc, j, PC_PERCENTILES)
+        series = rep.step(
+            f"PC{j + 1} volumes",
+            lambda pts=pts, j=j: _write_series(
+                field, pts, folder / f"pc{j + 1}", apix, f"PC{j + 1} trajectory"
+            ),
+        )
+        if series:
+            names, projs = series
+            rep.add(
+                "Volumes",
+                f"<p>PC{j + 1}: {len(names)} maps at percentiles "
+                f"{', '.join(f'{p:g}' for p in PC_PERCENTILES)} in "
+                f"<code>pc{j + 1}/</code></p>",
+            )
+            titles = [f"PC{j + 1} {p:g}%" for p in PC_PERCENTILES]
+            rep.figure(
+                "Volumes",
+                rep.step(
+                    f"PC{j + 1} gallery",
+                    lambda projs=projs, titles=titles, j=j: plots.plot_volume_gallery(
+                        projs, titles, folder / f"pc{j + 1}_gallery.png"
+                    ),
+                ),
+                f"projections along z of the PC{j + 1} maps",
+            )
+
+
+def analyze_run(
+    outdir: str | Path,
+    epoch: int | None = None,
+    n_clusters: int | None = None,
+    n_pcs: int = 2,
+    volumes: bool = True,
+) -> Path:
+    """Analyse a training run; returns the path of ``OUTDIR/analyze.EPOCH/report.html``.
+
+    Parameters
+    ----------
+    outdir : the ``cryofield train`` output folder.
+    epoch : epoch to analyse (default: last complete).
+    n_clusters : k-means K (default 20, capped at N).
+    n_pcs : PCs along which volume series are rendered.
+    volumes : render the volume series (the slow part on CPU).
+
+    Raises
+    ------
+    CryofieldError
+        When the folder is not a run or has no complete epoch; optional steps never raise.
+    """
+    from cryofield.inference.rundir import RunDir
+
+    run = RunDir(outdir)
+    ep = resolve_epoch(run, epoch)
+    folder = run.path / f"analyze.{ep}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rep = _Report(folder)
+    summary: list[tuple[str, str]] = [("run", str(run.path.resolve())), ("epoch", str(ep))]
+    het = run.latents(ep) is not None
+    summary.append(("type", "heterogeneous" if het else "homogeneous"))
+    if het:
+        _heterogeneous(rep, run, ep, folder, summary, n_clusters, n_pcs, volumes)
+    else:
+        _homogeneous(rep, run, ep, folder, summary)
+    _pose_section(rep, run, ep, folder)
+    path = rep.write(f"cryofield analysis: {run.path.name}, epoch {ep}", summary)
+    log.info("report: %s", path)
+    return path

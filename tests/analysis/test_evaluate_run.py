@@ -1,0 +1,70 @@
+"""``evaluate_run`` against the exact truth of fake runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fakerun import FakeRun
+
+from cryofield.analysis.evaluate import evaluate_run, format_table, load_truth
+from cryofield.errors import InputFileError
+
+
+def test_homogeneous_rotated_run_scores_perfectly(fake_hom_run: FakeRun) -> None:
+    res = evaluate_run(fake_hom_run.outdir, fake_hom_run.truth_path)
+    p = res["poses"]
+    assert p["mirrored"] is False
+    assert p["rot_median_deg"] < 0.01 and p["out_of_plane_mean_deg"] < 0.01
+    assert p["trans_mean_px"] < 1e-6
+    np.testing.assert_allclose(np.asarray(p["R_global"]), fake_hom_run.G, atol=1e-4)
+    (m,) = res["maps"]
+    # the run's map is the truth resampled once by trilinear rotation
+    assert m["mirrored"] is False and m["correlation"] > 0.98
+    assert m["fsc_auc"] > 0.35
+    assert m["res_0.143_A"] < 8.0  # Nyquist is 6 A
+    assert "hand" in format_table(res)
+
+
+def test_mirrored_run_is_detected(fake_hom_mirror_run: FakeRun) -> None:
+    res = evaluate_run(fake_hom_mirror_run.outdir, fake_hom_mirror_run.truth_path)
+    assert res["poses"]["mirrored"] is True
+    assert res["poses"]["rot_median_deg"] < 0.01
+    (m,) = res["maps"]
+    assert m["mirrored"] is True and m["correlation"] > 0.98
+    assert "mirrored" in format_table(res)
+
+
+def test_heterogeneous_clusters_and_coord(fake_het_run: FakeRun) -> None:
+    res = evaluate_run(fake_het_run.outdir, fake_het_run.truth_path, volumes=[])
+    c = res["clustering"]
+    assert c["k"] == 3
+    assert c["ari"] == pytest.approx(1.0) and c["accuracy"] == pytest.approx(1.0)
+    assert c["nmi"] == pytest.approx(1.0)
+    # the fake latents do not encode the coordinate: |rho| small, but computed
+    assert len(res["latent_vs_coord_spearman"]) == 2
+    assert max(abs(v) for v in res["latent_vs_coord_spearman"]) < 0.5
+    assert res["maps"] == []
+
+
+def test_truth_errors(tmp_path, fake_hom_run: FakeRun) -> None:
+    bad = tmp_path / "t.npz"
+    np.savez(bad, labels=np.zeros(3))
+    with pytest.raises(InputFileError, match="rotations"):
+        load_truth(bad)
+    small = tmp_path / "s.npz"
+    np.savez(small, rotations=np.tile(np.eye(3), (10, 1, 1)))
+    with pytest.raises(InputFileError, match="10 particles"):
+        evaluate_run(fake_hom_run.outdir, small)
+
+
+def test_inverted_contrast_map_is_negated(fake_hom_run: FakeRun, tmp_path) -> None:
+    import shutil
+
+    from cryofield.io.mrc import read_mrc, write_mrc
+
+    out = tmp_path / "run"
+    shutil.copytree(fake_hom_run.outdir, out, ignore=shutil.ignore_patterns("analyze.*"))
+    vol, _ = read_mrc(out / "epoch_002" / "volume.mrc")
+    write_mrc(out / "epoch_002" / "volume.mrc", -np.asarray(vol), 3.0)
+    (m,) = evaluate_run(out, fake_hom_run.truth_path)["maps"]
+    assert m["negated"] is True and m["correlation"] > 0.98
