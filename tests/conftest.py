@@ -2,14 +2,18 @@
 
 ``interop_data``: the folder of real RELION/cryoSPARC/EMPIAR files
 (``$CRYOFIELD_INTEROP_DATA`` or ``<repo>/../shared/data/interop``); tests that use it are
-skipped with a reason when it is absent. Every test starts from ``torch.manual_seed(0)``.
+skipped with a reason when it is absent. ``simulated``: noiseless simulated datasets with
+their truth, built once per session and parameter set. Every test starts from
+``torch.manual_seed(0)``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +39,36 @@ def interop_data() -> Path:
             "interop data not found: set CRYOFIELD_INTEROP_DATA or provide ../shared/data/interop"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def simulated(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[..., tuple[Path, dict[str, np.ndarray]]]:
+    """Factory ``simulated(n_particles, D, apix_A, seed)`` -> ``(folder, truth arrays)``.
+
+    A noiseless ``protein`` dataset from :func:`cryofield.simulate.dataset.simulate_dataset`
+    (``particles.star/.cs/.mrcs``, ``truth.npz``, true volumes), built once per session for
+    each parameter set; ``truth`` holds every array of ``truth.npz``.
+    """
+    from cryofield.simulate.dataset import SimulationConfig, simulate_dataset
+
+    cache: dict[tuple, tuple[Path, dict[str, np.ndarray]]] = {}
+
+    def make(
+        n_particles: int, D: int, apix_A: float, seed: int
+    ) -> tuple[Path, dict[str, np.ndarray]]:
+        key = (n_particles, D, apix_A, seed)
+        if key not in cache:
+            cfg = SimulationConfig(
+                source="protein", n_particles=n_particles, D=D, apix_A=apix_A, snr=None, seed=seed
+            )
+            folder = simulate_dataset(cfg, tmp_path_factory.mktemp("sim"))
+            with np.load(folder / "truth.npz") as f:
+                cache[key] = (folder, {k: f[k] for k in f.files})
+        return cache[key]
+
+    return make
 
 
 @pytest.fixture(autouse=True)

@@ -2,27 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from cryofield.cli.main import main
-
-
-def _fakerun():
-    path = Path(__file__).resolve().parents[1] / "analysis" / "fakerun.py"
-    spec = importlib.util.spec_from_file_location("cryofield_test_fakerun", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def hom_run(tmp_path_factory):
-    return _fakerun().make_fake_run(tmp_path_factory.mktemp("cli_an"), zdim=0)
 
 
 def test_analyze_homogeneous(hom_run, capsys) -> None:

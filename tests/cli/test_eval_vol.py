@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -16,30 +12,12 @@ from cryofield.io.mrc import read_mrc
 from cryofield.physics.handedness import flip_hand_volume
 
 
-def _fakerun():
-    path = Path(__file__).resolve().parents[1] / "analysis" / "fakerun.py"
-    spec = importlib.util.spec_from_file_location("cryofield_test_fakerun", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    mk = _fakerun().make_fake_run
-    folder = tmp_path_factory.mktemp("cli_evol")
-    return mk(folder / "het", zdim=2), mk(folder / "hom", zdim=0)
-
-
-def test_eval_vol_z_and_zfile(runs, tmp_path) -> None:
-    het, _ = runs
-    field = RunDir(het.outdir).load_field()
-    assert (
-        main(["eval-vol", str(het.outdir), "--z", "0.5", "-1", "2", "0", "-o", str(tmp_path / "a")])
-        == 0
-    )
-    vol, info = read_mrc(tmp_path / "a" / "vol_001.mrc")
+def test_eval_vol_z_and_zfile(het_run, tmp_path) -> None:
+    field = RunDir(het_run.outdir).load_field()
+    out_a = tmp_path / "a"
+    argv = ["eval-vol", str(het_run.outdir), "--z", "0.5", "-1", "2", "0", "-o", str(out_a)]
+    assert main(argv) == 0
+    vol, info = read_mrc(out_a / "vol_001.mrc")
     assert info.apix_A == pytest.approx(3.0)
     np.testing.assert_allclose(
         vol, field.render_volume(torch.tensor([2.0, 0.0])).numpy(), atol=1e-5
@@ -50,7 +28,7 @@ def test_eval_vol_z_and_zfile(runs, tmp_path) -> None:
         main(
             [
                 "eval-vol",
-                str(het.outdir),
+                str(het_run.outdir),
                 "--zfile",
                 str(zfile),
                 "--flip-hand",
@@ -64,9 +42,8 @@ def test_eval_vol_z_and_zfile(runs, tmp_path) -> None:
     np.testing.assert_allclose(flipped, flip_hand_volume(np.asarray(vol)), atol=1e-5)
 
 
-def test_eval_vol_homogeneous_lowpass(runs, tmp_path) -> None:
-    _, hom = runs
-    assert main(["eval-vol", str(hom.outdir), "--lowpass", "12", "-o", str(tmp_path)]) == 0
+def test_eval_vol_homogeneous_lowpass(hom_run, tmp_path) -> None:
+    assert main(["eval-vol", str(hom_run.outdir), "--lowpass", "12", "-o", str(tmp_path)]) == 0
     vol, info = read_mrc(tmp_path / "vol_000.mrc")
     assert vol.shape == (16, 16, 16) and info.apix_A == pytest.approx(3.0)
     F = np.abs(np.fft.fftshift(np.fft.fftn(vol)))
@@ -75,13 +52,12 @@ def test_eval_vol_homogeneous_lowpass(runs, tmp_path) -> None:
     assert F[r > 5.5].max() < 1e-4 * F.max()  # 16 * 3 / 12 = shell 4, edge to 5
 
 
-def test_eval_vol_errors(runs, tmp_path, capsys) -> None:
-    het, hom = runs
-    assert main(["eval-vol", str(het.outdir), "--z", "1", "2", "3"]) == 2
+def test_eval_vol_errors(het_run, hom_run, tmp_path, capsys) -> None:
+    assert main(["eval-vol", str(het_run.outdir), "--z", "1", "2", "3"]) == 2
     assert "zdim=2" in capsys.readouterr().err
     bad = tmp_path / "z.txt"
     bad.write_text("1 2\n3\n")
-    assert main(["eval-vol", str(het.outdir), "--zfile", str(bad)]) == 2
+    assert main(["eval-vol", str(het_run.outdir), "--zfile", str(bad)]) == 2
     assert "row 2" in capsys.readouterr().err
-    assert main(["eval-vol", str(het.outdir)]) == 2
-    assert main(["eval-vol", str(hom.outdir), "--z", "1"]) == 2
+    assert main(["eval-vol", str(het_run.outdir)]) == 2
+    assert main(["eval-vol", str(hom_run.outdir), "--z", "1"]) == 2

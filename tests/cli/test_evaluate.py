@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cryofield.cli.main import main
-
-
-def _fakerun():
-    path = Path(__file__).resolve().parents[1] / "analysis" / "fakerun.py"
-    spec = importlib.util.spec_from_file_location("cryofield_test_fakerun", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def het_run(tmp_path_factory):
-    return _fakerun().make_fake_run(tmp_path_factory.mktemp("cli_ev"), zdim=2)
 
 
 def test_evaluate_writes_json_and_table(het_run, tmp_path, capsys) -> None:

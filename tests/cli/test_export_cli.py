@@ -22,7 +22,6 @@ from cryofield.physics.ctf import CTFParams
 from cryofield.physics.fsc import fsc
 from cryofield.physics.handedness import flip_hand_volume, mirror_matrix
 from cryofield.physics.rotation import random_rotations
-from cryofield.simulate.dataset import SimulationConfig, simulate_dataset
 
 N, D, APIX = 200, 32, 6.0
 
@@ -38,15 +37,13 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = SimulationConfig(source="protein", n_particles=N, D=D, apix_A=APIX, snr=None, seed=11)
-    return simulate_dataset(cfg, tmp_path_factory.mktemp("sim"))
+def sim(simulated) -> Path:
+    return simulated(N, D, APIX, seed=11)[0]
 
 
 @pytest.fixture(scope="module")
-def truth(sim: Path) -> dict[str, np.ndarray]:
-    with np.load(sim / "truth.npz") as f:
-        return {k: f[k] for k in f.files}
+def truth(simulated) -> dict[str, np.ndarray]:
+    return simulated(N, D, APIX, seed=11)[1]
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,6 @@ from cryofield.physics.ctf import CTFParams
 from cryofield.physics.fsc import fsc
 from cryofield.physics.handedness import flip_hand_poses, flip_hand_volume
 from cryofield.physics.rotation import random_rotations
-from cryofield.simulate.dataset import SimulationConfig, simulate_dataset
 
 N, D = 300, 32
 POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
@@ -37,16 +36,14 @@ CS_POSE_FIELDS = ("alignments3D/pose", "alignments3D/shift", "alignments3D/psize
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sim(simulated) -> Path:
     """A noiseless simulated dataset of N particles (D=32, 6 A/px) with exact truth."""
-    cfg = SimulationConfig(source="protein", n_particles=N, D=D, apix_A=6.0, snr=None, seed=7)
-    return simulate_dataset(cfg, tmp_path_factory.mktemp("sim"))
+    return simulated(N, D, 6.0, seed=7)[0]
 
 
 @pytest.fixture(scope="module")
-def truth(sim: Path) -> dict[str, np.ndarray]:
-    with np.load(sim / "truth.npz") as f:
-        return {k: f[k] for k in f.files}
+def truth(simulated) -> dict[str, np.ndarray]:
+    return simulated(N, D, 6.0, seed=7)[1]
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial.transform import Rotation
 
+from cryofield.physics.filters import fourier_crop_3d
 from cryofield.physics.handedness import flip_hand_volume
 
 __all__ = [
@@ -38,8 +39,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("cryofield.analysis.align")
-
-_MIRROR = np.diag([1.0, 1.0, -1.0])
 
 
 @dataclasses.dataclass
@@ -100,15 +99,15 @@ def rotate_volume(vol: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
 
 
 def _fourier_crop(vol: np.ndarray, D_new: int) -> np.ndarray:
-    """Fourier-crop a ``(D, D, D)`` map to ``(D_new, D_new, D_new)`` (low-pass + resample)."""
-    D = vol.shape[0]
-    if D_new >= D:
+    """Fourier-crop a ``(D, D, D)`` map to ``(D_new, D_new, D_new)`` (low-pass + resample).
+
+    :func:`cryofield.physics.filters.fourier_crop_3d` in float64; a map whose box is
+    already at most ``D_new`` is returned as it is (float32).
+    """
+    if D_new >= vol.shape[0]:
         return np.asarray(vol, np.float32)
-    Fv = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(vol)))
-    a = D // 2 - D_new // 2
-    Fc = Fv[a : a + D_new, a : a + D_new, a : a + D_new]
-    out = np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(Fc))).real * (D_new / D) ** 3
-    return out.astype(np.float32)
+    vol64 = torch.as_tensor(np.asarray(vol, np.float64))
+    return fourier_crop_3d(vol64, D_new).numpy().astype(np.float32)
 
 
 def so3_grid(nside: int = 2, n_psi: int = 12) -> np.ndarray:

@@ -23,11 +23,13 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.transform import Rotation
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from cryofield.analysis.align import VolumeAlignment, align_volume
+from cryofield.physics.handedness import mirror_matrix
 
 __all__ = [
     "MIRROR",
@@ -49,7 +51,7 @@ __all__ = [
 log = logging.getLogger("cryofield.analysis.metrics")
 
 #: z-flip ``diag(1, 1, -1)``: the hand change of a volume, ``V'(p) = V(M p)``.
-MIRROR = np.diag([1.0, 1.0, -1.0])
+MIRROR = mirror_matrix(torch.float64).numpy()
 
 
 def _project_to_so3(A: np.ndarray) -> np.ndarray:
@@ -261,8 +263,6 @@ def fsc_curve(vol1: np.ndarray, vol2: np.ndarray) -> np.ndarray:
     -------
     (D // 2,) float64.
     """
-    import torch
-
     from cryofield.physics.fsc import fsc
 
     v1 = torch.as_tensor(np.asarray(vol1, np.float64))

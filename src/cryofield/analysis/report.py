@@ -177,29 +177,6 @@ def _write_series(field: Any, z_points: np.ndarray, folder: Path, apix_A: float,
     return names, [v.sum(axis=0) for v in vols]
 
 
-def _load_images(table: Any, rows: np.ndarray, D: int) -> np.ndarray:
-    """Images ``rows`` of a table as ``(n, D, D)`` float32, Fourier-cropped to ``D``."""
-    from cryofield.io.mrc import read_mrc
-
-    out = np.empty((len(rows), D, D), np.float32)
-    paths = table.image_paths[rows]
-    frames = table.image_index[rows]
-    for path in np.unique(paths):
-        sel = np.nonzero(paths == path)[0]
-        stack, _ = read_mrc(path)
-        stack = stack.reshape(-1, stack.shape[-2], stack.shape[-1])
-        imgs = np.asarray(stack[frames[sel]], np.float32)
-        box = imgs.shape[-1]
-        if box != D:
-            F = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(imgs, axes=(-2, -1))), axes=(-2, -1))
-            a = box // 2 - D // 2
-            F = F[:, a : a + D, a : a + D]
-            imgs = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(F, axes=(-2, -1))), axes=(-2, -1))
-            imgs = (imgs.real * (D / box) ** 2).astype(np.float32)
-        out[sel] = imgs
-    return out
-
-
 def half_map_fsc(run: Any, epoch: int, max_particles: int = 20000) -> dict[str, Any]:
     """Reconstruct two half maps with the run's poses and return their FSC.
 
@@ -209,6 +186,7 @@ def half_map_fsc(run: Any, epoch: int, max_particles: int = 20000) -> dict[str, 
     import torch
 
     from cryofield.analysis.metrics import fsc_curve
+    from cryofield.io.particles import ParticleSource
     from cryofield.physics.backproject import reconstruct_fourier
     from cryofield.physics.ctf import CTFParams
     from cryofield.physics.fsc import resolution_at
@@ -227,10 +205,11 @@ def half_map_fsc(run: Any, epoch: int, max_particles: int = 20000) -> dict[str, 
         subset = raw["rlnRandomSubset"].to_numpy()[rows]
         if set(np.unique(subset)) == {1, 2}:
             half = subset - 1
+    source = ParticleSource(table, D=D)  # images Fourier-cropped to the training box
     maps = []
     for h in (0, 1):
         sel = rows[half == h]
-        imgs = torch.as_tensor(_load_images(table, sel, D))
+        imgs = source[sel]
         ctf = None if table.ctf is None else CTFParams.from_table(table, sel)
         vol = reconstruct_fourier(
             imgs,

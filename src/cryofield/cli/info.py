@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryofield.io.metadata import ParticleTable, load_particle_table
+from cryofield.io.metadata import ParticleTable, load_index, load_particle_table
 
 _STAR_CTF = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
              "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnPhaseShift",
@@ -28,13 +28,35 @@ _FORMATS = {"star": "RELION star", "cs": "cryoSPARC .cs", "mrcs": "MRC stack",
             "txt": "list of MRC stacks"}  # fmt: skip
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``cryofield info``."""
+def add_table_arguments(parser: argparse.ArgumentParser) -> None:
+    """The input arguments shared by ``info`` and ``parse`` (read by :func:`load_table`)."""
     parser.add_argument("particles", help="particle file: .star, .cs, .mrcs/.mrc, .txt or .npz")
     parser.add_argument("--datadir", help="folder where relative image paths are looked up")
     parser.add_argument("--ind", help="index filter: .npy, text, or cryoDRGN .pkl")
     parser.add_argument("--ctf", help="cryoDRGN ctf.pkl to attach (read without executing code)")
     parser.add_argument("--poses", help="cryoDRGN pose .pkl to attach")
+
+
+def load_table(args: argparse.Namespace) -> tuple[ParticleTable, int]:
+    """The table of :func:`add_table_arguments`' inputs and the particle count before --ind.
+
+    Reads ``args.particles`` (with ``--datadir``), keeps the ``--ind`` rows, then attaches
+    the cryoDRGN ``--ctf`` / ``--poses`` pickles.
+    """
+    table = load_particle_table(args.particles, datadir=args.datadir)
+    n_total = len(table)
+    if args.ind:
+        table = table.subset(load_index(args.ind, n_total, args.particles))
+    if args.ctf or args.poses:
+        from cryofield.io.legacy import attach_legacy
+
+        table = attach_legacy(table, ctf_pkl=args.ctf, pose_pkl=args.poses)
+    return table, n_total
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``cryofield info``."""
+    add_table_arguments(parser)
     parser.add_argument(
         "--n-contrast", type=int, default=200, help="images used for the contrast guess"
     )
@@ -101,16 +123,7 @@ def describe(table: ParticleTable, n_total: int | None = None) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Print the summary; exit status 0, or 2 on a bad input file."""
-    table = load_particle_table(args.particles, datadir=args.datadir)
-    n_total = len(table)
-    if args.ind:
-        from cryofield.io.metadata import load_index
-
-        table = table.subset(load_index(args.ind, n_total, args.particles))
-    if args.ctf or args.poses:
-        from cryofield.io.legacy import attach_legacy
-
-        table = attach_legacy(table, ctf_pkl=args.ctf, pose_pkl=args.poses)
+    table, n_total = load_table(args)
     for line in describe(table, n_total):
         print(line)
 
@@ -130,8 +143,12 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"images:         {len(stacks)} stack(s), {source.box_px} x {source.box_px} px, all found"
     )
-    note = ""
-    if contrast == "dark-on-light":
-        note = " (use --invert-contrast when training)"
+    # our CTF makes dark-on-light images; light-on-dark stacks are negated before they meet
+    # it (docs/dev/contracts.md, "Contrast and CTF sign")
+    note = {
+        "light-on-dark": " (the usual RELION/cryoSPARC sign: images are multiplied by -1 "
+        "before the CTF)",
+        "dark-on-light": " (already the sign of the CTF model: images are used as they are)",
+    }.get(contrast, "")
     print(f"contrast:       {contrast} (from {n_used} images){note}")
     return 0

@@ -17,18 +17,13 @@ from __future__ import annotations
 
 import argparse
 
-from cryofield.cli.info import describe
-from cryofield.io.metadata import load_index, load_particle_table
+from cryofield.cli.info import add_table_arguments, describe, load_table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cryofield parse``."""
-    parser.add_argument("particles", help="particle file: .star, .cs, .mrcs/.mrc, .txt or .npz")
+    add_table_arguments(parser)
     parser.add_argument("-o", "--output", required=True, help="output table (.npz)")
-    parser.add_argument("--datadir", help="folder where relative image paths are looked up")
-    parser.add_argument("--ind", help="index filter: .npy, text, or cryoDRGN .pkl")
-    parser.add_argument("--ctf", help="cryoDRGN ctf.pkl to attach (read without executing code)")
-    parser.add_argument("--poses", help="cryoDRGN pose .pkl to attach")
     parser.add_argument(
         "--no-image-check",
         action="store_true",
@@ -38,14 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Read, check, and save the table; exit status 0, or 2 on a bad input."""
-    table = load_particle_table(args.particles, datadir=args.datadir)
-    n_total = len(table)
-    if args.ind:
-        table = table.subset(load_index(args.ind, n_total, args.particles))
-    if args.ctf or args.poses:
-        from cryofield.io.legacy import attach_legacy
-
-        table = attach_legacy(table, ctf_pkl=args.ctf, pose_pkl=args.poses)
+    table, n_total = load_table(args)
     if not args.no_image_check:
         from cryofield.io.particles import ParticleSource
 

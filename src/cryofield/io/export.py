@@ -194,6 +194,19 @@ def _stack_names(table: ParticleTable, out_dir: Path, original: np.ndarray | Non
     return out
 
 
+def _original_stack_names(raw: pd.DataFrame | np.ndarray | None) -> np.ndarray | None:
+    """Per-particle stack names as the input file wrote them, or None when it has none.
+
+    RELION: the part of ``rlnImageName`` after ``@``; cryoSPARC: ``blob/path`` without the
+    ``>`` prefix.
+    """
+    if isinstance(raw, pd.DataFrame) and "rlnImageName" in raw.columns:
+        return np.array([s.partition("@")[2] or s for s in raw["rlnImageName"].astype(str)])
+    if isinstance(raw, np.ndarray) and "blob/path" in (raw.dtype.names or ()):
+        return np.char.lstrip(np.char.decode(raw["blob/path"].astype(bytes), "utf-8"), ">")
+    return None
+
+
 # ----------------------------------------------------------------------------- star
 def _write_star(
     path: Path,
@@ -204,12 +217,7 @@ def _write_star(
     classes: np.ndarray | None,
 ) -> Path:
     extra: dict[str, list[object] | np.ndarray] = {}
-    original = None
-    if isinstance(sub.raw, pd.DataFrame) and "rlnImageName" in sub.raw.columns:
-        original = np.array([s.partition("@")[2] or s for s in sub.raw["rlnImageName"].astype(str)])
-    elif isinstance(sub.raw, np.ndarray) and "blob/path" in (sub.raw.dtype.names or ()):
-        original = np.char.lstrip(np.char.decode(sub.raw["blob/path"].astype(bytes), "utf-8"), ">")
-    stacks = _stack_names(sub, path.parent, original)
+    stacks = _stack_names(sub, path.parent, _original_stack_names(sub.raw))
     image_names = [f"{i + 1:06d}@{s}" for i, s in zip(sub.image_index, stacks, strict=True)]
     if sub.source_format == "cs" and isinstance(sub.raw, np.ndarray):
         carried = _cs_fields_as_columns(sub.raw)
@@ -278,19 +286,13 @@ def _write_cs(
 ) -> Path:
     if sub.source_format == "cs" and isinstance(sub.raw, np.ndarray):
         arr = sub.raw
-        original = np.char.lstrip(np.char.decode(arr["blob/path"].astype(bytes), "utf-8"), ">")
     else:
         arr = _base_cs_array(path, sub)
-        original = None
-        if isinstance(sub.raw, pd.DataFrame) and "rlnImageName" in sub.raw.columns:
-            original = np.array(
-                [s.partition("@")[2] or s for s in sub.raw["rlnImageName"].astype(str)]
-            )
         if rotations is None and sub.rotations is not None:
             rotations = sub.rotations
             shifts_px = sub.shifts_px if sub.shifts_px is not None else np.zeros((len(sub), 2))
     new: dict[str, np.ndarray] = {}
-    stacks = _stack_names(sub, path.parent, original)
+    stacks = _stack_names(sub, path.parent, _original_stack_names(sub.raw))
     new["blob/path"] = np.array([s.encode("utf-8") for s in stacks])
     if isinstance(sub.raw, pd.DataFrame):
         carried = _star_columns_as_fields(sub)

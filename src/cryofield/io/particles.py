@@ -74,7 +74,11 @@ class ParticleSource:
         True: read from the memory-mapped stacks on each access. False: load (and crop)
         all images into memory now.
     invert_contrast
-        Multiply images by -1 (for dark-on-light stacks).
+        Multiply images by -1. Use it for light-on-dark stacks (the usual RELION/cryoSPARC
+        sign) before they meet :func:`cryofield.physics.ctf.compute_ctf`, whose images of a
+        positive density are dark-on-light; dark-on-light stacks are used as they are
+        (docs/dev/contracts.md, "Contrast and CTF sign"; :func:`guess_contrast` tells them
+        apart).
     max_open_files
         Number of stacks kept memory-mapped at once.
 

@@ -59,6 +59,15 @@ def _t(x: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x, dtype=np.float64))
 
 
+def _negated(v: np.ndarray | None) -> np.ndarray | None:
+    """``-v`` as ``(N, 2)`` float64 (None stays None): file origin/shift <-> ``shift_px``.
+
+    RELION's origin, cryoSPARC's shift and cryoDRGN's ``trans`` all have the sign opposite
+    to ``shift_px`` (see the module docstring).
+    """
+    return None if v is None else -np.asarray(v, dtype=np.float64).reshape(-1, 2)
+
+
 def relion_to_internal(
     euler_deg: np.ndarray, origin_px: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -81,10 +90,7 @@ def relion_to_internal(
     """
     euler = np.asarray(euler_deg, dtype=np.float64).reshape(-1, 3)
     R = euler_relion_to_matrix(_t(np.deg2rad(euler))).numpy()
-    if origin_px is None:
-        shift = np.zeros((len(euler), 2))
-    else:
-        shift = -np.asarray(origin_px, dtype=np.float64).reshape(-1, 2)
+    shift = np.zeros((len(euler), 2)) if origin_px is None else _negated(origin_px)
     return R, shift
 
 
@@ -93,8 +99,7 @@ def internal_to_relion(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``(R, shift_px)`` to RELION ``(rot, tilt, psi)`` degrees and origins in px."""
     euler = np.rad2deg(matrix_to_euler_relion(_t(np.asarray(R).reshape(-1, 3, 3))).numpy())
-    origin = None if shift_px is None else -np.asarray(shift_px, dtype=np.float64).reshape(-1, 2)
-    return euler, origin
+    return euler, _negated(shift_px)
 
 
 def cryosparc_to_internal(
@@ -106,10 +111,7 @@ def cryosparc_to_internal(
     """
     pose = np.asarray(pose_rad, dtype=np.float64).reshape(-1, 3)
     R = axis_angle_to_matrix(_t(pose)).transpose(-1, -2).numpy()
-    if shift_px is None:
-        shift = np.zeros((len(pose), 2))
-    else:
-        shift = -np.asarray(shift_px, dtype=np.float64).reshape(-1, 2)
+    shift = np.zeros((len(pose), 2)) if shift_px is None else _negated(shift_px)
     return R, shift
 
 
@@ -118,9 +120,7 @@ def internal_to_cryosparc(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``(R, shift_px)`` to cryoSPARC ``(pose (N, 3) rad, shift (N, 2) px)``."""
     Rt = _t(np.asarray(R).reshape(-1, 3, 3)).transpose(-1, -2)
-    pose = matrix_to_axis_angle(Rt).numpy()
-    shift = None if shift_px is None else -np.asarray(shift_px, dtype=np.float64).reshape(-1, 2)
-    return pose, shift
+    return matrix_to_axis_angle(Rt).numpy(), _negated(shift_px)
 
 
 def cryodrgn_to_internal(

@@ -126,6 +126,12 @@ def inplane_rotation(psi_rad: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _unit_quaternion_w_nonneg(q: torch.Tensor) -> torch.Tensor:
+    """``(..., 4)`` quaternions normalised and signed so that ``w >= 0`` (``q`` ~ ``-q``)."""
+    q = q / torch.linalg.norm(q, dim=-1, keepdim=True)
+    return torch.where(q[..., :1] < 0, -q, q)
+
+
 def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
     """Unit quaternions ``(w, x, y, z)`` to rotation matrices.
 
@@ -187,9 +193,7 @@ def matrix_to_quaternion(R: torch.Tensor) -> torch.Tensor:
     )  # (..., 4 candidates, 4), candidate j = 4 q_j * q
     best = pivots.argmax(dim=-1)
     idx = best[..., None, None].expand(*best.shape, 1, 4)
-    q = torch.gather(cand, -2, idx).squeeze(-2)
-    q = q / torch.linalg.norm(q, dim=-1, keepdim=True)
-    return torch.where(q[..., :1] < 0, -q, q)
+    return _unit_quaternion_w_nonneg(torch.gather(cand, -2, idx).squeeze(-2))
 
 
 def axis_angle_to_matrix(v: torch.Tensor) -> torch.Tensor:
@@ -290,9 +294,7 @@ def random_quaternions(
     A normalised 4-D standard Gaussian is uniform on the 3-sphere, hence uniform on SO(3).
     """
     q = torch.randn(n, 4, generator=generator, dtype=torch.float64)
-    q = q / torch.linalg.norm(q, dim=-1, keepdim=True)
-    q = torch.where(q[:, :1] < 0, -q, q)
-    return q.to(dtype=dtype, device=device)
+    return _unit_quaternion_w_nonneg(q).to(dtype=dtype, device=device)
 
 
 def random_rotations(
