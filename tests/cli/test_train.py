@@ -43,6 +43,12 @@ def test_train_star_then_resume_and_cs_gives_same_result(tiny_dataset, tmp_path)
         for name in ("config.yaml", "run.log", "metrics.jsonl", "particles.npz"):
             assert (out / name).is_file(), name
         assert (out / "epoch_002" / "volume.mrc").is_file()
+        from cryofield.io.metadata import load_particle_table
+
+        back = load_particle_table(out / "particles.star")
+        assert len(back) == 48 and back.rotations is not None
+        p2 = RunDir(out).poses()
+        assert np.allclose(back.rotations, p2["rotations"], atol=1e-3)
         assert "device cpu" in (out / "run.log").read_text()
         assert run.config()["D"] == 32 and len(run.table()) == 48
         p = run.poses()

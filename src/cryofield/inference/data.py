@@ -1,0 +1,159 @@
+"""Image batches for training: windowing, contrast, Fourier transform, normalisation, CTF."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from cryofield.inference.pose_search import FrequencyPoints
+from cryofield.physics.ctf import CTFParams, compute_ctf
+from cryofield.physics.fourier import fft2_centered
+
+
+class ImageSource(Protocol):
+    """What training needs from a particle source (``io.particles.ParticleSource``)."""
+
+    apix_A: Any
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, idx: Any) -> torch.Tensor: ...
+
+
+class ArraySource:
+    """An in-memory image stack with the :class:`ImageSource` interface.
+
+    Parameters
+    ----------
+    images
+        ``(N, D, D)`` float32.
+    apix_A
+        Pixel size (A).
+    """
+
+    def __init__(self, images: torch.Tensor | np.ndarray, apix_A: float) -> None:
+        self.images = torch.as_tensor(np.asarray(images, dtype=np.float32))
+        self.apix_A = float(apix_A)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        return self.images[torch.as_tensor(np.asarray(idx), dtype=torch.long)]
+
+
+def soft_window(D: int, inner: float = 0.85, outer: float = 0.99) -> torch.Tensor:
+    """``(D, D)`` real-space window: 1 inside ``inner * D/2``, cosine edge to ``outer * D/2``."""
+    c = torch.arange(D, dtype=torch.float32) - D // 2
+    r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2) / (D / 2)
+    t = ((r - inner) / (outer - inner)).clamp(0, 1)
+    return 0.5 * (1 + torch.cos(math.pi * t))
+
+
+class BatchMaker:
+    """Turns image indices into normalised Fourier images and CTFs at the frequency points.
+
+    Parameters
+    ----------
+    source
+        Image source (images at the training box ``D``).
+    ctf_params
+        ``CTFParams`` of all images, or ``None`` (no CTF).
+    points
+        Frequency points of box ``D``.
+    invert, window
+        Multiply images by -1; apply :func:`soft_window`.
+    scale
+        Normalisation: Fourier values are divided by it (set by :meth:`estimate_scale`).
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        ctf_params: CTFParams | None,
+        points: FrequencyPoints,
+        invert: bool = False,
+        window: bool = True,
+        scale: float = 1.0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.source = source
+        self.ctf_params = ctf_params
+        self.points = points
+        self.invert = invert
+        self.window = soft_window(points.D).to(device) if window else None
+        self.scale = float(scale)
+        self.device = torch.device(device)
+        self.apix_A = float(np.mean(np.asarray(source.apix_A, dtype=np.float64)))
+
+    def images_ft(self, idx: np.ndarray) -> torch.Tensor:
+        """``(B, M)`` complex normalised transforms at all frequency points."""
+        img = torch.as_tensor(self.source[idx]).to(self.device, torch.float32)
+        if img.shape[-1] != self.points.D:
+            raise ValueError(f"images are {img.shape[-1]} px, training box is {self.points.D}")
+        if self.invert:
+            img = -img
+        if self.window is not None:
+            img = img * self.window
+        f = fft2_centered(img).reshape(img.shape[0], -1)[:, self.points.flat_index]
+        return f / self.scale
+
+    def ctf(self, idx: np.ndarray) -> torch.Tensor:
+        """``(B, M)`` CTF at the frequency points (ones without CTF)."""
+        if self.ctf_params is None:
+            return torch.ones(len(idx), self.points.freqs.shape[0], device=self.device)
+        p = self.ctf_params.subset(torch.as_tensor(np.asarray(idx), dtype=torch.long))
+        p = p.to(self.device)
+        return compute_ctf(self.points.freqs, self.apix_A, p).float()
+
+    def estimate_scale(self, n: int, generator: torch.Generator) -> float:
+        """Set :attr:`scale` to the RMS Fourier amplitude of ``n`` random images."""
+        N = len(self.source)
+        idx = torch.randperm(N, generator=generator)[: min(n, N)].sort().values.numpy()
+        self.scale = 1.0
+        tot, cnt = 0.0, 0
+        for i in range(0, len(idx), 256):
+            f = self.images_ft(idx[i : i + 256])
+            tot += float((f.real**2 + f.imag**2).sum())
+            cnt += f.numel()
+        self.scale = math.sqrt(tot / max(cnt, 1)) or 1.0
+        return self.scale
+
+    def estimate_envelope(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Radial amplitude envelope of the volume's transform, normalised units.
+
+        Per integer shell ``r``: ``sqrt(max(P(r) - P_noise, 0) / mean C(r)^2)`` with ``P`` the
+        mean image power, ``P_noise`` the power of the outer shells (``r > 0.8 D/2``, where
+        white noise dominates) and ``C`` the CTF; smoothed over 3 shells and clipped to
+        ``[1e-2, 1] x`` its maximum. Returns ``(D // 2 + 2,)``.
+        """
+        D = self.points.D
+        N = len(self.source)
+        idx = torch.randperm(N, generator=generator)[: min(n, N)].sort().values.numpy()
+        nsh = D // 2 + 2
+        shell = self.points.radius_px.round().long().clamp(max=nsh - 1)
+        p = torch.zeros(nsh, dtype=torch.float64)
+        c2 = torch.zeros(nsh, dtype=torch.float64)
+        cnt = torch.zeros(nsh, dtype=torch.float64)
+        for i in range(0, len(idx), 256):
+            f = self.images_ft(idx[i : i + 256]).cpu()
+            c = self.ctf(idx[i : i + 256]).cpu()
+            p.index_add_(0, shell.cpu(), (f.real**2 + f.imag**2).sum(0).double())
+            c2.index_add_(0, shell.cpu(), (c**2).sum(0).double())
+            cnt.index_add_(0, shell.cpu(), torch.full_like(shell.cpu(), f.shape[0]).double())
+        valid = cnt > 0
+        p[valid] /= cnt[valid]
+        c2[valid] /= cnt[valid]
+        outer = valid & (torch.arange(nsh) > 0.8 * D / 2)
+        noise = p[outer].mean() if outer.any() else torch.tensor(0.0, dtype=torch.float64)
+        sig = (p - noise).clamp(min=0) / c2.clamp(min=1e-3)
+        amp = torch.sqrt(sig)
+        amp[~valid] = 0
+        sm = amp.clone()
+        sm[1:-1] = (amp[:-2] + amp[1:-1] + amp[2:]) / 3
+        sm[0] = amp[0]
+        top = float(sm.max()) or 1.0
+        return sm.clamp(min=1e-2 * top).float()

@@ -1,0 +1,335 @@
+"""Hierarchical pose search (HPS) on a band-limited voxel grid of the neural field.
+
+The field is evaluated once (homogeneous) on the voxel ball of the current search radius
+(:meth:`HartleyField.grid_ht`), turned into a complex Fourier grid and sliced by
+trilinear interpolation for every candidate rotation (Fourier slice theorem, contract
+form: the 2-D transform at ``k`` is the 3-D transform at ``[kx, ky, 0] @ R``). Candidate
+translations are phase ramps applied to the images. The error
+
+``E(R, t) = sum_k w_k |X_k exp(2 pi i k.t) - C_k S_R(k)|^2``
+
+is expanded as ``|X|^2 - 2 Re<C X_t, S_R> + <C^2, |S_R|^2>``: the cross term is one matrix
+product over all (image, translation) x (rotation) pairs. Only the half plane is used
+(``w = 2`` off DC, Friedel symmetry of real images). The search keeps the best ``n_keep``
+rotations per image (each with its best translation), subdivides them
+(:mod:`cryofield.inference.search_grid`) and halves the translation step at every level,
+as in cryoDRGN / DRGN-AI's HPS (Zhong et al. 2021; Levy et al. 2024).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cryofield.inference import search_grid
+
+
+@dataclass(frozen=True)
+class FrequencyPoints:
+    """Frequency points of a ``D x D`` image inside radius ``D/2 - 1``, sorted by radius.
+
+    Attributes
+    ----------
+    D : int
+    freqs : torch.Tensor
+        ``(M, 2)`` ``(kx, ky)`` cycles/px.
+    radius_px : torch.Tensor
+        ``(M,)`` ascending.
+    flat_index : torch.Tensor
+        ``(M,)`` index into a flattened ``(D, D)`` image.
+    half : torch.Tensor
+        ``(M,)`` bool, the half plane (``ky > 0`` or ``ky == 0, kx >= 0``).
+    """
+
+    D: int
+    freqs: torch.Tensor
+    radius_px: torch.Tensor
+    flat_index: torch.Tensor
+    half: torch.Tensor
+
+    @classmethod
+    def build(cls, D: int, device: torch.device | str = "cpu") -> FrequencyPoints:
+        """Points of box ``D`` (even)."""
+        c = torch.arange(D) - D // 2
+        ky, kx = torch.meshgrid(c, c, indexing="ij")
+        r = torch.sqrt((kx * kx + ky * ky).double())
+        keep = (r <= D / 2 - 1).flatten()
+        flat = torch.nonzero(keep).squeeze(1)
+        r = r.flatten()[flat]
+        order = torch.argsort(r, stable=True)
+        flat = flat[order]
+        kxf, kyf = kx.flatten()[flat], ky.flatten()[flat]
+        half = (kyf > 0) | ((kyf == 0) & (kxf >= 0))
+        freqs = torch.stack([kxf, kyf], -1).float() / D
+        return cls(D, freqs.to(device), r[order].float().to(device), flat.to(device),
+                   half.to(device))  # fmt: skip
+
+    def count(self, radius_px: float) -> int:
+        """Number of points with radius <= ``radius_px`` (a prefix)."""
+        return int(torch.searchsorted(self.radius_px, float(radius_px) + 1e-4, right=True))
+
+    def half_index(self, radius_px: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of half-plane points within ``radius_px`` and their weights (1 DC, 2 else)."""
+        n = self.count(radius_px)
+        idx = torch.nonzero(self.half[:n]).squeeze(1)
+        w = torch.where(self.radius_px[idx] == 0, 1.0, 2.0)
+        return idx, w
+
+
+def slice_grid(
+    grid: torch.Tensor, D: int, rotations: torch.Tensor, freqs: torch.Tensor
+) -> torch.Tensor:
+    """Trilinear central slices of a (cropped) centred Fourier/Hartley grid.
+
+    Differentiable with respect to ``grid`` and ``rotations``.
+
+    Parameters
+    ----------
+    grid
+        ``(Dc, Dc, Dc)`` (shared) or ``(B, Dc, Dc, Dc)`` real or complex, DC at ``Dc // 2``,
+        voxel spacing ``1 / D`` cycles/px.
+    D
+        Box size the frequencies refer to.
+    rotations
+        ``(B, Q, 3, 3)`` or ``(Q, 3, 3)`` (shared grid only).
+    freqs
+        ``(M, 2)`` cycles/px.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, Q, M)`` or ``(Q, M)``, zero outside the grid.
+    """
+    Dc = grid.shape[-1]
+    shared_rot = rotations.dim() == 3
+    if grid.dim() == 3:
+        grid = grid[None]
+    if grid.is_complex():
+        chans = torch.stack([grid.real, grid.imag], dim=1)  # (G, 2, Dc, Dc, Dc)
+    else:
+        chans = grid[:, None]
+    rots = rotations[None] if shared_rot else rotations  # (Bq, Q, 3, 3)
+    # [kx, ky, 0] @ R = kx R[0] + ky R[1]
+    pts = torch.einsum("mi,bqij->bqmj", freqs, rots[..., :2, :])  # (Bq, Q, M, 3)
+    scale = 2.0 * D / (Dc - 1)
+    offset = 2.0 * (Dc // 2) / (Dc - 1) - 1.0
+    g = pts * scale + offset  # x, y, z order matches grid_sample's (W, H, D)
+    if chans.shape[0] == 1 and g.shape[0] > 1:
+        g = g.reshape(1, 1, -1, g.shape[-2], 3)
+        out = F.grid_sample(chans, g, mode="bilinear", padding_mode="zeros", align_corners=True)
+        out = out.reshape(chans.shape[1], rots.shape[0], rots.shape[1], -1).movedim(0, -1)
+    else:
+        g = g[:, None]  # (G, 1, Q, M, 3)
+        out = F.grid_sample(chans, g, mode="bilinear", padding_mode="zeros", align_corners=True)
+        out = out[:, :, 0].movedim(1, -1)  # (G, Q, M, C)
+    out = torch.complex(out[..., 0], out[..., 1]) if grid.is_complex() else out[..., 0]
+    return out[0] if shared_rot else out
+
+
+def translation_grid(extent_px: float, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(n*n, 2)`` translations on a square grid spanning ``[-extent, extent]`` px."""
+    if n <= 1:
+        return torch.zeros(1, 2, device=device)
+    v = torch.linspace(-extent_px, extent_px, n, device=device)
+    ty, tx = torch.meshgrid(v, v, indexing="ij")
+    return torch.stack([tx.flatten(), ty.flatten()], -1)
+
+
+def centre_images(x: torch.Tensor, freqs: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
+    """Undo translations: ``X(k) exp(+2 pi i k.t)``.
+
+    Parameters
+    ----------
+    x
+        ``(B, M)`` complex image transforms at ``freqs``.
+    freqs
+        ``(M, 2)`` cycles/px.
+    shifts_px
+        ``(B, ..., 2)`` translations (any number of candidate dims).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, ..., M)`` complex.
+    """
+    phase = 2 * math.pi * (shifts_px @ freqs.T)  # (B, ..., M)
+    xb = x.reshape(x.shape[0], *([1] * (shifts_px.dim() - 2)), x.shape[-1])
+    return xb * torch.polar(torch.ones_like(phase), phase)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Hierarchical search parameters.
+
+    Attributes
+    ----------
+    base_nside, base_psi
+        Level-0 grid: ``12 base_nside^2`` directions x ``base_psi`` in-plane angles.
+    levels
+        Number of subdivisions after level 0.
+    n_keep
+        Candidates kept per image between levels.
+    t_extent_px, t_ngrid
+        Level-0 translation grid (``t_ngrid^2`` points on ``[-t_extent, t_extent]^2``);
+        ``t_extent_px = 0`` disables the translation search.
+    radius_lo_px, radius_hi_px
+        Search radius at level 0 and at the last level (linear in between).
+    """
+
+    base_nside: int = 4
+    base_psi: int = 24
+    levels: int = 4
+    n_keep: int = 8
+    t_extent_px: float = 5.0
+    t_ngrid: int = 7
+    radius_lo_px: float = 6.0
+    radius_hi_px: float = 12.0
+
+
+def _cross_terms(
+    x_c: torch.Tensor, ctf: torch.Tensor, w: torch.Tensor, slices: torch.Tensor
+) -> torch.Tensor:
+    """``-2 Re<C X_t, S> + <C^2, |S|^2>`` (weighted); lower is better.
+
+    ``x_c (B, T, M)`` centred images, ``ctf (B, M)``, ``w (M,)``, ``slices (Q, M)`` shared or
+    ``(B, Q, M)``. Returns ``(B, T, Q)``.
+    """
+    cw = ctf * w  # (B, M)
+    y = x_c * cw[:, None, :]  # (B, T, M)
+    yr = torch.cat([y.real, y.imag], -1)  # (B, T, 2M)
+    sr = torch.cat([slices.real, slices.imag], -1)  # (Q, 2M) or (B, Q, 2M)
+    s2 = slices.real**2 + slices.imag**2
+    c2 = ctf * cw  # (B, M)
+    if slices.dim() == 2:
+        cross = yr @ sr.T  # (B, T, Q)
+        norm = c2 @ s2.T  # (B, Q)
+    else:
+        cross = torch.einsum("btm,bqm->btq", yr, sr)
+        norm = torch.einsum("bm,bqm->bq", c2, s2)
+    return norm[:, None, :] - 2.0 * cross
+
+
+@torch.no_grad()
+def search_poses(
+    grid_ft: torch.Tensor,
+    D: int,
+    images_ft: torch.Tensor,
+    ctf: torch.Tensor,
+    points: FrequencyPoints,
+    settings: SearchSettings,
+    t_center_px: torch.Tensor | None = None,
+    chunk: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best pose of every image by hierarchical search.
+
+    Parameters
+    ----------
+    grid_ft
+        ``(Dc, Dc, Dc)`` complex centred Fourier grid of the current volume (shared), or
+        ``(B, Dc, Dc, Dc)`` one per image (heterogeneous); zero beyond the search radius.
+    D
+        Training box size.
+    images_ft
+        ``(B, M_all)`` complex image transforms at ``points.freqs`` (normalised units).
+    ctf
+        ``(B, M_all)`` CTF at ``points.freqs``.
+    points
+        The frequency points of box ``D``.
+    settings
+        Grid, translation and radius settings.
+    t_center_px
+        ``(B, 2)`` centre of the translation grid (default zero).
+    chunk
+        Images per level-0 block (bounds memory).
+
+    Returns
+    -------
+    rotations : torch.Tensor
+        ``(B, 3, 3)``.
+    shifts_px : torch.Tensor
+        ``(B, 2)``.
+    error : torch.Tensor
+        ``(B,)`` the minimised error up to the image-dependent constant ``|X|^2``.
+    """
+    s = settings
+    B = images_ft.shape[0]
+    dev = images_ft.device
+    shared = grid_ft.dim() == 3
+    radii = [
+        s.radius_lo_px + (s.radius_hi_px - s.radius_lo_px) * (lv / max(s.levels, 1))
+        for lv in range(s.levels + 1)
+    ]
+    t0 = translation_grid(s.t_extent_px, s.t_ngrid, dev)  # (T, 2)
+    if t_center_px is None:
+        t_center_px = torch.zeros(B, 2, device=dev)
+    step = 2 * s.t_extent_px / (s.t_ngrid - 1) if s.t_ngrid > 1 else 0.0
+
+    # ---- level 0: every base rotation for every image
+    rots0, pix0, psi0 = search_grid.base_grid(s.base_nside, s.base_psi)
+    rots0 = rots0.to(dev)
+    idx, w = points.half_index(radii[0])
+    fr = points.freqs[idx]
+    K = min(s.n_keep, rots0.shape[0])
+    keep_q, keep_t = [], []
+    slices_shared = slice_grid(grid_ft, D, rots0, fr) if shared else None
+    for b0 in range(0, B, chunk):
+        sl = slice(b0, b0 + chunk)
+        shifts = t_center_px[sl, None, :] + t0[None]  # (b, T, 2)
+        xc = centre_images(images_ft[sl][:, idx], fr, shifts)  # (b, T, M)
+        if shared:
+            sli = slices_shared
+        else:
+            sli = slice_grid(grid_ft[sl], D, rots0.expand(xc.shape[0], *rots0.shape), fr)
+        err = _cross_terms(xc, ctf[sl][:, idx], w, sli)  # (b, T, Q)
+        best_err, best_t = err.min(dim=1)  # (b, Q)
+        _, q = torch.topk(best_err, K, dim=1, largest=False)  # (b, K)
+        keep_q.append(q)
+        keep_t.append(
+            torch.gather(shifts, 1, torch.gather(best_t, 1, q)[..., None].expand(-1, -1, 2))
+        )
+    q = torch.cat(keep_q)
+    pix, psi = pix0.to(dev)[q], psi0.to(dev)[q]  # (B, K)
+    tk = torch.cat(keep_t)  # (B, K, 2)
+    best_err = torch.zeros(B, device=dev)
+    rots = rots0[q]
+
+    # ---- refinement levels
+    local = translation_grid(1.0, 3, dev)  # (9, 2) unit offsets
+    for lv in range(1, s.levels + 1):
+        step = step / 2
+        cpix, cpsi = search_grid.children(pix, psi)  # (B, K, 8)
+        crot = search_grid.rotations_from_ids(cpix, cpsi, s.base_nside, s.base_psi, lv).to(dev)
+        idx, w = points.half_index(radii[lv])
+        fr = points.freqs[idx]
+        nK = cpix.shape[1]
+        shifts = tk[:, :, None, :] + step * local  # (B, K, 9, 2)
+        xc = centre_images(images_ft[:, idx], fr, shifts.reshape(B, nK * 9, 2))  # (B, K*9, M)
+        sli = slice_grid(grid_ft, D, crot.reshape(B, nK * 8, 3, 3), fr)  # (B, K*8, M)
+        sli = sli.reshape(B, nK, 8, -1)
+        xc = xc.reshape(B, nK, 9, -1)
+        ctf_l = ctf[:, idx] * w
+        y = xc * ctf_l[:, None, None, :]
+        cross = torch.einsum("bktm,bkcm->bktc", y.real, sli.real) + torch.einsum(
+            "bktm,bkcm->bktc", y.imag, sli.imag
+        )
+        norm = torch.einsum("bm,bkcm->bkc", ctf[:, idx] * ctf_l, sli.real**2 + sli.imag**2)
+        err = norm[:, :, None, :] - 2 * cross  # (B, K, 9, 8)
+        e_rot, t_best = err.min(dim=2)  # (B, K, 8)
+        e_rot = e_rot.reshape(B, nK * 8)
+        Kl = 1 if lv == s.levels else min(s.n_keep, nK * 8)
+        best_err, sel = torch.topk(e_rot, Kl, dim=1, largest=False)  # (B, Kl)
+        k_par = torch.div(sel, 8, rounding_mode="floor")
+        t_sel = torch.gather(t_best.reshape(B, nK * 8), 1, sel)  # (B, Kl)
+        shifts_flat = shifts.reshape(B, nK * 9, 2)
+        tk = torch.gather(shifts_flat, 1, (k_par * 9 + t_sel)[..., None].expand(-1, -1, 2))
+        pix = torch.gather(cpix.reshape(B, -1), 1, sel)
+        psi = torch.gather(cpsi.reshape(B, -1), 1, sel)
+        rots = torch.gather(crot.reshape(B, -1, 9), 1, sel[..., None].expand(-1, -1, 9))
+        rots = rots.reshape(B, Kl, 3, 3)
+    if s.levels == 0:
+        rots = rots[:, :1]
+        tk = tk[:, :1]
+    return rots[:, 0], tk[:, 0], best_err[:, 0] if best_err.dim() == 2 else best_err

@@ -1,0 +1,68 @@
+"""Training phases and frequency marching.
+
+Phase ``"hps"``: every batch gets fresh poses from the hierarchical search; the field
+(and latents) take gradient steps with those poses. Phase ``"sgd"``: the pose table (if
+refined), the latent table and the field take gradient steps together. Phase ``"fixed"``:
+known poses from the input file (``--poses-from-file``), optionally refined.
+
+Frequency marching: during the search phase the radius (Fourier px) grows linearly with the
+number of images seen, from ``radius_start_px`` to ``radius_search_px``; the search's level
+0 uses the lower end (the coarse grid cannot exploit high frequencies) and the last level
+the current radius. Gradient phases train on ``radius_max_px``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from cryofield.inference.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one batch does: phase name, training radius, search radii (px)."""
+
+    phase: str
+    radius_train_px: float
+    search_lo_px: float
+    search_hi_px: float
+
+
+class Schedule:
+    """Phase and radii as a function of the number of images seen.
+
+    Parameters
+    ----------
+    cfg
+        Resolved configuration (:meth:`TrainConfig.resolved`).
+    n_images
+        Images per epoch.
+    """
+
+    def __init__(self, cfg: TrainConfig, n_images: int) -> None:
+        self.cfg = cfg
+        self.n = int(n_images)
+        if cfg.poses_from_file:
+            self.hps_epochs = 0
+        else:
+            self.hps_epochs = min(cfg.epochs, max(1, math.ceil(cfg.hps_images / self.n)))
+        self.hps_total = self.hps_epochs * self.n
+
+    def phase_of_epoch(self, epoch: int) -> str:
+        """Phase of 1-based ``epoch``."""
+        if self.cfg.poses_from_file:
+            return "fixed"
+        return "hps" if epoch <= self.hps_epochs else "sgd"
+
+    def plan(self, epoch: int, images_seen: int) -> StepPlan:
+        """Plan for the next batch of 1-based ``epoch`` after ``images_seen`` images in all."""
+        c = self.cfg
+        phase = self.phase_of_epoch(epoch)
+        assert c.radius_start_px is not None and c.radius_search_px is not None
+        assert c.radius_max_px is not None
+        if phase != "hps":
+            return StepPlan(phase, c.radius_max_px, c.radius_search_px, c.radius_search_px)
+        f = min(1.0, images_seen / max(self.hps_total, 1))
+        hi = c.radius_start_px + (c.radius_search_px - c.radius_start_px) * f
+        return StepPlan(phase, hi, c.radius_start_px, hi)

@@ -1,0 +1,541 @@
+"""The training loop: pose search, gradient refinement, checkpoints, resume.
+
+Loss (both phases): the squared error between the centred image and the CTF-weighted
+central slice of the field, in Hartley space, on the frequencies inside the current radius:
+
+``L = mean_k (H[X_i exp(2 pi i k.t_i)](k) - C_i(k) V_theta([kx, ky, 0] R_i, z_i))^2``
+
+which equals the Fourier-space L2 error by Parseval; the field is queried directly at the
+slice points (exact and differentiable in ``R_i``). The search phase instead slices a voxel
+grid of the field (:mod:`cryofield.inference.pose_search`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cryofield.errors import CryofieldError
+from cryofield.inference.config import TrainConfig
+from cryofield.inference.data import BatchMaker, ImageSource
+from cryofield.inference.pose_search import (
+    FrequencyPoints,
+    SearchSettings,
+    centre_images,
+    search_poses,
+)
+from cryofield.inference.rundir import RunDir, epoch_dirname
+from cryofield.inference.schedule import Schedule, StepPlan
+from cryofield.io.atomic import atomic_path, write_text_atomic
+from cryofield.logs import get_logger, setup_logging
+from cryofield.model.field import HartleyField, hartley_grid_to_fourier
+from cryofield.model.tables import LatentTable, PoseTable
+from cryofield.physics.ctf import CTFParams
+
+log = get_logger("train")
+
+
+def slice_loss(
+    field: HartleyField,
+    rotations: torch.Tensor,
+    shifts_px: torch.Tensor,
+    z: torch.Tensor | None,
+    images_ft: torch.Tensor,
+    ctf: torch.Tensor,
+    freqs: torch.Tensor,
+) -> torch.Tensor:
+    """Per-image Hartley-space L2 loss.
+
+    Parameters
+    ----------
+    field
+        The neural field.
+    rotations
+        ``(B, 3, 3)``.
+    shifts_px
+        ``(B, 2)``.
+    z
+        ``(B, zdim)`` or ``None``.
+    images_ft
+        ``(B, M)`` complex normalised image transforms at ``freqs``.
+    ctf
+        ``(B, M)``.
+    freqs
+        ``(M, 2)`` cycles/px.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B,)`` mean squared error per image.
+    """
+    coords = torch.einsum("mi,bij->bmj", freqs, rotations[:, :2, :])  # (B, M, 3)
+    pred = field(coords, z).float() * ctf
+    xc = centre_images(images_ft, freqs, shifts_px[:, None, :])[:, 0]
+    obs = xc.real - xc.imag
+    return ((obs - pred) ** 2).mean(-1)
+
+
+def _search_settings(cfg: TrainConfig, plan: StepPlan) -> SearchSettings:
+    return SearchSettings(
+        base_nside=cfg.base_nside,
+        base_psi=cfg.base_psi,
+        levels=cfg.search_levels,
+        n_keep=cfg.n_keep,
+        t_extent_px=float(cfg.t_extent_px or 0.0),
+        t_ngrid=cfg.t_ngrid if cfg.t_extent_px else 1,
+        radius_lo_px=plan.search_lo_px,
+        radius_hi_px=plan.search_hi_px,
+    )
+
+
+def _kmeans_groups(z: torch.Tensor, k: int, iters: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic small k-means: labels ``(B,)`` and centres ``(k, zdim)``."""
+    k = min(k, z.shape[0])
+    order = torch.argsort(z[:, 0])
+    centres = z[order[torch.linspace(0, z.shape[0] - 1, k).long()]].clone()
+    labels = torch.zeros(z.shape[0], dtype=torch.long)
+    for _ in range(iters):
+        labels = torch.cdist(z, centres).argmin(1)
+        for j in range(k):
+            m = labels == j
+            if m.any():
+                centres[j] = z[m].mean(0)
+    return labels, centres
+
+
+class Trainer:
+    """One training run (new or resumed).
+
+    Parameters
+    ----------
+    cfg
+        Resolved configuration.
+    source
+        Images at box ``cfg.D``.
+    ctf_params
+        CTF of all images or ``None``.
+    outdir
+        Output folder.
+    init_poses
+        ``(rotations (N, 3, 3), shifts_px (N, 2))`` in training px (known-pose mode).
+    particle_index
+        ``(N,)`` indices into the input table (written to poses.npz).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        source: ImageSource,
+        ctf_params: CTFParams | None,
+        outdir: str | Path,
+        init_poses: tuple[torch.Tensor, torch.Tensor] | None = None,
+        particle_index: np.ndarray | None = None,
+    ) -> None:
+        assert cfg.D is not None
+        self.cfg = cfg
+        self.outdir = Path(outdir)
+        self.device = torch.device(cfg.device)
+        self.N = len(source)
+        self.D = int(cfg.D)
+        self.particle_index = np.arange(self.N) if particle_index is None else particle_index
+        self.points = FrequencyPoints.build(self.D, self.device)
+        self.batches = BatchMaker(
+            source, ctf_params, self.points, cfg.invert, cfg.window, device=self.device
+        )
+        torch.manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.field = HartleyField(
+            self.D, self.batches.apix_A, cfg.zdim, cfg.hidden, cfg.layers, cfg.n_freqs,
+            cfg.sigma, cfg.seed,
+        ).to(self.device)  # fmt: skip
+        R0, t0 = init_poses if init_poses is not None else (None, None)
+        self.poses = PoseTable(self.N, R0, t0).to(self.device)
+        self.latents = (
+            LatentTable(self.N, cfg.zdim, cfg.latent_init_std, gen).to(self.device)
+            if cfg.zdim > 0
+            else None
+        )
+        self.opt_field = torch.optim.Adam(self.field.parameters(), lr=cfg.lr_field)
+        self.opt_pose = torch.optim.SparseAdam(list(self.poses.parameters()), lr=cfg.lr_pose)
+        self.opt_latent = (
+            torch.optim.SparseAdam(list(self.latents.parameters()), lr=cfg.lr_latent)
+            if self.latents is not None
+            else None
+        )
+        self.schedule = Schedule(cfg, self.N)
+        self.epoch = 0
+        self.images_seen = 0
+        self.rollbacks = 0
+        scale = self.batches.estimate_scale(cfg.norm_images, gen)
+        self.field.output_scale.fill_(scale)
+        self.field.set_envelope(self.batches.estimate_envelope(cfg.norm_images, gen))
+
+    # ---------------------------------------------------------------- state
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        opts: dict[str, torch.optim.Optimizer] = {"field": self.opt_field, "pose": self.opt_pose}
+        if self.opt_latent is not None:
+            opts["latent"] = self.opt_latent
+        return opts
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (tensors and plain values only)."""
+        st: dict[str, Any] = {
+            "epoch": self.epoch,
+            "images_seen": self.images_seen,
+            "rollbacks": self.rollbacks,
+            "scale": self.batches.scale,
+            "field": self.field.state_dict(),
+            "poses": self.poses.state_dict(),
+            "opt": {k: o.state_dict() for k, o in self._optimizers().items()},
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.latents is not None:
+            st["latents"] = self.latents.state_dict()
+        return st
+
+    def load_state(self, st: dict[str, Any]) -> None:
+        """Restore :meth:`state`."""
+        self.epoch = int(st["epoch"])
+        self.images_seen = int(st["images_seen"])
+        self.rollbacks = int(st.get("rollbacks", 0))
+        self.batches.scale = float(st["scale"])
+        self.field.load_state_dict(st["field"])
+        self.poses.load_state_dict(st["poses"])
+        if self.latents is not None:
+            self.latents.load_state_dict(st["latents"])
+        for k, o in self._optimizers().items():
+            o.load_state_dict(st["opt"][k])
+        torch.set_rng_state(st["torch_rng"])
+
+    # ---------------------------------------------------------------- steps
+    def _autocast(self) -> Any:
+        on = self.cfg.amp and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
+
+    def _z_frozen(self, plan: StepPlan) -> bool:
+        """Heterogeneous warm-up: during the search phase z is held at 0 (consensus)."""
+        return self.latents is not None and self.cfg.latent_warmup and plan.phase == "hps"
+
+    def _batch_z(self, ti: torch.Tensor, plan: StepPlan) -> torch.Tensor | None:
+        if self.latents is None:
+            return None
+        if self._z_frozen(plan):
+            return torch.zeros(len(ti), self.cfg.zdim, device=self.device)
+        return self.latents(ti)
+
+    @torch.no_grad()
+    def _search(self, idx: np.ndarray, xft: torch.Tensor, ctf: torch.Tensor, plan: StepPlan):
+        settings = _search_settings(self.cfg, plan)
+        with self._autocast():
+            if self.latents is None or self._z_frozen(plan):
+                z0 = None if self.latents is None else self._batch_z(torch.zeros(1), plan)
+                grid, Dc = self.field.grid_ht(plan.search_hi_px, z0)
+                fgrid = hartley_grid_to_fourier(grid.float().reshape(Dc, Dc, Dc))
+                return search_poses(fgrid, self.D, xft, ctf, self.points, settings)[:2]
+            z = self.latents(torch.as_tensor(idx, device=self.device))
+            labels, centres = _kmeans_groups(z.cpu(), self.cfg.het_search_groups)
+            grids, _ = self.field.grid_ht(plan.search_hi_px, centres.to(self.device))
+            fgrids = hartley_grid_to_fourier(grids.float())
+        R = torch.empty(len(idx), 3, 3, device=self.device)
+        t = torch.empty(len(idx), 2, device=self.device)
+        for g in range(centres.shape[0]):
+            m = (labels == g).to(self.device)
+            if m.any():
+                R[m], t[m] = search_poses(fgrids[g], self.D, xft[m], ctf[m], self.points,
+                                          settings)[:2]  # fmt: skip
+        return R, t
+
+    def _step(self, idx: np.ndarray, plan: StepPlan) -> float:
+        ti = torch.as_tensor(idx, device=self.device)
+        xft = self.batches.images_ft(idx)
+        ctf = self.batches.ctf(idx)
+        if plan.phase == "hps":
+            R, t = self._search(idx, xft, ctf, plan)
+            self.poses.set(ti, R, t)
+        refine = plan.phase != "hps" and self.cfg.refine_poses
+        n = self.points.count(plan.radius_train_px)
+        steps = self.cfg.steps_per_batch if plan.phase == "hps" else 1
+        for _ in range(max(1, steps)):
+            R, t = self.poses(ti)
+            if not refine:
+                R, t = R.detach(), t.detach()
+            z = self._batch_z(ti, plan)
+            with self._autocast():
+                per_img = slice_loss(
+                    self.field, R, t, z, xft[:, :n], ctf[:, :n], self.points.freqs[:n]
+                )
+            loss = per_img.mean()
+            total = loss
+            if z is not None and self.cfg.latent_l2 > 0:
+                total = total + self.cfg.latent_l2 * (z**2).sum(-1).mean()
+            if not torch.isfinite(total):
+                return float("nan")
+            for o in self._optimizers().values():
+                o.zero_grad(set_to_none=True)
+            total.backward()
+            self.opt_field.step()
+            if refine:
+                self.opt_pose.step()
+            if self.opt_latent is not None and not self._z_frozen(plan):
+                self.opt_latent.step()
+        return float(loss.detach())
+
+    # ---------------------------------------------------------------- epochs
+    def _run_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.N, generator=gen).numpy()
+        phase = self.schedule.phase_of_epoch(epoch)
+        t0 = time.perf_counter()
+        losses: list[float] = []
+        plan = self.schedule.plan(epoch, self.images_seen)
+        bar = tqdm(
+            total=self.N, desc=f"epoch {epoch}/{cfg.epochs} [{phase}]", unit="img",
+            disable=None, leave=False, dynamic_ncols=True,
+        )  # fmt: skip
+        try:
+            for b0 in range(0, self.N, cfg.batch_size):
+                idx = np.sort(perm[b0 : b0 + cfg.batch_size])
+                plan = self.schedule.plan(epoch, self.images_seen)
+                loss = self._step(idx, plan)
+                if not math.isfinite(loss) or (
+                    len(losses) > 10 and loss > 1e3 * float(np.median(losses))
+                ):
+                    raise FloatingPointError(f"loss {loss} at batch {b0 // cfg.batch_size}")
+                losses.append(loss)
+                self.images_seen += len(idx)
+                bar.update(len(idx))
+                rate = bar.n / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{loss:.4g}", r_px=f"{plan.radius_train_px:.1f}",
+                                img_s=f"{rate:.0f}")  # fmt: skip
+        finally:
+            bar.close()
+        dt = time.perf_counter() - t0
+        return dict(
+            epoch=epoch, phase=phase, loss=float(np.mean(losses)),
+            radius_px=float(plan.radius_train_px), images_s=self.N / dt, time_s=dt,
+        )  # fmt: skip
+
+    def fit(self) -> Path:
+        """Train from the current state up to ``cfg.epochs``; returns the output folder."""
+        cfg = self.cfg
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.outdir / "config.yaml", cfg.to_yaml())
+        while self.epoch < cfg.epochs:
+            epoch = self.epoch + 1
+            snapshot = copy.deepcopy(self.state())
+            try:
+                metrics = self._run_epoch(epoch)
+            except FloatingPointError as err:
+                self.rollbacks += 1
+                if self.rollbacks > cfg.max_rollbacks:
+                    raise CryofieldError(
+                        f"training diverged ({err}) after {cfg.max_rollbacks} roll-backs; "
+                        "lower the learning rates"
+                    ) from err
+                rb = self.rollbacks
+                self.load_state(snapshot)
+                self.rollbacks = rb
+                for o in self._optimizers().values():
+                    for g in o.param_groups:
+                        g["lr"] *= 0.5
+                log.warning(
+                    "epoch %d diverged (%s): rolled back, learning rates halved", epoch, err
+                )
+                continue
+            self.epoch = epoch
+            self.save_epoch(metrics)
+            log.info(
+                "epoch %d [%s] loss %.5g radius %.1f px, %.1f img/s, %.1f s",
+                epoch, metrics["phase"], metrics["loss"], metrics["radius_px"],
+                metrics["images_s"], metrics["time_s"],
+            )  # fmt: skip
+        return self.outdir
+
+    # ---------------------------------------------------------------- outputs
+    def save_epoch(self, metrics: dict[str, Any]) -> Path:
+        """Write ``OUTDIR/epoch_NNN`` (DONE last) and append to metrics.jsonl."""
+        from cryofield.io.mrc import write_mrc
+
+        d = self.outdir / epoch_dirname(self.epoch)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "DONE").unlink(missing_ok=True)
+        with atomic_path(d / "weights.pt") as tmp:
+            torch.save({"state_dict": self.field.state_dict(), "hparams": self.field.hparams}, tmp)
+        with atomic_path(d / "state.pt") as tmp:
+            torch.save(self.state(), tmp)
+        R, t = self.poses.all()
+        with atomic_path(d / "poses.npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(
+                fh, rotations=R.cpu().numpy().astype(np.float32),
+                shifts_px=t.cpu().numpy().astype(np.float32),
+                shifts_A=(t.cpu().numpy() * self.batches.apix_A).astype(np.float32),
+                particle_index=np.asarray(self.particle_index, dtype=np.int64),
+            )  # fmt: skip
+        if self.latents is not None:
+            with atomic_path(d / "latents.npz") as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, z=self.latents.all().cpu().numpy().astype(np.float32))
+        else:
+            vol = self.field.render_volume()
+            write_mrc(d / "volume.mrc", vol.numpy(), self.batches.apix_A)
+        mpath = self.outdir / "metrics.jsonl"
+        lines = [ln for ln in (mpath.read_text().splitlines() if mpath.exists() else []) if ln]
+        lines = [ln for ln in lines if json.loads(ln)["epoch"] < self.epoch]
+        lines.append(json.dumps(metrics))
+        write_text_atomic(mpath, "\n".join(lines) + "\n")
+        (d / "DONE").write_text("ok\n")
+        return d
+
+
+# -------------------------------------------------------------------- entry points
+def _log_environment(cfg: TrainConfig, n: int, D: int, apix: float) -> None:
+    log.info("cryofield train: %d images, D=%d, apix %.3f A, zdim %d", n, D, apix, cfg.zdim)
+    log.info("device %s, torch %s, threads %d, host %s", cfg.device, torch.__version__,
+             torch.get_num_threads(), platform.node())  # fmt: skip
+    if cfg.device.startswith("cuda") and torch.cuda.is_available():
+        log.info("GPU %s", torch.cuda.get_device_name(torch.device(cfg.device)))
+
+
+def _log_contrast(source: Any, invert: bool) -> None:
+    guess = getattr(source, "contrast", None)
+    if guess is None:
+        return
+    try:
+        verdict = guess()
+    except Exception as err:  # informative only: never fail a run on it
+        log.info("contrast guess failed: %s", err)
+        return
+    log.info("particle contrast looks %s (--invert %s); a map of negative density "
+             "means the contrast option is the wrong way round", verdict,
+             "on" if invert else "off")  # fmt: skip
+
+
+def _peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _prepare_runtime(cfg: TrainConfig) -> None:
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CryofieldError(f"--device {cfg.device}: CUDA is not available on this machine")
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def _load_inputs(cfg: TrainConfig) -> tuple[Any, ImageSource]:
+    from cryofield.io.metadata import load_particle_table
+    from cryofield.io.particles import ParticleSource
+
+    table = load_particle_table(cfg.particles, datadir=cfg.datadir, ind=cfg.ind)
+    source = ParticleSource(table, D=cfg.D, lazy=True)
+    return table, source
+
+
+def build_trainer(cfg: TrainConfig, table: Any, source: ImageSource) -> Trainer:
+    """A :class:`Trainer` for a particle table and its image source (resolves ``cfg``)."""
+    D = int(source[np.array([0])].shape[-1])
+    cfg = cfg.resolved(D)
+    ctf = CTFParams.from_table(table) if table.ctf is not None else None
+    init = None
+    if cfg.poses_from_file:
+        if table.rotations is None:
+            raise CryofieldError(f"{cfg.particles}: --poses-from-file but the file has no poses")
+        t_px = table.shifts_px if table.shifts_px is not None else np.zeros((len(table), 2))
+        init = (
+            torch.as_tensor(table.rotations, dtype=torch.float32),
+            torch.as_tensor(np.asarray(t_px) * (D / table.box_px), dtype=torch.float32),
+        )
+    index = getattr(table, "_extra", {}).get("source_index")
+    return Trainer(cfg, source, ctf, cfg.outdir, init, index)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run ``cryofield train`` with ``cfg``; returns the output folder."""
+    if not cfg.outdir:
+        raise CryofieldError("no output folder (-o)")
+    out = Path(cfg.outdir)
+    if out.exists() and any(out.glob("epoch_*/DONE")):
+        raise CryofieldError(f"{out}: already holds a run; use --resume {out} or a new -o")
+    setup_logging(out)
+    det = torch.are_deterministic_algorithms_enabled()
+    try:
+        _prepare_runtime(cfg)
+        return _train_new(cfg, out)
+    finally:
+        torch.use_deterministic_algorithms(det)
+
+
+def _train_new(cfg: TrainConfig, out: Path) -> Path:
+    table, source = _load_inputs(cfg)
+    trainer = build_trainer(cfg, table, source)
+    table.save_npz(out / "particles.npz")
+    _log_environment(trainer.cfg, trainer.N, trainer.D, trainer.batches.apix_A)
+    _log_contrast(source, trainer.cfg.invert)
+    trainer.fit()
+    _finish(trainer, table)
+    return out
+
+
+def resume(outdir: str | Path, epochs: int | None = None) -> Path:
+    """Continue the run in ``outdir`` from its last complete epoch (optionally to ``epochs``)."""
+    run = RunDir(outdir)
+    cfg = run.train_config()
+    if epochs is not None:
+        cfg.epochs = int(epochs)
+    setup_logging(run.path)
+    det = torch.are_deterministic_algorithms_enabled()
+    try:
+        _prepare_runtime(cfg)
+        return _resume(run, cfg)
+    finally:
+        torch.use_deterministic_algorithms(det)
+
+
+def _resume(run: RunDir, cfg: TrainConfig) -> Path:
+    table = run.table()
+    from cryofield.io.particles import ParticleSource
+
+    source = ParticleSource(table, D=cfg.D, lazy=True)
+    trainer = build_trainer(cfg, table, source)
+    last = run.last_complete_epoch()
+    if last is not None:
+        st = torch.load(run.epoch_dir(last) / "state.pt", map_location=trainer.device,
+                        weights_only=True)  # fmt: skip
+        trainer.load_state(st)
+        log.info("resumed %s at epoch %d", run.path, last)
+    trainer.fit()
+    _finish(trainer, table)
+    return run.path
+
+
+def _finish(trainer: Trainer, table: Any) -> None:
+    log.info("peak memory %.0f MB", _peak_memory_mb())
+    try:
+        from cryofield.io.export import write_particles
+    except ImportError:  # pragma: no cover - export module not installed
+        log.warning("io.export not available: particles.star not written")
+        return
+    R, t = trainer.poses.all()
+    box = table.box_px or trainer.D
+    kwargs: dict[str, Any] = dict(
+        rotations=R.cpu().numpy(), shifts_px=t.cpu().numpy() * (box / trainer.D)
+    )
+    if trainer.latents is not None:
+        kwargs["latents"] = trainer.latents.all().cpu().numpy()
+    try:
+        write_particles(trainer.outdir / "particles.star", table, **kwargs)
+    except CryofieldError as err:
+        log.warning("particles.star not written: %s", err)
