@@ -91,17 +91,16 @@ def run_homo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         images, torch.as_tensor(truth["rotations"]), torch.as_tensor(truth["shifts_px"]),
         CTFParams.from_table(table), apix,
     ).numpy()  # fmt: skip
-    invert = float(np.corrcoef(ref.ravel(), true_vol.ravel())[0, 1]) < 0
-    if invert:
+    if bool(truth["invert"]):  # light-on-dark stack: the reference must be negated too
         ref = -ref
     tp = _resolution(ref, true_vol, apix, align=False)
     run_dir = out / "run_homo"
     cfg = _train_cfg(args, data / "particles.star", run_dir, 0)
-    cfg.invert = invert
     t0 = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - t0
     run = RunDir(run_dir)
+    invert = run.train_config().invert  # resolved by --contrast auto
     poses = run.poses()
     pe = pose_errors(poses["rotations"], truth["rotations"], poses["shifts_px"], truth["shifts_px"])
     vol, _ = read_mrc(run.volume_path(), mmap=False)
@@ -130,7 +129,6 @@ def run_het(args: argparse.Namespace, out: Path, preset: str) -> dict[str, Any]:
     run_dir = out / f"run_{preset}"
     a = argparse.Namespace(**{**vars(args), "n": args.n_het})
     cfg = _train_cfg(a, data / "particles.star", run_dir, args.zdim)
-    cfg.invert = args.invert_het
     t0 = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - t0
@@ -177,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zdim", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--invert-het", action="store_true", help="invert the heterogeneous stacks")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)

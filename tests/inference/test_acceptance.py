@@ -24,7 +24,7 @@ def homo_result(tmp_path_factory):
     args = argparse.Namespace(
         n=5000, D=64, epochs=6, hps_epochs=4, batch_size=32, lr_field=2e-3, hidden=128,
         field_steps=3, radius_start=8.0, radius_search=24.0, levels=4, t_extent=6.0,
-        seed=0, threads=1, zdim=8, n_het=6000, invert_het=False,
+        seed=0, threads=1, zdim=8, n_het=6000,
     )  # fmt: skip
     return bench_train.run_homo(args, tmp_path_factory.mktemp("bench"))
 

@@ -65,13 +65,10 @@ def _simulate(args: argparse.Namespace, data: Path) -> None:
 
 
 def _train_config(args: argparse.Namespace, data: Path, train_dir: Path):
-    import numpy as np
     import torch
 
     from cryofield.inference.config import TrainConfig
 
-    with np.load(data / "truth.npz", allow_pickle=False) as truth:
-        invert = bool(truth["invert"])  # light-on-dark stack -> negate to CTF * P V
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     epochs = args.epochs or (4 if args.quick else 20)
     return TrainConfig(
@@ -79,7 +76,7 @@ def _train_config(args: argparse.Namespace, data: Path, train_dir: Path):
         outdir=str(train_dir),
         zdim=ZDIM[args.preset],
         epochs=epochs,
-        invert=invert,
+        contrast="auto",  # the simulator writes light-on-dark stacks; auto must see it
         device=device,
         seed=args.seed,
     )

@@ -54,7 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search-groups", type=int, help="z groups per batch in the search (8)")
     parser.add_argument("--poses-from-file", action="store_true", help="use the file's poses")
     parser.add_argument("--no-refine-poses", action="store_true", help="keep poses fixed")
-    parser.add_argument("--invert", action="store_true", help="invert contrast (x -1)")
+    parser.add_argument(
+        "--contrast",
+        choices=["auto", "light-on-dark", "dark-on-light"],
+        default="auto",
+        help="particle contrast; light-on-dark stacks (RELION/cryoSPARC) are inverted to "
+        "meet the CTF (default auto: guessed from the images and logged)",
+    )
+    parser.add_argument("--invert", action="store_true", help="same as --contrast light-on-dark")
     parser.add_argument("--no-window", action="store_true", help="no real-space soft window")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
@@ -95,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     cfg.poses_from_file = bool(args.poses_from_file)
     cfg.refine_poses = not args.no_refine_poses
     cfg.latent_warmup = not args.no_latent_warmup
-    cfg.invert = bool(args.invert)
+    cfg.contrast = "light-on-dark" if args.invert else args.contrast
     cfg.window = not args.no_window
     cfg.amp = not args.no_amp
     cfg.deterministic = bool(args.deterministic)

@@ -11,6 +11,9 @@ import yaml
 
 from cryofield.errors import CryofieldError
 
+#: accepted values of ``TrainConfig.contrast``
+CONTRASTS = ("auto", "light-on-dark", "dark-on-light")
+
 
 @dataclass
 class TrainConfig:
@@ -57,7 +60,10 @@ class TrainConfig:
     # poses
     poses_from_file: bool = False
     refine_poses: bool = True
-    # data
+    # data: contrast 'auto' (guess from the images), 'light-on-dark' (RELION/cryoSPARC
+    # stacks; multiplied by -1 before meeting the CTF) or 'dark-on-light'; ``invert`` is
+    # the resolved decision (see docs/dev/contracts.md, "Contrast and CTF sign")
+    contrast: str = "auto"
     invert: bool = False
     window: bool = True
     norm_images: int = 1000
@@ -126,6 +132,7 @@ class TrainConfig:
             (self.D is None or (self.D >= 8 and self.D % 2 == 0), f"D must be even >= 8: {self.D}"),
             (self.device.split(":")[0] in ("cpu", "cuda"), f"bad device: {self.device}"),
             (self.hps_images >= 0, "hps_images must be >= 0"),
+            (self.contrast in CONTRASTS, f"contrast must be one of {CONTRASTS}: {self.contrast}"),
             (self.search_levels >= 0 and self.n_keep >= 1, "search levels >= 0, n_keep >= 1"),
         ]  # fmt: skip
         for ok, msg in checks:
