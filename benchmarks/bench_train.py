@@ -54,14 +54,16 @@ def _train_cfg(args: argparse.Namespace, particles: Path, outdir: Path, zdim: in
     )  # fmt: skip
 
 
-def _resolution(vol: np.ndarray, ref: np.ndarray, apix: float, align: bool) -> dict[str, Any]:
+def _resolution(
+    vol: np.ndarray, ref: np.ndarray, apix: float, align: bool, hints: list | None = None
+) -> dict[str, Any]:
     from cryofield.physics.fsc import fsc, resolution_at
 
     mirrored = False
     if align:
         from cryofield.analysis.align import align_volume
 
-        al = align_volume(vol, ref)
+        al = align_volume(vol, ref, hints=hints)
         vol, mirrored = al.aligned, bool(al.mirrored)
     curve = fsc(torch.as_tensor(np.asarray(vol)), torch.as_tensor(np.asarray(ref)))
     shell, res_A = resolution_at(curve, 0.5, apix)
@@ -103,8 +105,28 @@ def run_homo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     invert = run.train_config().invert  # resolved by --contrast auto
     poses = run.poses()
     pe = pose_errors(poses["rotations"], truth["rotations"], poses["shifts_px"], truth["shifts_px"])
+    # the pose alignment predicts the map alignment (as in `cryofield evaluate`)
+    from cryofield.analysis.metrics import MIRROR, align_rotations
+
+    G, mir = np.asarray(pe["R_global"]), bool(pe["mirrored"])
+    hints = [(MIRROR @ G @ MIRROR if mir else G, mir)]
     vol, _ = read_mrc(run.volume_path(), mmap=False)
-    ours = _resolution(np.asarray(vol), true_vol, apix, align=True)
+    field_map = _resolution(np.asarray(vol), true_vol, apix, align=True, hints=hints)
+    # consensus map (back-projection with the learned poses) put in the truth's frame
+    # exactly: the learned poses are mapped by the global rotation (and hand) found by
+    # the pose alignment, the global origin offset is fitted by least squares, and the
+    # images are back-projected again; no map resampling blurs the comparison
+    _, _, R_al = align_rotations(poses["rotations"], truth["rotations"])
+    dt = (poses["shifts_px"] - truth["shifts_px"]).astype(np.float64)
+    A = R_al[:, :2, :].reshape(-1, 3)  # shift of the origin by s moves images by R[:2] s
+    s_fit = np.linalg.lstsq(A, dt.reshape(-1), rcond=None)[0]
+    t_al = poses["shifts_px"] - (A @ s_fit).reshape(-1, 2)
+    cons = reconstruct_fourier(
+        images, torch.as_tensor(R_al, dtype=torch.float32),
+        torch.as_tensor(t_al, dtype=torch.float32), CTFParams.from_table(table), apix,
+    ).numpy() * (-1.0 if bool(truth["invert"]) else 1.0)  # fmt: skip
+    ours = _resolution(cons, true_vol, apix, align=False)
+    ours["mirrored"] = mir
     metrics = run.metrics()
     return {
         "experiment": "homo", "n": args.n, "invert": invert, "D": args.D, "snr": 0.1,
@@ -113,6 +135,7 @@ def run_homo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "images_s_by_phase": {m["phase"]: m["images_s"] for m in metrics},
         "pose_errors": {k: v for k, v in pe.items() if k != "R_global"},
         "fsc05_A": ours["fsc05_A"], "map_mirrored": ours["mirrored"],
+        "field_map_fsc05_A": field_map["fsc05_A"],
         "true_pose_fsc05_A": tp["fsc05_A"], "resolution_ratio": ours["fsc05_A"] / tp["fsc05_A"],
     }  # fmt: skip
 

@@ -35,6 +35,7 @@ __all__ = [
     "apply_alignment",
     "mirror_volume",
     "rotate_volume",
+    "rotate_volume_spline",
     "so3_grid",
 ]
 
@@ -96,6 +97,28 @@ def rotate_volume(vol: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     grid = grid.reshape(len(R), D, D, D, 3)
     src = vol.to(torch.float32).expand(len(R), 1, D, D, D)
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0]
+
+
+def rotate_volume_spline(vol: torch.Tensor, R: np.ndarray) -> torch.Tensor:
+    """Rotate one map like :func:`rotate_volume` (``W(p) = V(R^T p)``), by cubic B-spline.
+
+    Trilinear resampling attenuates high frequencies (its transfer function is
+    ``sinc^2`` per axis) and so lowers the FSC of an aligned map; the search uses it for
+    speed, the final aligned map uses this (Unser 1999, IEEE Signal Proc. Mag. 16:22).
+
+    Parameters
+    ----------
+    vol : (D, D, D) map indexed ``[z, y, x]``.
+    R : (3, 3) rotation.
+    """
+    from scipy.ndimage import map_coordinates
+
+    D = vol.shape[-1]
+    q = _coords(D).double().numpy() @ np.asarray(R, np.float64)  # rows: (R^T p)^T, [x, y, z]
+    idx = q[:, ::-1].T + D // 2  # array order [z, y, x]
+    v = np.asarray(vol, dtype=np.float64)
+    out = map_coordinates(v, idx, order=3, mode="constant", cval=0.0)
+    return torch.as_tensor(out.reshape(D, D, D), dtype=torch.float32)
 
 
 def _fourier_crop(vol: np.ndarray, D_new: int) -> np.ndarray:
@@ -318,7 +341,7 @@ def align_volume(
     score, R, mirrored, com = max(results, key=lambda r: r[0])
     v = mirror_volume(vol) if mirrored else vol
     v_c = _fourier_shift(torch.as_tensor(v), -com)
-    rot = rotate_volume(v_c, torch.as_tensor(R)[None])[0]
+    rot = rotate_volume_spline(v_c, R)
     t = _subpixel_shift(rot, torch.as_tensor(ref))
     aligned = _fourier_shift(rot, t).numpy()
     shift_px = t - R @ com  # aligned(p) = V_h(R^T (p - shift_px))
@@ -335,5 +358,5 @@ def align_volume(
 def apply_alignment(vol: np.ndarray, alignment: VolumeAlignment) -> np.ndarray:
     """Apply a found alignment to another map on the same grid: ``V_h(R^T (p - t))``."""
     v = mirror_volume(vol) if alignment.mirrored else np.asarray(vol, np.float32)
-    rot = rotate_volume(torch.as_tensor(v), torch.as_tensor(alignment.rotation)[None])[0]
+    rot = rotate_volume_spline(torch.as_tensor(v), alignment.rotation)
     return _fourier_shift(rot, alignment.shift_px).numpy()

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="use z during the pose search (default: z = 0 until it ends)",
     )
     parser.add_argument("--search-groups", type=int, help="z groups per batch in the search (8)")
+    parser.add_argument(
+        "--local-refine-epochs", type=int, help="last epochs with a local pose search (1)"
+    )
     parser.add_argument("--poses-from-file", action="store_true", help="use the file's poses")
     parser.add_argument("--no-refine-poses", action="store_true", help="keep poses fixed")
     parser.add_argument(
@@ -79,6 +82,7 @@ _MAP = {
     "base_nside": "base_nside", "base_psi": "base_psi", "radius_start": "radius_start_px",
     "radius_search": "radius_search_px", "radius_max": "radius_max_px",
     "search_groups": "het_search_groups", "device": "device",
+    "local_refine_epochs": "local_refine_epochs",
     "seed": "seed", "threads": "num_threads", "datadir": "datadir", "ind": "ind",
 }  # fmt: skip
 

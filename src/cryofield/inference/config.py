@@ -57,6 +57,13 @@ class TrainConfig:
     radius_search_px: float | None = None
     radius_max_px: float | None = None
     het_search_groups: int = 8
+    # local pose refinement (final epochs)
+    local_refine_epochs: int = 1
+    local_step_deg: float = 2.0
+    local_t_step_px: float = 0.5
+    local_levels: int = 3
+    local_iters: int = 1
+    local_oversample: int = 2
     # poses
     poses_from_file: bool = False
     refine_poses: bool = True
@@ -134,6 +141,10 @@ class TrainConfig:
             (self.hps_images >= 0, "hps_images must be >= 0"),
             (self.contrast in CONTRASTS, f"contrast must be one of {CONTRASTS}: {self.contrast}"),
             (self.search_levels >= 0 and self.n_keep >= 1, "search levels >= 0, n_keep >= 1"),
+            (self.local_refine_epochs >= 0, "local_refine_epochs must be >= 0"),
+            (self.local_step_deg > 0 and self.local_t_step_px >= 0, "local steps must be > 0"),
+            (self.local_levels >= 1 and self.local_iters >= 1, "local levels/iters must be >= 1"),
+            (self.local_oversample in (1, 2, 3, 4), "local_oversample must be 1..4"),
         ]  # fmt: skip
         for ok, msg in checks:
             if not ok:

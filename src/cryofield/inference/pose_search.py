@@ -333,3 +333,99 @@ def search_poses(
         rots = rots[:, :1]
         tk = tk[:, :1]
     return rots[:, 0], tk[:, 0], best_err[:, 0] if best_err.dim() == 2 else best_err
+
+
+def local_perturbations(step_rad: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(27, 3, 3)`` rotations ``exp([w]_x)`` with ``w`` on the grid ``{-1, 0, 1}^3 step``.
+
+    Index 13 is the identity (``w = 0``).
+    """
+    from cryofield.model.tables import so3_exp
+
+    v = torch.tensor([-1.0, 0.0, 1.0], device=device) * step_rad
+    wz, wy, wx = torch.meshgrid(v, v, v, indexing="ij")
+    return so3_exp(torch.stack([wx.flatten(), wy.flatten(), wz.flatten()], -1))
+
+
+@torch.no_grad()
+def local_refine_poses(
+    grid_ft: torch.Tensor,
+    D_grid: int,
+    images_ft: torch.Tensor,
+    ctf: torch.Tensor,
+    points: FrequencyPoints,
+    rotations: torch.Tensor,
+    shifts_px: torch.Tensor,
+    radius_px: float,
+    step_deg: float = 2.0,
+    t_step_px: float = 0.5,
+    levels: int = 4,
+    iters_per_level: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Local pose search around the current poses at a high radius (pattern search).
+
+    At every iteration each image tries the 27 rotations ``dR R`` (``dR`` from
+    :func:`local_perturbations`, a cube of axis-angle steps about the image axes, so
+    in-plane and out-of-plane together) times the 9 translations ``t + {-1, 0, 1}^2 dt``
+    and keeps the best pair (the current pose is a candidate, so the error never rises).
+    After ``iters_per_level`` iterations both steps are halved; ``levels`` levels end at
+    ``step_deg / 2^(levels-1)``. This is the local ("children of the current pose")
+    stage of hierarchical search (cryoDRGN / DRGN-AI HPS, Zhong et al. 2021; Levy et al.
+    2024) run without the global levels, at the full radius where sub-degree changes
+    are visible.
+
+    Parameters
+    ----------
+    grid_ft
+        ``(Dc, Dc, Dc)`` complex centred Fourier grid (shared) or ``(B, Dc, Dc, Dc)``;
+        voxel spacing ``1 / D_grid`` cycles/px (``D_grid = 2 D`` for a 2x oversampled
+        grid, which makes trilinear slicing accurate).
+    D_grid
+        Grid box size the voxel spacing refers to.
+    images_ft, ctf
+        ``(B, M_all)`` as in :func:`search_poses`.
+    points
+        Frequency points of the training box.
+    rotations, shifts_px
+        ``(B, 3, 3)``, ``(B, 2)`` the starting poses.
+    radius_px
+        Scoring radius (Fourier px of the training box).
+    step_deg, t_step_px
+        First-level rotation and translation steps.
+    levels, iters_per_level
+        Schedule (see above).
+
+    Returns
+    -------
+    rotations : torch.Tensor
+        ``(B, 3, 3)``.
+    shifts_px : torch.Tensor
+        ``(B, 2)``.
+    error : torch.Tensor
+        ``(B,)`` final error up to the constant ``|X|^2``.
+    """
+    B = images_ft.shape[0]
+    dev = images_ft.device
+    idx, w = points.half_index(radius_px)
+    fr = points.freqs[idx]
+    xb, cb = images_ft[:, idx], ctf[:, idx]
+    R = rotations.float().to(dev)
+    t = shifts_px.float().to(dev)
+    local_t = translation_grid(1.0, 3, dev)  # (9, 2), index 4 = 0
+    err = torch.zeros(B, device=dev)
+    step, tstep = math.radians(step_deg), float(t_step_px)
+    for _ in range(max(levels, 0)):
+        dR = local_perturbations(step, dev)  # (27, 3, 3)
+        for _ in range(max(iters_per_level, 1)):
+            cand = dR[None] @ R[:, None]  # (B, 27, 3, 3)
+            shifts = t[:, None, :] + tstep * local_t  # (B, 9, 2)
+            xc = centre_images(xb, fr, shifts)  # (B, 9, M)
+            sli = slice_grid(grid_ft, D_grid, cand, fr)  # (B, 27, M)
+            e = _cross_terms(xc, cb, w, sli).reshape(B, -1)  # (B, 9 * 27)
+            err, best = e.min(dim=1)
+            ti = torch.div(best, 27, rounding_mode="floor")
+            qi = best % 27
+            R = cand[torch.arange(B, device=dev), qi]
+            t = shifts[torch.arange(B, device=dev), ti]
+        step, tstep = step / 2, tstep / 2
+    return R, t, err

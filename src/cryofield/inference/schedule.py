@@ -3,7 +3,12 @@
 Phase ``"hps"``: every batch gets fresh poses from the hierarchical search; the field
 (and latents) take gradient steps with those poses. Phase ``"sgd"``: the pose table (if
 refined), the latent table and the field take gradient steps together. Phase ``"fixed"``:
-known poses from the input file (``--poses-from-file``), optionally refined.
+known poses from the input file (``--poses-from-file``), optionally refined. Phase
+``"local"`` (the last ``local_refine_epochs`` epochs, after the search phase; with known
+poses only if they are refined): every batch first gets a local pose search around its
+current poses at the full radius (:func:`cryofield.inference.pose_search.local_refine_poses`
+on a voxel grid of the field built at the start of the epoch), then the field (and
+latents) take a gradient step with the refined poses.
 
 Frequency marching: during the search phase the radius (Fourier px) grows linearly with the
 number of images seen, from ``radius_start_px`` to ``radius_search_px``; the search's level
@@ -48,9 +53,15 @@ class Schedule:
         else:
             self.hps_epochs = min(cfg.epochs, max(1, math.ceil(cfg.hps_images / self.n)))
         self.hps_total = self.hps_epochs * self.n
+        n_local = cfg.local_refine_epochs
+        if cfg.poses_from_file and not cfg.refine_poses:
+            n_local = 0
+        self.local_from = max(self.hps_epochs, cfg.epochs - n_local) + 1
 
     def phase_of_epoch(self, epoch: int) -> str:
         """Phase of 1-based ``epoch``."""
+        if epoch >= self.local_from:
+            return "local"
         if self.cfg.poses_from_file:
             return "fixed"
         return "hps" if epoch <= self.hps_epochs else "sgd"

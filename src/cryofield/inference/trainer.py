@@ -33,6 +33,7 @@ from cryofield.inference.pose_search import (
     FrequencyPoints,
     SearchSettings,
     centre_images,
+    local_refine_poses,
     search_poses,
 )
 from cryofield.inference.rundir import RunDir, epoch_dirname
@@ -97,6 +98,53 @@ def _search_settings(cfg: TrainConfig, plan: StepPlan) -> SearchSettings:
         radius_lo_px=plan.search_lo_px,
         radius_hi_px=plan.search_hi_px,
     )
+
+
+@torch.no_grad()
+def fourier_grid(
+    field: HartleyField,
+    radius_px: float,
+    z: torch.Tensor | None = None,
+    oversample: int = 2,
+    chunk: int = 65536,
+) -> tuple[torch.Tensor, int]:
+    """Complex centred Fourier grid of the field on an ``oversample``-times finer lattice.
+
+    Parameters
+    ----------
+    field
+        The neural field (box ``field.D``).
+    radius_px
+        Ball radius in Fourier px of the training box (clipped to ``D / 2 - 1``).
+    z
+        ``(G, zdim)`` or ``None``.
+    oversample
+        Lattice refinement: voxel spacing ``1 / (oversample D)`` cycles/px. A 2x finer
+        lattice makes trilinear slicing accurate at high frequency (the transform of a
+        volume inside the box varies on the scale ``1 / D``).
+
+    Returns
+    -------
+    grid : torch.Tensor
+        ``(Dc, Dc, Dc)`` or ``(G, Dc, Dc, Dc)`` complex, zero outside the ball.
+    D_grid : int
+        ``oversample * D``: the box size the voxel spacing refers to (for ``slice_grid``).
+    """
+    D = field.D
+    Dg = int(oversample) * D
+    r = min(float(radius_px), D / 2 - 1)
+    Dc = 2 * (math.ceil(r * oversample) + 2)
+    ax = (torch.arange(Dc, dtype=torch.float32) - Dc // 2) / Dg
+    kz, ky, kx = torch.meshgrid(ax, ax, ax, indexing="ij")
+    coords = torch.stack([kx, ky, kz], dim=-1)
+    dev = next(field.parameters()).device
+    inside = (coords.norm(dim=-1) * D <= r).to(dev)
+    pts = coords.to(dev)[inside]
+    vals = torch.cat([field(pts[i : i + chunk], z) for i in range(0, len(pts), chunk)], dim=-1)
+    vals = vals.float()
+    shape = (Dc, Dc, Dc) if z is None or field.zdim == 0 else (z.shape[0], Dc, Dc, Dc)
+    grid = torch.zeros(shape, device=dev).masked_scatter(inside.expand(shape), vals)
+    return hartley_grid_to_fourier(grid), Dg
 
 
 def _kmeans_groups(z: torch.Tensor, k: int, iters: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,6 +225,7 @@ class Trainer:
         self.epoch = 0
         self.images_seen = 0
         self.rollbacks = 0
+        self._local: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
         scale = self.batches.estimate_scale(cfg.norm_images, gen)
         self.field.output_scale.fill_(scale)
         self.field.set_envelope(self.batches.estimate_envelope(cfg.norm_images, gen))
@@ -256,6 +305,45 @@ class Trainer:
                                           settings)[:2]  # fmt: skip
         return R, t
 
+    @torch.no_grad()
+    def _prepare_local(self) -> None:
+        """Voxel grid(s) of the current field for a local-refinement epoch.
+
+        Homogeneous: one grid. Heterogeneous: one grid per k-means centre of the latent
+        table (``het_search_groups``); each image uses its group's grid.
+        """
+        c = self.cfg
+        assert c.radius_max_px is not None
+        if self.latents is None:
+            grid, Dg = fourier_grid(self.field, c.radius_max_px, None, c.local_oversample)
+            self._local = (grid, Dg, None)
+            return
+        labels, centres = _kmeans_groups(self.latents.all().float().cpu(), c.het_search_groups)
+        grids, Dg = fourier_grid(self.field, c.radius_max_px, centres.to(self.device),
+                                 c.local_oversample)  # fmt: skip
+        self._local = (grids, Dg, labels.to(self.device))
+
+    @torch.no_grad()
+    def _local_refine(
+        self, ti: torch.Tensor, xft: torch.Tensor, ctf: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        assert c.radius_max_px is not None and self._local is not None
+        grid, Dg, labels = self._local
+        R0, t0 = self.poses(ti)
+        kw = dict(step_deg=c.local_step_deg, t_step_px=c.local_t_step_px,
+                  levels=c.local_levels, iters_per_level=c.local_iters)  # fmt: skip
+        if labels is None:
+            return local_refine_poses(grid, Dg, xft, ctf, self.points, R0, t0, c.radius_max_px,
+                                      **kw)[:2]  # fmt: skip
+        R, t = R0.clone(), t0.clone()
+        lab = labels[ti]
+        for g in torch.unique(lab).tolist():
+            m = lab == g
+            R[m], t[m] = local_refine_poses(grid[g], Dg, xft[m], ctf[m], self.points, R0[m],
+                                            t0[m], c.radius_max_px, **kw)[:2]  # fmt: skip
+        return R, t
+
     def _step(self, idx: np.ndarray, plan: StepPlan) -> float:
         ti = torch.as_tensor(idx, device=self.device)
         xft = self.batches.images_ft(idx)
@@ -263,7 +351,10 @@ class Trainer:
         if plan.phase == "hps":
             R, t = self._search(idx, xft, ctf, plan)
             self.poses.set(ti, R, t)
-        refine = plan.phase != "hps" and self.cfg.refine_poses
+        elif plan.phase == "local":
+            R, t = self._local_refine(ti, xft, ctf)
+            self.poses.set(ti, R, t)
+        refine = plan.phase not in ("hps", "local") and self.cfg.refine_poses
         n = self.points.count(plan.radius_train_px)
         steps = self.cfg.steps_per_batch if plan.phase == "hps" else 1
         for _ in range(max(1, steps)):
@@ -300,6 +391,8 @@ class Trainer:
         t0 = time.perf_counter()
         losses: list[float] = []
         plan = self.schedule.plan(epoch, self.images_seen)
+        if phase == "local":
+            self._prepare_local()
         bar = tqdm(
             total=self.N, desc=f"epoch {epoch}/{cfg.epochs} [{phase}]", unit="img",
             disable=None, leave=False, dynamic_ncols=True,
@@ -321,6 +414,7 @@ class Trainer:
                                 img_s=f"{rate:.0f}")  # fmt: skip
         finally:
             bar.close()
+            self._local = None
         dt = time.perf_counter() - t0
         return dict(
             epoch=epoch, phase=phase, loss=float(np.mean(losses)),
@@ -407,18 +501,27 @@ def _log_environment(cfg: TrainConfig, n: int, D: int, apix: float) -> None:
         log.info("GPU %s", torch.cuda.get_device_name(torch.device(cfg.device)))
 
 
-def _log_contrast(source: Any, invert: bool) -> None:
-    guess = getattr(source, "contrast", None)
-    if guess is None:
-        return
-    try:
-        verdict = guess()
-    except Exception as err:  # informative only: never fail a run on it
-        log.info("contrast guess failed: %s", err)
-        return
-    log.info("particle contrast looks %s (--invert %s); a map of negative density "
-             "means the contrast option is the wrong way round", verdict,
-             "on" if invert else "off")  # fmt: skip
+def resolve_contrast(cfg: TrainConfig, source: Any) -> bool:
+    """Whether to multiply the images by -1 (``cfg.contrast``; ``auto`` guesses and logs).
+
+    Light-on-dark particles (the usual RELION/cryoSPARC stacks) are inverted so that they
+    match the CTF model of :mod:`cryofield.physics.ctf`; dark-on-light ones are used as
+    they are. ``auto`` uses :meth:`~cryofield.io.particles.ParticleSource.contrast`; when
+    the guess is unclear it assumes light-on-dark and warns.
+    """
+    if cfg.contrast != "auto":
+        log.info("particle contrast: %s (given)", cfg.contrast)
+        return cfg.contrast == "light-on-dark"
+    verdict = source.contrast()
+    if verdict == "unclear":
+        log.warning(
+            "particle contrast unclear from the images; assuming light-on-dark "
+            "(RELION/cryoSPARC); give --contrast if the map comes out negative"
+        )
+        return True
+    log.info("particle contrast looks %s (auto): images %s", verdict,
+             "inverted" if verdict == "light-on-dark" else "used as they are")  # fmt: skip
+    return verdict == "light-on-dark"
 
 
 def _peak_memory_mb() -> float:
@@ -448,6 +551,7 @@ def build_trainer(cfg: TrainConfig, table: Any, source: ImageSource) -> Trainer:
     """A :class:`Trainer` for a particle table and its image source (resolves ``cfg``)."""
     D = int(source[np.array([0])].shape[-1])
     cfg = cfg.resolved(D)
+    cfg.invert = resolve_contrast(cfg, source)
     ctf = CTFParams.from_table(table) if table.ctf is not None else None
     init = None
     if cfg.poses_from_file:
@@ -483,7 +587,6 @@ def _train_new(cfg: TrainConfig, out: Path) -> Path:
     trainer = build_trainer(cfg, table, source)
     table.save_npz(out / "particles.npz")
     _log_environment(trainer.cfg, trainer.N, trainer.D, trainer.batches.apix_A)
-    _log_contrast(source, trainer.cfg.invert)
     trainer.fit()
     _finish(trainer, table)
     return out
@@ -493,6 +596,7 @@ def resume(outdir: str | Path, epochs: int | None = None) -> Path:
     """Continue the run in ``outdir`` from its last complete epoch (optionally to ``epochs``)."""
     run = RunDir(outdir)
     cfg = run.train_config()
+    cfg.outdir = str(run.path)  # a moved or copied run continues where it is
     if epochs is not None:
         cfg.epochs = int(epochs)
     setup_logging(run.path)
@@ -523,6 +627,15 @@ def _resume(run: RunDir, cfg: TrainConfig) -> Path:
 
 def _finish(trainer: Trainer, table: Any) -> None:
     log.info("peak memory %.0f MB", _peak_memory_mb())
+    if trainer.latents is None:
+        from cryofield.inference.consensus import write_consensus_map
+
+        R, t = trainer.poses.all()
+        b = trainer.batches
+        write_consensus_map(
+            trainer.outdir, b.source, R.detach().cpu(), t.detach().cpu(), b.ctf_params,
+            b.apix_A, sign=-1.0 if b.invert else 1.0,
+        )  # fmt: skip
     try:
         from cryofield.io.export import write_particles
     except ImportError:  # pragma: no cover - export module not installed
