@@ -75,3 +75,18 @@ def make_dataset(
         sig = img.std(dim=(-2, -1)).mean()
         img = img + torch.randn(img.shape, generator=g) * (sig / math.sqrt(snr))
     return SynthData(img, R, t, ctf, apix_A, volumes, labels.numpy())
+
+
+def field_images(field, R: torch.Tensor, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """``(B, M)`` exact transforms of shifted projections of a field at ``freqs``.
+
+    ``F = (H(k) + H(-k)) / 2 + i (H(-k) - H(k)) / 2`` from the field's Hartley values on
+    the central slices ``[kx, ky, 0] R``, then moved by ``t`` (``I(x) = P(x - t)``).
+    """
+    from cryofield.inference.pose_search import centre_images
+
+    with torch.no_grad():
+        k3 = torch.einsum("mi,bij->bmj", freqs, R[:, :2, :])
+        h_pos, h_neg = field(k3), field(-k3)
+    F = torch.complex(0.5 * (h_pos + h_neg), 0.5 * (h_neg - h_pos))
+    return centre_images(F, freqs, -t[:, None, :])[:, 0]

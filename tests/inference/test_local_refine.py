@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+from synth import field_images
 
 from cryofield.inference.config import TrainConfig
 from cryofield.inference.pose_search import (
     FrequencyPoints,
-    centre_images,
     local_perturbations,
     local_refine_poses,
 )
@@ -18,15 +18,6 @@ from cryofield.inference.trainer import fourier_grid
 from cryofield.model.field import HartleyField
 from cryofield.model.tables import so3_exp
 from cryofield.physics.rotation import geodesic_distance_rad, random_rotations
-
-
-def _field_images(field, R, t, freqs):
-    """Exact transforms of shifted projections of the field (Fourier from H(k), H(-k))."""
-    with torch.no_grad():
-        k3 = torch.einsum("mi,bij->bmj", freqs, R[:, :2, :])
-        h_pos, h_neg = field(k3), field(-k3)
-    F = torch.complex(0.5 * (h_pos + h_neg), 0.5 * (h_neg - h_pos))
-    return centre_images(F, freqs, -t[:, None, :])[:, 0]
 
 
 def test_local_perturbations_hold_identity_and_step():
@@ -46,7 +37,7 @@ def test_local_refinement_returns_perturbed_poses_to_truth(one_thread):
     R = random_rotations(n, generator=g)
     t = (torch.rand(n, 2, generator=g) - 0.5) * 2
     pts = FrequencyPoints.build(D)
-    X = _field_images(field, R, t, pts.freqs)
+    X = field_images(field, R, t, pts.freqs)
     ctf = torch.ones_like(X.real)
     # perturb by 3 deg about random axes and ~0.4 px
     w = torch.randn(n, 3, generator=g)

@@ -5,21 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
+from synth import field_images
 
-from cryofield.inference.pose_search import FrequencyPoints, centre_images
+from cryofield.inference.pose_search import FrequencyPoints
 from cryofield.inference.trainer import slice_loss
 from cryofield.model.field import HartleyField
 from cryofield.model.tables import PoseTable, so3_exp
 from cryofield.physics.rotation import geodesic_distance_rad, random_rotations
-
-
-def _field_images(field, R, t, freqs):
-    """Exact transforms of projections of the field: F from H(k), H(-k); then shift."""
-    with torch.no_grad():
-        k3 = torch.einsum("mi,bij->bmj", freqs, R[:, :2, :])
-        h_pos, h_neg = field(k3), field(-k3)
-    F = torch.complex(0.5 * (h_pos + h_neg), 0.5 * (h_neg - h_pos))
-    return centre_images(F, freqs, -t[:, None, :])[:, 0]
 
 
 def test_refinement_of_perturbed_poses_returns_to_truth(one_thread):
@@ -34,7 +26,7 @@ def test_refinement_of_perturbed_poses_returns_to_truth(one_thread):
     t = (torch.rand(n, 2, generator=g) - 0.5) * 2
     pts = FrequencyPoints.build(D)
     fr = pts.freqs[: pts.count(8.0)]
-    X = _field_images(field, R, t, fr)
+    X = field_images(field, R, t, fr)
     ctf = torch.ones_like(X.real)
     # perturb by ~4 deg and ~0.6 px
     w = torch.randn(n, 3, generator=g)
