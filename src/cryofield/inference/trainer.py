@@ -12,6 +12,7 @@ grid of the field (:mod:`cryofield.inference.pose_search`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -19,6 +20,7 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -528,6 +530,18 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+@contextlib.contextmanager
+def _runtime(cfg: TrainConfig) -> Iterator[None]:
+    """Device checks, threads and deterministic mode for one run; restores the global
+    deterministic-algorithms flag afterwards."""
+    det = torch.are_deterministic_algorithms_enabled()
+    try:
+        _prepare_runtime(cfg)
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det)
+
+
 def _prepare_runtime(cfg: TrainConfig) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise CryofieldError(f"--device {cfg.device}: CUDA is not available on this machine")
@@ -574,12 +588,8 @@ def train(cfg: TrainConfig) -> Path:
     if out.exists() and any(out.glob("epoch_*/DONE")):
         raise CryofieldError(f"{out}: already holds a run; use --resume {out} or a new -o")
     setup_logging(out)
-    det = torch.are_deterministic_algorithms_enabled()
-    try:
-        _prepare_runtime(cfg)
+    with _runtime(cfg):
         return _train_new(cfg, out)
-    finally:
-        torch.use_deterministic_algorithms(det)
 
 
 def _train_new(cfg: TrainConfig, out: Path) -> Path:
@@ -600,12 +610,8 @@ def resume(outdir: str | Path, epochs: int | None = None) -> Path:
     if epochs is not None:
         cfg.epochs = int(epochs)
     setup_logging(run.path)
-    det = torch.are_deterministic_algorithms_enabled()
-    try:
-        _prepare_runtime(cfg)
+    with _runtime(cfg):
         return _resume(run, cfg)
-    finally:
-        torch.use_deterministic_algorithms(det)
 
 
 def _resume(run: RunDir, cfg: TrainConfig) -> Path:
