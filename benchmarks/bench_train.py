@@ -30,14 +30,15 @@ import numpy as np
 import torch
 
 
-def _simulate(preset: str, out: Path, n: int, D: int, seed: int) -> Path:
+def _simulate(preset: str, out: Path, n: int, D: int, seed: int, apix: float | None) -> Path:
     from cryofield.simulate.config import preset_config
     from cryofield.simulate.dataset import simulate_dataset
 
     data = out / f"data_{preset}"
     if (data / "truth.npz").is_file():
         return data
-    cfg = preset_config(preset, n_particles=n, D=D, snr=0.1, seed=seed)
+    extra = {} if apix is None else {"apix_A": apix}
+    cfg = preset_config(preset, n_particles=n, D=D, snr=0.1, seed=seed, **extra)
     return simulate_dataset(cfg, data)
 
 
@@ -50,7 +51,7 @@ def _train_cfg(args: argparse.Namespace, particles: Path, outdir: Path, zdim: in
         lr_field=args.lr_field, hidden=args.hidden, steps_per_batch=args.field_steps,
         radius_start_px=args.radius_start, radius_search_px=args.radius_search,
         search_levels=args.levels, seed=args.seed, num_threads=args.threads,
-        t_extent_px=args.t_extent,
+        t_extent_px=args.t_extent, lr_latent=args.lr_latent,
     )  # fmt: skip
 
 
@@ -80,7 +81,7 @@ def run_homo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from cryofield.physics.backproject import reconstruct_fourier
     from cryofield.physics.ctf import CTFParams
 
-    data = _simulate("demo-homo", out, args.n, args.D, args.seed)
+    data = _simulate("demo-homo", out, args.n, args.D, args.seed, args.apix)
     truth = np.load(data / "truth.npz")
     apix = float(truth["apix_A"])
     true_vol, _ = read_mrc(data / "volumes" / "state_00.mrc", mmap=False)
@@ -140,33 +141,62 @@ def run_homo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _state_maps(
+    run: Any, z: np.ndarray, pred: np.ndarray, truth: Any, data: Path, hints: list
+) -> list[dict[str, Any]]:
+    """FSC=0.5 of the field rendered at each k-means centre against the true state it
+    holds most of (aligned, mirror included; the pose alignment seeds the search)."""
+    from cryofield.io.mrc import read_mrc
+
+    field = run.load_field()
+    apix = float(truth["apix_A"])
+    out = []
+    for c in range(int(pred.max()) + 1):
+        members = pred == c
+        state = int(np.bincount(truth["labels"][members]).argmax())
+        true_vol, _ = read_mrc(data / "volumes" / f"state_{state:02d}.mrc", mmap=False)
+        with torch.no_grad():
+            vol = field.render_volume(torch.as_tensor(z[members].mean(0))).numpy()
+        res = _resolution(vol, np.asarray(true_vol), apix, align=True, hints=hints)
+        out.append({"cluster": c, "state": state, "n": int(members.sum()),
+                    "fsc05_A": res["fsc05_A"]})  # fmt: skip
+    return out
+
+
 def run_het(args: argparse.Namespace, out: Path, preset: str) -> dict[str, Any]:
     from sklearn.cluster import KMeans
 
-    from cryofield.analysis.metrics import adjusted_rand_index, pose_errors
+    from cryofield.analysis.metrics import MIRROR, adjusted_rand_index, pose_errors
     from cryofield.inference.rundir import RunDir
     from cryofield.inference.trainer import train
 
-    data = _simulate(preset, out, args.n_het, args.D, args.seed)
+    data = _simulate(preset, out, args.n_het, args.D, args.seed, args.apix)
     truth = np.load(data / "truth.npz")
-    run_dir = out / f"run_{preset}"
+    mode = "known_poses" if args.known_poses else "ab_initio"
+    run_dir = out / f"run_{preset}_{mode}"
     a = argparse.Namespace(**{**vars(args), "n": args.n_het})
-    cfg = _train_cfg(a, data / "particles.star", run_dir, args.zdim)
+    cfg = _train_cfg(a, data / args.particles_file, run_dir, args.zdim)
+    cfg.poses_from_file = bool(args.known_poses)
     t0 = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - t0
     run = RunDir(run_dir)
     z = run.latents()
     poses = run.poses()
-    res: dict[str, Any] = {"experiment": preset, "n": args.n_het, "train_wall_s": wall}
-    pe = pose_errors(poses["rotations"], truth["rotations"])
+    res: dict[str, Any] = {"experiment": f"{preset} ({mode})", "n": args.n_het,
+                           "input": args.particles_file, "train_wall_s": wall}  # fmt: skip
+    pe = pose_errors(poses["rotations"], truth["rotations"], poses["shifts_px"],
+                     truth["shifts_px"])  # fmt: skip
     res["pose_errors"] = {k: v for k, v in pe.items() if k != "R_global"}
+    res["images_s_by_phase"] = {m["phase"]: m["images_s"] for m in run.metrics()}
     if preset == "demo-hetero":
         labels = truth["labels"]
-        ok = labels >= 0
-        k = int(labels[ok].max()) + 1
-        pred = KMeans(k, n_init=10, random_state=0).fit_predict(z[ok])
-        res["ari"] = float(adjusted_rand_index(labels[ok], pred))
+        k = int(labels.max()) + 1
+        pred = KMeans(k, n_init=10, random_state=0).fit_predict(z)
+        res["ari"] = float(adjusted_rand_index(labels, pred))
+        G, mir = np.asarray(pe["R_global"]), bool(pe["mirrored"])
+        hints = [(MIRROR @ G @ MIRROR if mir else G, mir)]
+        res["state_maps"] = _state_maps(run, z, pred, truth, data, hints)
     else:
         from scipy.stats import spearmanr
 
@@ -174,17 +204,21 @@ def run_het(args: argparse.Namespace, out: Path, preset: str) -> dict[str, Any]:
         _, _, vt = np.linalg.svd(zc, full_matrices=False)
         pcs = zc @ vt[:3].T
         rho = [abs(float(spearmanr(pcs[:, i], truth["coord"]).statistic)) for i in range(3)]
+        res["spearman_abs_pcs"] = rho
         res["spearman_abs_best_pc"] = max(rho)
+    np.save(run_dir / "z_final.npy", z)
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line settings (the defaults are the measured configuration)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("-o", "--out", default="bench_train_out")
     p.add_argument("--only", nargs="*", default=["homo", "hetero", "continuous"])
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--n-het", type=int, default=6000)
     p.add_argument("-D", type=int, default=64)
+    p.add_argument("--apix", type=float, default=None, help="pixel size, A (preset's if unset)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--hps-epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=32)
@@ -196,9 +230,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", type=int, default=4)
     p.add_argument("--t-extent", type=float, default=6.0, help="translation search extent, px")
     p.add_argument("--zdim", type=int, default=8)
+    p.add_argument("--lr-latent", type=float, default=1e-2)
+    p.add_argument(
+        "--known-poses",
+        action="store_true",
+        help="hetero/continuous: start from the simulated poses (fixed-pose mode)",
+    )
+    p.add_argument(
+        "--particles-file",
+        default="particles.star",
+        help="hetero/continuous input: particles.star or particles.cs",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -75,3 +75,12 @@ def simulated(
 def _seed_torch() -> None:
     """Make every test deterministic."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (much faster than two on a shared, busy CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -72,3 +72,27 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.star" in err[0]
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_states(tmp_path_factory):
+    from cryofield.simulate.config import preset_config
+    from cryofield.simulate.dataset import simulate_dataset
+
+    cfg = preset_config("demo-hetero", n_particles=60, D=32, apix_A=10.0, snr=1.0, seed=6)
+    return simulate_dataset(cfg, tmp_path_factory.mktemp("states"))
+
+
+def test_heterogeneous_known_pose_run_same_from_star_and_cs(tiny_states, tmp_path, one_thread):
+    het = ["--zdim", "2", "--poses-from-file", "--epochs", "2", "-b", "20", "--hidden", "32",
+           "--n-freqs", "8", "--threads", "1", "--deterministic"]  # fmt: skip
+    runs = {}
+    for ext in ("star", "cs"):
+        out = tmp_path / f"run_{ext}"
+        assert main(["train", str(tiny_states / f"particles.{ext}"), "-o", str(out), *het]) == 0
+        runs[ext] = RunDir(out)
+    z_star, z_cs = runs["star"].latents(), runs["cs"].latents()
+    assert z_star.shape == (60, 2) and np.isfinite(z_star).all()
+    assert np.allclose(z_star, z_cs, atol=1e-5)
+    assert "variability analysis" in (runs["star"].path / "run.log").read_text()
+    assert runs["star"].config()["latent_init"] == "pca"

@@ -35,6 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-field", type=float, help="field learning rate (1e-4)")
     parser.add_argument("--lr-pose", type=float, help="pose table learning rate (1e-3)")
     parser.add_argument("--lr-latent", type=float, help="latent table learning rate (1e-2)")
+    parser.add_argument(
+        "--latent-init",
+        choices=["pca", "random"],
+        help="start z by linear variability analysis at the poses found (pca, default) or "
+        "keep the random start",
+    )
+    parser.add_argument(
+        "--latent-init-radius", type=float, help="Fourier radius of that analysis, px (D/4)"
+    )
     parser.add_argument("--hidden", type=int, help="MLP width (256)")
     parser.add_argument("--layers", type=int, help="residual hidden layers (3)")
     parser.add_argument("--n-freqs", type=int, help="random Fourier features (64)")
@@ -77,7 +86,9 @@ _MAP = {
     "D": "D", "zdim": "zdim", "epochs": "epochs", "hps_images": "hps_images",
     "batch_size": "batch_size", "steps_per_batch": "steps_per_batch", "lr_field": "lr_field",
     "lr_pose": "lr_pose",
-    "lr_latent": "lr_latent", "hidden": "hidden", "layers": "layers", "n_freqs": "n_freqs",
+    "lr_latent": "lr_latent", "latent_init": "latent_init",
+    "latent_init_radius": "latent_init_radius_px", "hidden": "hidden", "layers": "layers",
+    "n_freqs": "n_freqs",
     "sigma": "sigma", "t_extent": "t_extent_px", "search_levels": "search_levels",
     "base_nside": "base_nside", "base_psi": "base_psi", "radius_start": "radius_start_px",
     "radius_search": "radius_search_px", "radius_max": "radius_max_px",

@@ -13,6 +13,9 @@ from cryofield.errors import CryofieldError
 
 #: accepted values of ``TrainConfig.contrast``
 CONTRASTS = ("auto", "light-on-dark", "dark-on-light")
+#: accepted values of ``TrainConfig.latent_init``: linear variability analysis at the
+#: consensus poses (:mod:`cryofield.inference.variability`) or the random start alone
+LATENT_INITS = ("pca", "random")
 
 
 @dataclass
@@ -46,6 +49,9 @@ class TrainConfig:
     latent_l2: float = 0.0
     latent_init_std: float = 0.1
     latent_warmup: bool = True
+    latent_init: str = "pca"
+    latent_init_radius_px: float | None = None
+    latent_init_iters: int = 20
     # pose search
     base_nside: int = 4
     base_psi: int = 24
@@ -120,11 +126,14 @@ class TrainConfig:
             c.radius_search_px = min(32.0 * scale, nyq)
         if c.radius_max_px is None:
             c.radius_max_px = nyq
+        if c.latent_init_radius_px is None:
+            c.latent_init_radius_px = min(D / 4.0, c.radius_search_px)
         if c.t_extent_px is None:
             c.t_extent_px = 20.0 * scale
         c.radius_start_px = float(min(c.radius_start_px, nyq))
         c.radius_search_px = float(min(max(c.radius_search_px, c.radius_start_px), nyq))
         c.radius_max_px = float(min(c.radius_max_px, nyq))
+        c.latent_init_radius_px = float(min(c.latent_init_radius_px, nyq))
         c.t_extent_px = float(c.t_extent_px)
         c.validate()
         return c
@@ -141,6 +150,8 @@ class TrainConfig:
             (self.hps_images >= 0, "hps_images must be >= 0"),
             (self.contrast in CONTRASTS, f"contrast must be one of {CONTRASTS}: {self.contrast}"),
             (self.search_levels >= 0 and self.n_keep >= 1, "search levels >= 0, n_keep >= 1"),
+            (self.latent_init in LATENT_INITS, f"latent_init must be one of {LATENT_INITS}"),
+            (self.latent_init_iters >= 1, "latent_init_iters must be >= 1"),
             (self.local_refine_epochs >= 0, "local_refine_epochs must be >= 0"),
             (self.local_step_deg > 0 and self.local_t_step_px >= 0, "local steps must be > 0"),
             (self.local_levels >= 1 and self.local_iters >= 1, "local levels/iters must be >= 1"),

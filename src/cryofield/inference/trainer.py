@@ -227,6 +227,7 @@ class Trainer:
         self.epoch = 0
         self.images_seen = 0
         self.rollbacks = 0
+        self.latent_init_epoch = 0  # epoch whose start set the latents by PCA (0: not yet)
         self._local: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
         scale = self.batches.estimate_scale(cfg.norm_images, gen)
         self.field.output_scale.fill_(scale)
@@ -245,6 +246,7 @@ class Trainer:
             "epoch": self.epoch,
             "images_seen": self.images_seen,
             "rollbacks": self.rollbacks,
+            "latent_init_epoch": self.latent_init_epoch,
             "scale": self.batches.scale,
             "field": self.field.state_dict(),
             "poses": self.poses.state_dict(),
@@ -260,6 +262,7 @@ class Trainer:
         self.epoch = int(st["epoch"])
         self.images_seen = int(st["images_seen"])
         self.rollbacks = int(st.get("rollbacks", 0))
+        self.latent_init_epoch = int(st.get("latent_init_epoch", 0))
         self.batches.scale = float(st["scale"])
         self.field.load_state_dict(st["field"])
         self.poses.load_state_dict(st["poses"])
@@ -277,6 +280,28 @@ class Trainer:
     def _z_frozen(self, plan: StepPlan) -> bool:
         """Heterogeneous warm-up: during the search phase z is held at 0 (consensus)."""
         return self.latents is not None and self.cfg.latent_warmup and plan.phase == "hps"
+
+    def _z_held(self, plan: StepPlan) -> bool:
+        """The latent table takes no steps: warm-up, or the epoch that starts from the
+        variability analysis (the field first learns to use the new codes)."""
+        return self._z_frozen(plan) or (
+            self.latent_init_epoch > 0 and self.latent_init_epoch == self.epoch + 1
+        )
+
+    @torch.no_grad()
+    def _init_latents(self) -> None:
+        """Start the latent table from linear variability analysis at the current poses
+        (:mod:`cryofield.inference.variability`)."""
+        from cryofield.inference.variability import variability_latents
+
+        assert self.latents is not None and self.cfg.latent_init_radius_px is not None
+        R, t = self.poses.all()
+        z = variability_latents(
+            self.batches, R, t, self.cfg.zdim, self.cfg.latent_init_radius_px,
+            iters=self.cfg.latent_init_iters, seed=self.cfg.seed,
+        )  # fmt: skip
+        self.latents.set(torch.arange(self.N, device=self.device), z)
+        self.latent_init_epoch = self.epoch + 1
 
     def _batch_z(self, ti: torch.Tensor, plan: StepPlan) -> torch.Tensor | None:
         if self.latents is None:
@@ -358,12 +383,15 @@ class Trainer:
             self.poses.set(ti, R, t)
         refine = plan.phase not in ("hps", "local") and self.cfg.refine_poses
         n = self.points.count(plan.radius_train_px)
+        held = self._z_held(plan)
         steps = self.cfg.steps_per_batch if plan.phase == "hps" else 1
         for _ in range(max(1, steps)):
             R, t = self.poses(ti)
             if not refine:
                 R, t = R.detach(), t.detach()
             z = self._batch_z(ti, plan)
+            if held and z is not None:
+                z = z.detach()
             with self._autocast():
                 per_img = slice_loss(
                     self.field, R, t, z, xft[:, :n], ctf[:, :n], self.points.freqs[:n]
@@ -380,7 +408,7 @@ class Trainer:
             self.opt_field.step()
             if refine:
                 self.opt_pose.step()
-            if self.opt_latent is not None and not self._z_frozen(plan):
+            if self.opt_latent is not None and not held:
                 self.opt_latent.step()
         return float(loss.detach())
 
@@ -393,6 +421,11 @@ class Trainer:
         t0 = time.perf_counter()
         losses: list[float] = []
         plan = self.schedule.plan(epoch, self.images_seen)
+        if (
+            self.latents is not None and self.cfg.latent_init == "pca" and phase != "hps"
+            and self.latent_init_epoch == 0
+        ):  # fmt: skip
+            self._init_latents()
         if phase == "local":
             self._prepare_local()
         bar = tqdm(
@@ -642,11 +675,8 @@ def _finish(trainer: Trainer, table: Any) -> None:
             trainer.outdir, b.source, R.detach().cpu(), t.detach().cpu(), b.ctf_params,
             b.apix_A, sign=-1.0 if b.invert else 1.0,
         )  # fmt: skip
-    try:
-        from cryofield.io.export import write_particles
-    except ImportError:  # pragma: no cover - export module not installed
-        log.warning("io.export not available: particles.star not written")
-        return
+    from cryofield.io.export import write_particles
+
     R, t = trainer.poses.all()
     box = table.box_px or trainer.D
     kwargs: dict[str, Any] = dict(

@@ -118,6 +118,11 @@ class LatentTable(nn.Module):
         return self.z(idx)
 
     @torch.no_grad()
+    def set(self, idx: torch.Tensor, z: torch.Tensor) -> None:
+        """Overwrite the latents of images ``idx (B,)`` with ``z (B, zdim)``."""
+        self.z.weight[idx] = z.to(self.z.weight.dtype)
+
+    @torch.no_grad()
     def all(self) -> torch.Tensor:
         """All latents ``(n, zdim)``."""
         return self.z.weight.detach().clone()
