@@ -65,7 +65,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--local-refine-epochs", type=int, help="last epochs with a local pose search (1)"
     )
     parser.add_argument("--poses-from-file", action="store_true", help="use the file's poses")
-    parser.add_argument("--no-refine-poses", action="store_true", help="keep poses fixed")
+    parser.add_argument(
+        "--refine-poses",
+        action="store_true",
+        help="with --poses-from-file: also refine the file's poses (default: kept fixed)",
+    )
+    parser.add_argument(
+        "--no-refine-poses", action="store_true", help="ab initio: no pose refinement after search"
+    )
     parser.add_argument(
         "--contrast",
         choices=["auto", "light-on-dark", "dark-on-light"],
@@ -115,7 +122,10 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(cfg, key, value)
     cfg.poses_from_file = bool(args.poses_from_file)
-    cfg.refine_poses = not args.no_refine_poses
+    if args.refine_poses and args.no_refine_poses:
+        raise CryofieldError("give --refine-poses or --no-refine-poses, not both")
+    if args.refine_poses or args.no_refine_poses:
+        cfg.refine_poses = bool(args.refine_poses)
     cfg.latent_warmup = not args.no_latent_warmup
     cfg.contrast = "light-on-dark" if args.invert else args.contrast
     cfg.window = not args.no_window

@@ -72,7 +72,8 @@ class TrainConfig:
     local_oversample: int = 2
     # poses
     poses_from_file: bool = False
-    refine_poses: bool = True
+    # None: refine after an ab initio search, keep known poses (--poses-from-file) fixed
+    refine_poses: bool | None = None
     # data: contrast 'auto' (guess from the images), 'light-on-dark' (RELION/cryoSPARC
     # stacks; multiplied by -1 before meeting the CTF) or 'dark-on-light'; ``invert`` is
     # the resolved decision (see docs/dev/contracts.md, "Contrast and CTF sign")
@@ -126,6 +127,8 @@ class TrainConfig:
             c.radius_search_px = min(32.0 * scale, nyq)
         if c.radius_max_px is None:
             c.radius_max_px = nyq
+        if c.refine_poses is None:
+            c.refine_poses = not c.poses_from_file
         if c.latent_init_radius_px is None:
             c.latent_init_radius_px = min(D / 4.0, c.radius_search_px)
         if c.t_extent_px is None:
