@@ -219,14 +219,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-het", type=int, default=6000)
     p.add_argument("-D", type=int, default=64)
     p.add_argument("--apix", type=float, default=None, help="pixel size, A (preset's if unset)")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--hps-epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=9)
+    p.add_argument("--hps-epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr-field", type=float, default=2e-3)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--field-steps", type=int, default=3)
-    p.add_argument("--radius-start", type=float, default=8.0)
-    p.add_argument("--radius-search", type=float, default=24.0)
+    p.add_argument(
+        "--radius-start",
+        type=float,
+        default=None,
+        help="first search radius, px (default: 12 D/128, as cryofield train)",
+    )
+    p.add_argument(
+        "--radius-search",
+        type=float,
+        default=None,
+        help="last search radius, px (default: 32 D/128)",
+    )
     p.add_argument("--levels", type=int, default=4)
     p.add_argument("--t-extent", type=float, default=6.0, help="translation search extent, px")
     p.add_argument("--zdim", type=int, default=8)

@@ -22,17 +22,15 @@ from pathlib import Path
 
 #: --quick: a small dataset and a short run (a few minutes on a laptop CPU)
 QUICK = dict(n_particles=1000, D=32, apix_A=8.0)
-#: training settings of the demo, sized so the default demo (5,000 images at D=64) ends in
-#: about 15 minutes on 2 CPU cores: a narrower MLP, several field steps per search batch
-#: at a higher field learning rate, pose search for the first 4 epochs with the search
-#: radius marching 8 -> 24 px, translations searched within +-6 px, then 2 epochs of
-#: gradient refinement (the settings of benchmarks/bench_train.py)
-DEMO_TRAIN = dict(
-    hidden=128, batch_size=32, steps_per_batch=3, lr_field=2e-3, radius_start_px=8.0,
-    radius_search_px=24.0, t_extent_px=6.0,
-)  # fmt: skip
+#: training settings of the demo, sized for 2 CPU cores: a narrower MLP, several field
+#: steps per search batch at a higher field learning rate, translations searched within
+#: +-6 px; the search radius marches over the DRGN-AI values scaled to the box (12 -> 32 px
+#: at D=128, i.e. 6 -> 16 px at D=64), pose search for the first 6 epochs, then 2 epochs
+#: of gradient refinement and 1 of local refinement (the settings of
+#: benchmarks/bench_train.py)
+DEMO_TRAIN = dict(hidden=128, batch_size=32, steps_per_batch=3, lr_field=2e-3, t_extent_px=6.0)
 #: epochs of pose search / total epochs (full demo, --quick)
-DEMO_EPOCHS = {False: (4, 6), True: (3, 4)}
+DEMO_EPOCHS = {False: (6, 9), True: (3, 4)}
 #: latent dimension used for the heterogeneous presets
 ZDIM = {"demo-homo": 0, "demo-hetero": 8, "demo-continuous": 8}
 
@@ -49,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="1000 images at D=32 and a short run (smoke test)"
     )
-    parser.add_argument("--epochs", type=int, help="training epochs (default 6, quick 4)")
+    parser.add_argument("--epochs", type=int, help="training epochs (default 9, quick 4)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of simulation and training")
 
