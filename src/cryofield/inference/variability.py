@@ -43,7 +43,7 @@ log = get_logger("train")
 class _Obs:
     """Low-resolution observations of a chunk of images (all ``(B, M)``)."""
 
-    voxel: torch.Tensor  # long, voxel index
+    voxel: torch.Tensor  # int32, voxel index
     x: torch.Tensor  # complex, centred image transform
     c: torch.Tensor  # CTF
     inv_s2: torch.Tensor  # (B,) 1 / noise variance
@@ -92,10 +92,15 @@ class VariabilityPCA:
         x = centre_images(x, self.freqs, self.t[ti][:, None, :])[:, 0]
         coords = torch.einsum("mi,bij->bmj", self.freqs, self.R[ti][:, :2, :]) * b.points.D
         v = coords.round().long() + self.Dv // 2
-        voxel = (v[..., 2] * self.Dv + v[..., 1]) * self.Dv + v[..., 0]
-        r = x - c * self.W[voxel, 0]
-        inv_s2 = 1.0 / (r.real**2 + r.imag**2).mean(-1).clamp_min(1e-8)
-        return _Obs(voxel, x, c, inv_s2)
+        voxel = ((v[..., 2] * self.Dv + v[..., 1]) * self.Dv + v[..., 0]).int()
+        o = _Obs(voxel, x, c, torch.empty(0))
+        self.update_noise(o)
+        return o
+
+    def update_noise(self, o: _Obs) -> None:
+        """Set ``o.inv_s2`` from the residual to the current mean volume ``W_0``."""
+        r = o.x - o.c * self.W[o.voxel, 0]
+        o.inv_s2 = 1.0 / (r.real**2 + r.imag**2).mean(-1).clamp_min(1e-8)
 
     def codes(self, o: _Obs) -> tuple[torch.Tensor, torch.Tensor]:
         """E-step: posterior means ``(B, K)`` and covariances ``(B, K, K)``."""
@@ -179,7 +184,8 @@ def variability_latents(
     for it in range(iters):
         pca.m_step(obs, z, cov)
         if it == 0:  # noise variances of the residuals to the mean volume
-            obs = [pca.observe(c) for c in chunks]
+            for o in obs:
+                pca.update_noise(o)
         post = [pca.codes(o) for o in obs]
         z, cov = [p[0] for p in post], [p[1] for p in post]
     out = torch.empty(N, zdim, device=dev)
