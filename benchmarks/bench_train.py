@@ -45,13 +45,14 @@ def _simulate(preset: str, out: Path, n: int, D: int, seed: int, apix: float | N
 def _train_cfg(args: argparse.Namespace, particles: Path, outdir: Path, zdim: int) -> Any:
     from cryofield.inference.config import TrainConfig
 
+    extra = {} if args.latent_warmup is None else {"latent_warmup": args.latent_warmup}
     return TrainConfig(
         particles=str(particles), outdir=str(outdir), zdim=zdim, epochs=args.epochs,
         hps_images=args.hps_epochs * args.n, batch_size=args.batch_size,
         lr_field=args.lr_field, hidden=args.hidden, steps_per_batch=args.field_steps,
         radius_start_px=args.radius_start, radius_search_px=args.radius_search,
         search_levels=args.levels, seed=args.seed, num_threads=args.threads,
-        t_extent_px=args.t_extent, lr_latent=args.lr_latent,
+        t_extent_px=args.t_extent, lr_latent=args.lr_latent, **extra,
     )  # fmt: skip
 
 
@@ -241,6 +242,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--t-extent", type=float, default=6.0, help="translation search extent, px")
     p.add_argument("--zdim", type=int, default=8)
     p.add_argument("--lr-latent", type=float, default=1e-2)
+    p.add_argument(
+        "--latent-warmup", type=float, default=None,
+        help="fraction of the search with z = 0 (cryofield train's default if unset)",
+    )  # fmt: skip
     p.add_argument(
         "--known-poses",
         action="store_true",

@@ -8,6 +8,7 @@ import torch
 from synth import blob_volume, make_dataset
 
 from cryofield.analysis.metrics import pose_errors
+from cryofield.errors import CryofieldError
 from cryofield.inference.config import TrainConfig
 from cryofield.inference.data import ArraySource
 from cryofield.inference.rundir import RunDir
@@ -109,7 +110,7 @@ def test_divergence_rolls_back_and_halves_learning_rates(tmp_path, one_thread, c
 def test_heterogeneous_search_by_latent_groups_updates_tables(tmp_path, one_thread):
     D, N = 16, 40
     data = make_dataset([blob_volume(D, 4), blob_volume(D, 4, seed=7)], N, snr=None, seed=5)
-    tr = _trainer(data, tmp_path, epochs=1, hps_images=N, zdim=3, latent_warmup=False,
+    tr = _trainer(data, tmp_path, epochs=1, hps_images=N, zdim=3, latent_warmup=0.0,
                   het_search_groups=3, hidden=16, n_freqs=4, base_nside=1, base_psi=6,
                   search_levels=1)  # fmt: skip
     z0 = tr.latents.all()
@@ -121,3 +122,31 @@ def test_heterogeneous_search_by_latent_groups_updates_tables(tmp_path, one_thre
     eye = np.broadcast_to(np.eye(3), R.shape)
     assert np.allclose(R @ R.transpose(0, 2, 1), eye, atol=1e-4)
     assert run.volume_path() is None  # heterogeneous runs write no single map
+
+
+def test_latent_warmup_splits_the_search_into_consensus_then_per_state(tmp_path, one_thread):
+    D, N = 16, 20
+    data = make_dataset([blob_volume(D, 4)], N, snr=None, seed=5)
+    tr = _trainer(data, tmp_path, epochs=7, hps_images=5 * N, zdim=2, latent_warmup=0.6,
+                  hidden=8, n_freqs=2)  # fmt: skip
+    assert tr.schedule.consensus_epochs == 3
+    frozen = []
+    for epoch in range(1, 8):
+        tr.epoch = epoch - 1
+        frozen.append(tr._z_frozen(tr.schedule.plan(epoch, (epoch - 1) * N)))
+    assert frozen == [True] * 3 + [False] * 4
+    assert [tr._wants_latent_init(e) for e in (3, 4)] == [False, True]
+    tr.latent_init_epoch = 4  # set again in every later search epoch and after the search
+    assert [tr._wants_latent_init(e) for e in (4, 5, 6)] == [False, True, True]
+    tr.cfg.latent_refresh = False  # or only after the search, from the poses it found
+    assert [tr._wants_latent_init(e) for e in (5, 6, 7)] == [False, True, False]
+    # a whole-search warm-up (runs before 0.x stored a switch), or none
+    assert TrainConfig.from_dict({"latent_warmup": True}).latent_warmup == 1.0
+    tr = _trainer(data, tmp_path / "b", epochs=7, hps_images=5 * N, zdim=2, latent_warmup=0.0,
+                  hidden=8, n_freqs=2)  # fmt: skip
+    assert tr.schedule.consensus_epochs == 0
+    assert [tr._wants_latent_init(e) for e in (1, 2)] == [False, True]
+    tr.latent_init_epoch = 6  # the search ended at epoch 5 and epoch 6 set them again
+    assert not tr._wants_latent_init(6)
+    with pytest.raises(CryofieldError, match="latent_warmup"):
+        TrainConfig(latent_warmup=1.5).validate()

@@ -56,9 +56,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--radius-search", type=float, help="last search radius, px")
     parser.add_argument("--radius-max", type=float, help="training radius after search, px")
     parser.add_argument(
-        "--no-latent-warmup",
+        "--latent-warmup",
+        type=float,
+        metavar="FRAC",
+        help="fraction of the search epochs with z = 0 (consensus) before the latents start "
+        "from PCA and the search uses each image's z (default 0: z from the start)",
+    )
+    parser.add_argument(
+        "--no-latent-refresh",
         action="store_true",
-        help="use z during the pose search (default: z = 0 until it ends)",
+        help="set z by variability analysis only at the first search epoch with z and after "
+        "the search (default: at the start of every search epoch from the current poses)",
     )
     parser.add_argument("--search-groups", type=int, help="z groups per batch in the search (8)")
     parser.add_argument(
@@ -99,7 +107,7 @@ _MAP = {
     "sigma": "sigma", "t_extent": "t_extent_px", "search_levels": "search_levels",
     "base_nside": "base_nside", "base_psi": "base_psi", "radius_start": "radius_start_px",
     "radius_search": "radius_search_px", "radius_max": "radius_max_px",
-    "search_groups": "het_search_groups", "device": "device",
+    "search_groups": "het_search_groups", "device": "device", "latent_warmup": "latent_warmup",
     "local_refine_epochs": "local_refine_epochs",
     "seed": "seed", "threads": "num_threads", "datadir": "datadir", "ind": "ind",
 }  # fmt: skip
@@ -126,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         raise CryofieldError("give --refine-poses or --no-refine-poses, not both")
     if args.refine_poses or args.no_refine_poses:
         cfg.refine_poses = bool(args.refine_poses)
-    cfg.latent_warmup = not args.no_latent_warmup
+    cfg.latent_refresh = not args.no_latent_refresh
     cfg.contrast = "light-on-dark" if args.invert else args.contrast
     cfg.window = not args.no_window
     cfg.amp = not args.no_amp

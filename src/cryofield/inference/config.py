@@ -48,10 +48,11 @@ class TrainConfig:
     lr_latent: float = 1e-2
     latent_l2: float = 0.0
     latent_init_std: float = 0.1
-    latent_warmup: bool = True
+    latent_warmup: float = 0.0
     latent_init: str = "pca"
     latent_init_radius_px: float | None = None
     latent_init_iters: int = 20
+    latent_refresh: bool = True
     # pose search
     base_nside: int = 4
     base_psi: int = 24
@@ -97,6 +98,8 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise CryofieldError(f"unknown training setting(s): {', '.join(unknown)}")
+        if isinstance(d.get("latent_warmup"), bool):  # runs before 0.x stored a switch
+            d = {**d, "latent_warmup": 1.0 if d["latent_warmup"] else 0.0}
         return cls(**d)
 
     @classmethod
@@ -155,6 +158,7 @@ class TrainConfig:
             (self.search_levels >= 0 and self.n_keep >= 1, "search levels >= 0, n_keep >= 1"),
             (self.latent_init in LATENT_INITS, f"latent_init must be one of {LATENT_INITS}"),
             (self.latent_init_iters >= 1, "latent_init_iters must be >= 1"),
+            (0.0 <= self.latent_warmup <= 1.0, "latent_warmup must be in [0, 1]"),
             (self.local_refine_epochs >= 0, "local_refine_epochs must be >= 0"),
             (self.local_step_deg > 0 and self.local_t_step_px >= 0, "local steps must be > 0"),
             (self.local_levels >= 1 and self.local_iters >= 1, "local levels/iters must be >= 1"),

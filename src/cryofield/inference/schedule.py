@@ -53,6 +53,10 @@ class Schedule:
         else:
             self.hps_epochs = min(cfg.epochs, max(1, math.ceil(cfg.hps_images / self.n)))
         self.hps_total = self.hps_epochs * self.n
+        #: search epochs with z held at 0 (heterogeneous runs: a consensus search first)
+        self.consensus_epochs = (
+            math.ceil(cfg.latent_warmup * self.hps_epochs - 1e-9) if cfg.zdim > 0 else 0
+        )
         n_local = cfg.local_refine_epochs
         if cfg.poses_from_file and not cfg.refine_poses:
             n_local = 0

@@ -227,7 +227,7 @@ class Trainer:
         self.epoch = 0
         self.images_seen = 0
         self.rollbacks = 0
-        self.latent_init_epoch = 0  # epoch whose start set the latents by PCA (0: not yet)
+        self.latent_init_epoch = 0  # last epoch whose start set the latents by PCA
         self._local: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
         scale = self.batches.estimate_scale(cfg.norm_images, gen)
         self.field.output_scale.fill_(scale)
@@ -278,8 +278,13 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
 
     def _z_frozen(self, plan: StepPlan) -> bool:
-        """Heterogeneous warm-up: during the search phase z is held at 0 (consensus)."""
-        return self.latents is not None and self.cfg.latent_warmup and plan.phase == "hps"
+        """Heterogeneous warm-up: during the first search epochs z is held at 0 (a consensus
+        search, ``latent_warmup`` of the search phase)."""
+        return (
+            self.latents is not None
+            and plan.phase == "hps"
+            and self.epoch + 1 <= self.schedule.consensus_epochs
+        )
 
     def _z_held(self, plan: StepPlan) -> bool:
         """The latent table takes no steps: warm-up, or the epoch that starts from the
@@ -287,6 +292,22 @@ class Trainer:
         return self._z_frozen(plan) or (
             self.latent_init_epoch > 0 and self.latent_init_epoch == self.epoch + 1
         )
+
+    def _wants_latent_init(self, epoch: int) -> bool:
+        """Set the latents by PCA at the start of ``epoch``: the first epoch after the
+        consensus search (with known poses: the first epoch), and again at the first epoch
+        after the search, from the poses it found."""
+        if self.latents is None or self.cfg.latent_init != "pca":
+            return False
+        if self.latent_init_epoch == 0:
+            return epoch > self.schedule.consensus_epochs and (
+                epoch > 1 or self.cfg.poses_from_file
+            )
+        if self.latent_init_epoch >= epoch:
+            return False
+        if self.schedule.phase_of_epoch(epoch) == "hps":
+            return self.cfg.latent_refresh
+        return epoch == self.schedule.hps_epochs + 1
 
     @torch.no_grad()
     def _init_latents(self) -> None:
@@ -421,10 +442,7 @@ class Trainer:
         t0 = time.perf_counter()
         losses: list[float] = []
         plan = self.schedule.plan(epoch, self.images_seen)
-        if (
-            self.latents is not None and self.cfg.latent_init == "pca" and phase != "hps"
-            and self.latent_init_epoch == 0
-        ):  # fmt: skip
+        if self._wants_latent_init(epoch):
             self._init_latents()
         if phase == "local":
             self._prepare_local()

@@ -7,8 +7,8 @@ a few globular domains of different sizes, plus a right-handed helical arm, whic
 them asymmetric, chiral and rich in detail up to about the atom width (~0.8 px at D=64).
 
 - :func:`protein_like` -- the homogeneous test object (four domains + helix).
-- :func:`two_domain` -- a body and an arm that swings about a hinge with ``c`` in [0, 1]
-  (continuous heterogeneity).
+- :func:`two_domain` -- the same object cut into a body and an arm (its second domain)
+  that swings about a hinge with ``c`` in [0, 1] (continuous heterogeneity).
 - :func:`discrete_states` -- 2-4 discrete states built from the same parts (arm closed,
   arm open, arm absent, an extra domain bound).
 - :func:`atomic_model_density` -- density of a PDB/mmCIF model (one frame per model)
@@ -141,8 +141,8 @@ def _helix(start: np.ndarray, axis: np.ndarray, radius: float, rise: float, n: i
     )
 
 
-def _protein_atoms(seed: int) -> np.ndarray:
-    """Pseudo-atom centres of :func:`protein_like` in box fractions, centred on their mean."""
+def _protein_chain(seed: int) -> list[np.ndarray]:
+    """Pseudo-atoms of :func:`protein_like` before centring: four domains, then the helix."""
     rng = np.random.default_rng(seed)
     domains = [  # centre, radius, atoms: four domains of decreasing size
         (np.array([-0.08, 0.02, 0.0]), 0.095, 150),
@@ -158,8 +158,17 @@ def _protein_atoms(seed: int) -> np.ndarray:
         pos = pts[-1]
     arm_start = chain[0][np.argmin(chain[0][:, 1] - chain[0][:, 0])]
     chain.append(_helix(arm_start, np.array([-0.6, 0.6, -0.5]), 0.022, 0.0075, 22))
-    atoms = np.concatenate(chain)
-    return 1.15 * (atoms - atoms.mean(0))
+    return chain
+
+
+#: scale of the built-in protein's pseudo-atom layout (box fractions)
+_PROTEIN_SCALE = 1.15
+
+
+def _protein_atoms(seed: int) -> np.ndarray:
+    """Pseudo-atom centres of :func:`protein_like` in box fractions, centred on their mean."""
+    atoms = np.concatenate(_protein_chain(seed))
+    return _PROTEIN_SCALE * (atoms - atoms.mean(0))
 
 
 def _render_fraction(atoms: np.ndarray, D: int, sigma: float = _ATOM_SIGMA) -> np.ndarray:
@@ -204,20 +213,25 @@ class _TwoDomainParts:
     axis: np.ndarray  # (3,) unit hinge axis
 
 
-def _two_domain_parts(seed: int = 11) -> _TwoDomainParts:
-    rng = np.random.default_rng(seed)
-    body = _random_walk_domain(
-        rng, np.array([-0.07, 0.0, 0.0]), np.array([-0.07, 0.0, 0.0]), 0.12, 200
-    )
-    hinge = np.array([0.05, 0.02, 0.0])
-    arm = _random_walk_domain(rng, hinge, np.array([0.13, 0.05, 0.02]), 0.075, 90)
-    arm = np.concatenate([arm, _helix(arm[-1], np.array([0.5, 0.8, 0.3]), 0.02, 0.0075, 18)])
-    extra = _random_walk_domain(rng, body[50], np.array([-0.13, -0.15, 0.06]), 0.055, 45)
-    axis = np.array([0.25, -0.3, 1.0])
-    shift = np.concatenate([body, arm]).mean(0)
-    return _TwoDomainParts(
-        body - shift, arm - shift, extra - shift, hinge - shift, axis / np.linalg.norm(axis)
-    )
+def _two_domain_parts(seed: int = 7) -> _TwoDomainParts:
+    """The :func:`protein_like` object cut into a body and a mobile arm (its second domain).
+
+    The arm hinges on the body atom nearest its centroid, about an axis chosen so that the
+    75 deg swing moves the arm's centroid by ~0.13 box without running into the body. The
+    extra domain sits in an empty pocket next to the body.
+    """
+    chain = [_PROTEIN_SCALE * c for c in _protein_chain(seed)]
+    shift = np.concatenate(chain).mean(0)
+    chain = [c - shift for c in chain]
+    arm = chain[1]
+    hinge = chain[0][np.argmin(np.linalg.norm(chain[0] - arm.mean(0), axis=1))]
+    body = np.concatenate([chain[0], *chain[2:]])
+    rng = np.random.default_rng(seed + 4)
+    pocket = np.array([0.0, 0.0, -0.17])
+    start = body[np.argmin(np.linalg.norm(body - pocket, axis=1))]
+    extra = _random_walk_domain(rng, start, pocket, 0.055, 45)
+    axis = np.array([1.0, -0.2, 0.3])
+    return _TwoDomainParts(body, arm, extra, hinge, axis / np.linalg.norm(axis))
 
 
 def _rotate_about(
@@ -250,9 +264,10 @@ def _two_domain_atoms(c: float, with_arm: bool = True, with_extra: bool = False)
 
 
 def two_domain(D: int, c: float) -> np.ndarray:
-    """Two-domain object whose arm swings continuously about a hinge.
+    """The protein-like object as two rigid bodies: an arm that swings about a hinge.
 
-    The body is fixed in the box; the arm (a globular domain with a short helix) is rotated
+    The body (three domains and the helix of :func:`protein_like`) is fixed in the box; the
+    arm (its second domain, about a quarter of the mass) is rotated
     by ``c * TWO_DOMAIN_MAX_ANGLE_DEG`` (75 deg) about a tilted hinge axis, so ``c`` in
     [0, 1] is a one-dimensional conformational coordinate.
 
