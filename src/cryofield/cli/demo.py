@@ -29,8 +29,10 @@ QUICK = dict(n_particles=1000, D=32, apix_A=8.0)
 #: of gradient refinement and 1 of local refinement (the settings of
 #: benchmarks/bench_train.py)
 DEMO_TRAIN = dict(hidden=128, batch_size=32, steps_per_batch=3, lr_field=2e-3, t_extent_px=6.0)
-#: epochs of pose search / total epochs (full demo, --quick)
+#: epochs of pose search / total epochs (full demo, --quick); the heterogeneous presets
+#: search twice as long (images of different states converge at different times)
 DEMO_EPOCHS = {False: (6, 9), True: (3, 4)}
+HET_DEMO_EPOCHS = (12, 15)
 #: latent dimension used for the heterogeneous presets
 ZDIM = {"demo-homo": 0, "demo-hetero": 8, "demo-continuous": 8}
 
@@ -47,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="1000 images at D=32 and a short run (smoke test)"
     )
-    parser.add_argument("--epochs", type=int, help="training epochs (default 9, quick 4)")
+    parser.add_argument(
+        "--epochs", type=int, help="training epochs (default 9, heterogeneous presets 15, quick 4)"
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of simulation and training")
 
@@ -81,6 +85,8 @@ def _train_config(args: argparse.Namespace, data: Path, train_dir: Path):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     hps_epochs, epochs = DEMO_EPOCHS[bool(args.quick)]
+    if ZDIM[args.preset] > 0 and not args.quick:
+        hps_epochs, epochs = HET_DEMO_EPOCHS
     with np.load(data / "truth.npz", allow_pickle=False) as truth:
         n_images = int(truth["rotations"].shape[0])
     return TrainConfig(

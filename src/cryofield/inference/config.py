@@ -98,7 +98,7 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise CryofieldError(f"unknown training setting(s): {', '.join(unknown)}")
-        if isinstance(d.get("latent_warmup"), bool):  # runs before 0.x stored a switch
+        if isinstance(d.get("latent_warmup"), bool):  # older config.yaml files stored a switch
             d = {**d, "latent_warmup": 1.0 if d["latent_warmup"] else 0.0}
         return cls(**d)
 
