@@ -295,8 +295,8 @@ class Trainer:
 
     def _wants_latent_init(self, epoch: int) -> bool:
         """Set the latents by PCA at the start of ``epoch``: the first epoch after the
-        consensus search (with known poses: the first epoch), and again at the first epoch
-        after the search, from the poses it found."""
+        consensus search (with known poses: the first epoch), every later search epoch
+        (``latent_refresh``) and the first epoch after the search, from the current poses."""
         if self.latents is None or self.cfg.latent_init != "pca":
             return False
         if self.latent_init_epoch == 0:
