@@ -91,7 +91,7 @@ def test_search_recovers_true_poses_of_a_known_volume_to_grid_precision():
     X, c = _observations(F, D, R, t, pts, with_ctf=True)
     st = SearchSettings(base_nside=4, base_psi=24, levels=3, t_extent_px=3.0, t_ngrid=7,
                         radius_lo_px=6.0, radius_hi_px=12.0)  # fmt: skip
-    Rh, th, _ = search_poses(F, D, X, c, pts, st)
+    Rh, th = search_poses(F, D, X, c, pts, st)[:2]
     err_deg = torch.rad2deg(geodesic_distance_rad(Rh, R))
     spacing = search_grid.grid_spacing_deg(4, 24, 3)  # 1.9 deg
     assert float(err_deg.median()) < spacing
@@ -114,8 +114,33 @@ def test_search_recovers_poses_of_a_known_neural_field():
     X, c = _observations(F, D, R, t, pts, with_ctf=False)
     st = SearchSettings(base_nside=2, base_psi=12, levels=3, t_extent_px=0.0, t_ngrid=1,
                         radius_lo_px=5.0, radius_hi_px=10.0)  # fmt: skip
-    Rh, th, _ = search_poses(F, D, X[:, : pts.count(10.0)], c, pts, st)
+    Rh, th = search_poses(F, D, X[:, : pts.count(10.0)], c, pts, st)[:2]
     err_deg = torch.rad2deg(geodesic_distance_rad(Rh, R))
     assert float(err_deg.median()) < search_grid.grid_spacing_deg(2, 12, 3)
     assert float(th.abs().max()) == 0.0
     assert math.isfinite(float(err_deg.max()))
+
+
+def test_search_against_several_references_picks_each_image_s_volume():
+    D = 32
+    base = blob_volume(D, 8)
+    # reference 1 is reference 0 plus extra mass: a heavier volume must not win by default
+    refs = torch.stack([fft3_centered(base), fft3_centered(base + blob_volume(D, 3, seed=5))])
+    g = torch.Generator().manual_seed(3)
+    n = 16
+    truth = torch.arange(n) % 2
+    R = random_rotations(n, generator=g)
+    t = (torch.rand(n, 2, generator=g) - 0.5) * 4
+    pts = FrequencyPoints.build(D)
+    obs = [_observations(refs[k], D, R, t, pts, with_ctf=True) for k in (0, 1)]
+    X = torch.where(truth[:, None] == 1, obs[1][0], obs[0][0])
+    X = X + 0.05 * float(X.abs().mean()) * torch.randn(X.shape, generator=g, dtype=X.dtype)
+    st = SearchSettings(base_nside=4, base_psi=24, levels=2, t_extent_px=3.0, t_ngrid=7,
+                        radius_lo_px=6.0, radius_hi_px=10.0)  # fmt: skip
+    res = search_poses(refs, D, X, obs[0][1], pts, st, chunk=5)
+    assert torch.equal(res.reference, truth)
+    err_deg = torch.rad2deg(geodesic_distance_rad(res.rotations, R))
+    assert float(err_deg.max()) < 2 * search_grid.grid_spacing_deg(4, 24, 2)
+    assert float((res.shifts_px - t).norm(dim=-1).max()) < 0.5
+    # one reference: every image is aligned to it
+    assert int(search_poses(refs[0], D, X, obs[0][1], pts, st).reference.max()) == 0

@@ -68,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="set z by variability analysis only at the first search epoch with z and after "
         "the search (default: at the start of every search epoch from the current poses)",
     )
-    parser.add_argument("--search-groups", type=int, help="z groups per batch in the search (8)")
+    parser.add_argument(
+        "--search-groups", type=int, help="reference volumes per batch in the search (8)"
+    )
     parser.add_argument(
         "--local-refine-epochs", type=int, help="last epochs with a local pose search (1)"
     )

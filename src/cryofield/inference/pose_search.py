@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -212,6 +213,27 @@ def _cross_terms(
     return norm[:, None, :] - 2.0 * cross
 
 
+class SearchResult(NamedTuple):
+    """Output of :func:`search_poses`.
+
+    Attributes
+    ----------
+    rotations : torch.Tensor
+        ``(B, 3, 3)``.
+    shifts_px : torch.Tensor
+        ``(B, 2)``.
+    error : torch.Tensor
+        ``(B,)`` the minimised error up to the image-dependent constant ``|X|^2``.
+    reference : torch.Tensor
+        ``(B,)`` long, the reference each image was aligned to (0 with one volume).
+    """
+
+    rotations: torch.Tensor
+    shifts_px: torch.Tensor
+    error: torch.Tensor
+    reference: torch.Tensor
+
+
 @torch.no_grad()
 def search_poses(
     grid_ft: torch.Tensor,
@@ -222,14 +244,22 @@ def search_poses(
     settings: SearchSettings,
     t_center_px: torch.Tensor | None = None,
     chunk: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best pose of every image by hierarchical search.
+) -> SearchResult:
+    """Best pose of every image by hierarchical search, against one or several volumes.
+
+    With several reference volumes (heterogeneous runs: the field at several ``z``), every
+    image is scored against every reference on the level-0 grid and keeps the reference
+    with the lowest error at its best pose; the refinement levels use that reference.
+    This is the maximum of the expectation step of multi-reference alignment (Scheres et
+    al. 2007, J. Mol. Biol. 348:139, "Disentangling conformational states of
+    macromolecules in 3D-EM through likelihood optimization"); the error has no
+    per-reference offset, so a heavier reference does not win by default.
 
     Parameters
     ----------
     grid_ft
-        ``(Dc, Dc, Dc)`` complex centred Fourier grid of the current volume (shared), or
-        ``(B, Dc, Dc, Dc)`` one per image (heterogeneous); zero beyond the search radius.
+        ``(Dc, Dc, Dc)`` complex centred Fourier grid of the current volume, or
+        ``(G, Dc, Dc, Dc)`` one per reference; zero beyond the search radius.
     D
         Training box size.
     images_ft
@@ -247,17 +277,12 @@ def search_poses(
 
     Returns
     -------
-    rotations : torch.Tensor
-        ``(B, 3, 3)``.
-    shifts_px : torch.Tensor
-        ``(B, 2)``.
-    error : torch.Tensor
-        ``(B,)`` the minimised error up to the image-dependent constant ``|X|^2``.
+    SearchResult
     """
     s = settings
     B = images_ft.shape[0]
     dev = images_ft.device
-    shared = grid_ft.dim() == 3
+    refs = grid_ft[None] if grid_ft.dim() == 3 else grid_ft  # (G, Dc, Dc, Dc)
     radii = [
         s.radius_lo_px + (s.radius_hi_px - s.radius_lo_px) * (lv / max(s.levels, 1))
         for lv in range(s.levels + 1)
@@ -273,27 +298,31 @@ def search_poses(
     idx, w = points.half_index(radii[0])
     fr = points.freqs[idx]
     K = min(s.n_keep, rots0.shape[0])
-    keep_q, keep_t = [], []
-    slices_shared = slice_grid(grid_ft, D, rots0, fr) if shared else None
+    keep_e, keep_q, keep_t, keep_ref = [], [], [], []
+    slices0 = [slice_grid(g, D, rots0, fr) for g in refs]  # G x (Q, M)
     for b0 in range(0, B, chunk):
         sl = slice(b0, b0 + chunk)
         shifts = t_center_px[sl, None, :] + t0[None]  # (b, T, 2)
         xc = centre_images(images_ft[sl][:, idx], fr, shifts)  # (b, T, M)
-        if shared:
-            sli = slices_shared
-        else:
-            sli = slice_grid(grid_ft[sl], D, rots0.expand(xc.shape[0], *rots0.shape), fr)
-        err = _cross_terms(xc, ctf[sl][:, idx], w, sli)  # (b, T, Q)
-        best_err, best_t = err.min(dim=1)  # (b, Q)
-        _, q = torch.topk(best_err, K, dim=1, largest=False)  # (b, K)
+        per_ref = [_cross_terms(xc, ctf[sl][:, idx], w, sg).min(dim=1) for sg in slices0]
+        err_g = torch.stack([e for e, _ in per_ref])  # (G, b, Q)
+        ref = err_g.amin(dim=2).argmin(dim=0)  # (b,)
+        cols = torch.arange(len(ref), device=dev)
+        best_err = err_g[ref, cols]  # (b, Q)
+        best_t = torch.stack([t for _, t in per_ref])[ref, cols]
+        e, q = torch.topk(best_err, K, dim=1, largest=False)  # (b, K)
+        keep_e.append(e)
         keep_q.append(q)
+        keep_ref.append(ref)
         keep_t.append(
             torch.gather(shifts, 1, torch.gather(best_t, 1, q)[..., None].expand(-1, -1, 2))
         )
     q = torch.cat(keep_q)
+    reference = torch.cat(keep_ref)
+    grid_lv = refs[0] if len(refs) == 1 else refs[reference]  # shared or (B, Dc, Dc, Dc)
     pix, psi = pix0.to(dev)[q], psi0.to(dev)[q]  # (B, K)
     tk = torch.cat(keep_t)  # (B, K, 2)
-    best_err = torch.zeros(B, device=dev)
+    best_err = torch.cat(keep_e)  # (B, K) ascending
     rots = rots0[q]
 
     # ---- refinement levels
@@ -307,7 +336,7 @@ def search_poses(
         nK = cpix.shape[1]
         shifts = tk[:, :, None, :] + step * local  # (B, K, 9, 2)
         xc = centre_images(images_ft[:, idx], fr, shifts.reshape(B, nK * 9, 2))  # (B, K*9, M)
-        sli = slice_grid(grid_ft, D, crot.reshape(B, nK * 8, 3, 3), fr)  # (B, K*8, M)
+        sli = slice_grid(grid_lv, D, crot.reshape(B, nK * 8, 3, 3), fr)  # (B, K*8, M)
         sli = sli.reshape(B, nK, 8, -1)
         xc = xc.reshape(B, nK, 9, -1)
         ctf_l = ctf[:, idx] * w
@@ -332,7 +361,7 @@ def search_poses(
     if s.levels == 0:
         rots = rots[:, :1]
         tk = tk[:, :1]
-    return rots[:, 0], tk[:, 0], best_err[:, 0] if best_err.dim() == 2 else best_err
+    return SearchResult(rots[:, 0], tk[:, 0], best_err[:, 0], reference)
 
 
 def local_perturbations(step_rad: float, device: torch.device | str = "cpu") -> torch.Tensor:

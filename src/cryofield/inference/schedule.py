@@ -12,8 +12,14 @@ latents) take a gradient step with the refined poses.
 
 Frequency marching: during the search phase the radius (Fourier px) grows linearly with the
 number of images seen, from ``radius_start_px`` to ``radius_search_px``; the search's level
-0 uses the lower end (the coarse grid cannot exploit high frequencies) and the last level
-the current radius. Gradient phases train on ``radius_max_px``.
+0 uses the midpoint between ``radius_start_px`` and the current radius (the coarse grid
+gains little from the highest frequencies, but the start radius alone ranks candidates
+poorly once the map has detail) and the last level the current radius. Gradient phases
+train on ``radius_max_px``.
+
+Level-0 radius measured on 384 images of saved runs (D=64, SNR 0.1), fraction of images
+within 10 deg after the search: demo-homo epoch 6 0.964 at the start radius, 0.992 at the
+midpoint; demo-hetero epoch 9 0.37 and 0.53 (the arm-absent state: median 32.5 -> 7.1 deg).
 """
 
 from __future__ import annotations
@@ -80,4 +86,4 @@ class Schedule:
             return StepPlan(phase, c.radius_max_px, c.radius_search_px, c.radius_search_px)
         f = min(1.0, images_seen / max(self.hps_total, 1))
         hi = c.radius_start_px + (c.radius_search_px - c.radius_start_px) * f
-        return StepPlan(phase, hi, c.radius_start_px, hi)
+        return StepPlan(phase, hi, (c.radius_start_px + hi) / 2, hi)

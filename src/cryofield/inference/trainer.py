@@ -333,25 +333,21 @@ class Trainer:
 
     @torch.no_grad()
     def _search(self, idx: np.ndarray, xft: torch.Tensor, ctf: torch.Tensor, plan: StepPlan):
+        """Poses of a batch by hierarchical search. Heterogeneous runs search against the
+        field at the k-means centres of the batch's latents (``het_search_groups``
+        references); each image takes the reference that explains it best."""
         settings = _search_settings(self.cfg, plan)
         with self._autocast():
             if self.latents is None or self._z_frozen(plan):
                 z0 = None if self.latents is None else self._batch_z(torch.zeros(1), plan)
                 grid, Dc = self.field.grid_ht(plan.search_hi_px, z0)
                 fgrid = hartley_grid_to_fourier(grid.float().reshape(Dc, Dc, Dc))
-                return search_poses(fgrid, self.D, xft, ctf, self.points, settings)[:2]
-            z = self.latents(torch.as_tensor(idx, device=self.device))
-            labels, centres = _kmeans_groups(z.cpu(), self.cfg.het_search_groups)
-            grids, _ = self.field.grid_ht(plan.search_hi_px, centres.to(self.device))
-            fgrids = hartley_grid_to_fourier(grids.float())
-        R = torch.empty(len(idx), 3, 3, device=self.device)
-        t = torch.empty(len(idx), 2, device=self.device)
-        for g in range(centres.shape[0]):
-            m = (labels == g).to(self.device)
-            if m.any():
-                R[m], t[m] = search_poses(fgrids[g], self.D, xft[m], ctf[m], self.points,
-                                          settings)[:2]  # fmt: skip
-        return R, t
+            else:
+                z = self.latents(torch.as_tensor(idx, device=self.device))
+                centres = _kmeans_groups(z.cpu(), self.cfg.het_search_groups)[1]
+                grids, _ = self.field.grid_ht(plan.search_hi_px, centres.to(self.device))
+                fgrid = hartley_grid_to_fourier(grids.float())
+        return search_poses(fgrid, self.D, xft, ctf, self.points, settings)[:2]
 
     @torch.no_grad()
     def _prepare_local(self) -> None:
