@@ -169,7 +169,7 @@ def run_het(args: argparse.Namespace, out: Path, preset: str) -> dict[str, Any]:
 
     from cryofield.analysis.metrics import MIRROR, adjusted_rand_index, pose_errors
     from cryofield.inference.rundir import RunDir
-    from cryofield.inference.trainer import train
+    from cryofield.inference.trainer import resume, train
 
     data = _simulate(preset, out, args.n_het, args.D, args.seed, args.apix)
     truth = np.load(data / "truth.npz")
@@ -179,13 +179,19 @@ def run_het(args: argparse.Namespace, out: Path, preset: str) -> dict[str, Any]:
     cfg = _train_cfg(a, data / args.particles_file, run_dir, args.zdim)
     cfg.poses_from_file = bool(args.known_poses)
     t0 = time.perf_counter()
-    train(cfg)
+    # an existing run (interrupted, or stopped earlier) is continued to --epochs
+    last = RunDir(run_dir).last_complete_epoch() if (run_dir / "config.yaml").is_file() else None
+    if last is None:
+        train(cfg)
+    else:
+        resume(run_dir, epochs=args.epochs)
     wall = time.perf_counter() - t0
     run = RunDir(run_dir)
     z = run.latents()
     poses = run.poses()
     res: dict[str, Any] = {"experiment": f"{preset} ({mode})", "n": args.n_het,
-                           "input": args.particles_file, "train_wall_s": wall}  # fmt: skip
+                           "input": args.particles_file, "train_wall_s": wall,
+                           "resumed_after_epoch": last}  # fmt: skip
     pe = pose_errors(poses["rotations"], truth["rotations"], poses["shifts_px"],
                      truth["shifts_px"])  # fmt: skip
     res["pose_errors"] = {k: v for k, v in pe.items() if k != "R_global"}

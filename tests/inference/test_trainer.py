@@ -65,7 +65,7 @@ def test_resume_gives_the_same_tables_as_an_uninterrupted_run(tmp_path, one_thre
     D, N = 16, 48
     data = make_dataset([blob_volume(D, 5, width_px=1.5)], N, snr=2.0, shift_px=1.0, seed=3)
     kw = dict(epochs=3, hps_images=N, hidden=32, n_freqs=8, batch_size=12, base_nside=1,
-              base_psi=6, search_levels=2, zdim=2)  # fmt: skip
+              base_psi=6, search_levels=2, zdim=2, research_epochs=0)  # fmt: skip
     full = _trainer(data, tmp_path / "a", **kw)
     full.fit()
     # the epoch-2 state of the full run (there epoch 2 is not yet the final, local one)
@@ -128,7 +128,7 @@ def test_latent_warmup_splits_the_search_into_consensus_then_per_state(tmp_path,
     D, N = 16, 20
     data = make_dataset([blob_volume(D, 4)], N, snr=None, seed=5)
     tr = _trainer(data, tmp_path, epochs=7, hps_images=5 * N, zdim=2, latent_warmup=0.6,
-                  hidden=8, n_freqs=2)  # fmt: skip
+                  hidden=8, n_freqs=2, research_epochs=0)  # fmt: skip
     assert tr.schedule.consensus_epochs == 3
     frozen = []
     for epoch in range(1, 8):
@@ -148,5 +148,12 @@ def test_latent_warmup_splits_the_search_into_consensus_then_per_state(tmp_path,
     assert [tr._wants_latent_init(e) for e in (1, 2)] == [False, True]
     tr.latent_init_epoch = 6  # the search ended at epoch 5 and epoch 6 set them again
     assert not tr._wants_latent_init(6)
+    # the search again before the local epoch (default for heterogeneous runs): z is set at
+    # its start and after it, even without the per-epoch refresh
+    tr = _trainer(data, tmp_path / "c", epochs=8, hps_images=5 * N, zdim=2, hidden=8,
+                  n_freqs=2, latent_refresh=False)  # fmt: skip
+    assert [tr.schedule.phase_of_epoch(e) for e in (6, 7, 8)] == ["sgd", "hps", "local"]
+    tr.latent_init_epoch = 6
+    assert [tr._wants_latent_init(e) for e in (7, 8)] == [True, True]
     with pytest.raises(CryofieldError, match="latent_warmup"):
         TrainConfig(latent_warmup=1.5).validate()

@@ -72,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--search-groups", type=int, help="reference volumes per batch in the search (8)"
     )
     parser.add_argument(
+        "--research-epochs", type=int,
+        help="global search epochs again after the gradient epochs (heterogeneous: 1, else 0)",
+    )  # fmt: skip
+    parser.add_argument(
         "--local-refine-epochs", type=int, help="last epochs with a local pose search (1)"
     )
     parser.add_argument("--poses-from-file", action="store_true", help="use the file's poses")
@@ -110,7 +114,7 @@ _MAP = {
     "base_nside": "base_nside", "base_psi": "base_psi", "radius_start": "radius_start_px",
     "radius_search": "radius_search_px", "radius_max": "radius_max_px",
     "search_groups": "het_search_groups", "device": "device", "latent_warmup": "latent_warmup",
-    "local_refine_epochs": "local_refine_epochs",
+    "local_refine_epochs": "local_refine_epochs", "research_epochs": "research_epochs",
     "seed": "seed", "threads": "num_threads", "datadir": "datadir", "ind": "ind",
 }  # fmt: skip
 

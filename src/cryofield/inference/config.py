@@ -64,6 +64,9 @@ class TrainConfig:
     radius_search_px: float | None = None
     radius_max_px: float | None = None
     het_search_groups: int = 8
+    # global search epochs again after the gradient epochs, before local refinement (None:
+    # 1 for heterogeneous ab initio runs, 0 otherwise)
+    research_epochs: int | None = None
     # local pose refinement (final epochs)
     local_refine_epochs: int = 1
     local_step_deg: float = 2.0
@@ -132,6 +135,8 @@ class TrainConfig:
             c.radius_max_px = nyq
         if c.refine_poses is None:
             c.refine_poses = not c.poses_from_file
+        if c.research_epochs is None:
+            c.research_epochs = 1 if c.zdim > 0 and not c.poses_from_file else 0
         if c.latent_init_radius_px is None:
             c.latent_init_radius_px = min(D / 4.0, c.radius_search_px)
         if c.t_extent_px is None:
@@ -160,6 +165,8 @@ class TrainConfig:
             (self.latent_init_iters >= 1, "latent_init_iters must be >= 1"),
             (0.0 <= self.latent_warmup <= 1.0, "latent_warmup must be in [0, 1]"),
             (self.local_refine_epochs >= 0, "local_refine_epochs must be >= 0"),
+            (self.research_epochs is None or self.research_epochs >= 0,
+             "research_epochs must be >= 0"),
             (self.local_step_deg > 0 and self.local_t_step_px >= 0, "local steps must be > 0"),
             (self.local_levels >= 1 and self.local_iters >= 1, "local levels/iters must be >= 1"),
             (self.local_oversample in (1, 2, 3, 4), "local_oversample must be 1..4"),

@@ -8,7 +8,13 @@ known poses from the input file (``--poses-from-file``), optionally refined. Pha
 poses only if they are refined): every batch first gets a local pose search around its
 current poses at the full radius (:func:`cryofield.inference.pose_search.local_refine_poses`
 on a voxel grid of the field built at the start of the epoch), then the field (and
-latents) take a gradient step with the refined poses.
+latents) take a gradient step with the refined poses. The ``research_epochs`` epochs just
+before the local ones (after the gradient epochs; heterogeneous ab initio runs: 1 by
+default) are search epochs again, at the full search radius: by then every state has a
+map, and an image aligned to the wrong state's map during the search can move to its own.
+Measured on a saved demo-hetero run (after its local epoch): one more multi-reference
+search raised the images within 10 deg from 89.6% to 95.1% (arm-open state 80% -> 91%),
+and k-means ARI on the latents re-estimated at those poses from 0.85 to 0.95.
 
 Frequency marching: during the search phase the radius (Fourier px) grows linearly with the
 number of images seen, from ``radius_start_px`` to ``radius_search_px``; the search's level
@@ -67,6 +73,9 @@ class Schedule:
         if cfg.poses_from_file and not cfg.refine_poses:
             n_local = 0
         self.local_from = max(self.hps_epochs, cfg.epochs - n_local) + 1
+        n_re = 0 if cfg.poses_from_file else int(cfg.research_epochs or 0)
+        #: first epoch of the search again after the gradient epochs
+        self.research_from = max(self.hps_epochs + 1, self.local_from - n_re)
 
     def phase_of_epoch(self, epoch: int) -> str:
         """Phase of 1-based ``epoch``."""
@@ -74,7 +83,7 @@ class Schedule:
             return "local"
         if self.cfg.poses_from_file:
             return "fixed"
-        return "hps" if epoch <= self.hps_epochs else "sgd"
+        return "hps" if epoch <= self.hps_epochs or epoch >= self.research_from else "sgd"
 
     def plan(self, epoch: int, images_seen: int) -> StepPlan:
         """Plan for the next batch of 1-based ``epoch`` after ``images_seen`` images in all."""

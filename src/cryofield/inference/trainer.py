@@ -296,7 +296,8 @@ class Trainer:
     def _wants_latent_init(self, epoch: int) -> bool:
         """Set the latents by PCA at the start of ``epoch``: the first epoch after the
         consensus search (with known poses: the first epoch), every later search epoch
-        (``latent_refresh``) and the first epoch after the search, from the current poses."""
+        (``latent_refresh``) and the first epoch after a search epoch, from the current
+        poses."""
         if self.latents is None or self.cfg.latent_init != "pca":
             return False
         if self.latent_init_epoch == 0:
@@ -306,8 +307,8 @@ class Trainer:
         if self.latent_init_epoch >= epoch:
             return False
         if self.schedule.phase_of_epoch(epoch) == "hps":
-            return self.cfg.latent_refresh
-        return epoch == self.schedule.hps_epochs + 1
+            return self.cfg.latent_refresh or epoch >= self.schedule.research_from
+        return epoch > 1 and self.schedule.phase_of_epoch(epoch - 1) == "hps"
 
     @torch.no_grad()
     def _init_latents(self) -> None:
