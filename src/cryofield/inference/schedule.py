@@ -73,9 +73,9 @@ class Schedule:
         if cfg.poses_from_file and not cfg.refine_poses:
             n_local = 0
         self.local_from = max(self.hps_epochs, cfg.epochs - n_local) + 1
-        n_re = 0 if cfg.poses_from_file else int(cfg.research_epochs or 0)
-        #: first epoch of the search again after the gradient epochs
-        self.research_from = max(self.hps_epochs + 1, self.local_from - n_re)
+        #: first epoch of the search again after the gradient epochs (never with known
+        #: poses: :meth:`phase_of_epoch` returns "fixed" there)
+        self.research_from = max(self.hps_epochs + 1, self.local_from - (cfg.research_epochs or 0))
 
     def phase_of_epoch(self, epoch: int) -> str:
         """Phase of 1-based ``epoch``."""

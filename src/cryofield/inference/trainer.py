@@ -296,8 +296,8 @@ class Trainer:
     def _wants_latent_init(self, epoch: int) -> bool:
         """Set the latents by PCA at the start of ``epoch``: the first epoch after the
         consensus search (with known poses: the first epoch), every later search epoch
-        (``latent_refresh``) and the first epoch after a search epoch, from the current
-        poses."""
+        (``latent_refresh``; the search-again epochs always) and the first epoch after a
+        search epoch, from the current poses."""
         if self.latents is None or self.cfg.latent_init != "pca":
             return False
         if self.latent_init_epoch == 0:
