@@ -43,17 +43,17 @@ def _simulate(preset: str, out: Path, n: int, D: int, seed: int, apix: float | N
 
 
 def _train_cfg(args: argparse.Namespace, particles: Path, outdir: Path, zdim: int) -> Any:
+    """The settings of ``cryofield train`` with no flags (TrainConfig's defaults, the one
+    source of truth), plus ``--zdim`` for the heterogeneous sets and the thread count;
+    ``--config FILE`` (yaml of TrainConfig keys) only for ablations."""
     from cryofield.inference.config import TrainConfig
 
-    extra = {} if args.latent_warmup is None else {"latent_warmup": args.latent_warmup}
-    return TrainConfig(
-        particles=str(particles), outdir=str(outdir), zdim=zdim, epochs=args.epochs,
-        hps_images=args.hps_epochs * args.n, batch_size=args.batch_size,
-        lr_field=args.lr_field, hidden=args.hidden, steps_per_batch=args.field_steps,
-        radius_start_px=args.radius_start, radius_search_px=args.radius_search,
-        search_levels=args.levels, seed=args.seed, num_threads=args.threads,
-        t_extent_px=args.t_extent, lr_latent=args.lr_latent, **extra,
-    )  # fmt: skip
+    base = TrainConfig.load(args.config) if args.config else TrainConfig()
+    base.particles, base.outdir, base.zdim = str(particles), str(outdir), zdim
+    base.seed, base.num_threads = args.seed, args.threads
+    if args.epochs is not None:
+        base.epochs = args.epochs
+    return base
 
 
 def _resolution(
@@ -98,8 +98,10 @@ def run_homo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if bool(truth["invert"]):  # light-on-dark stack: the reference must be negated too
         ref = -ref
     tp = _resolution(ref, true_vol, apix, align=False)
-    run_dir = out / "run_homo"
+    run_dir = out / ("run_homo_known" if args.known_poses else "run_homo")
     cfg = _train_cfg(args, data / "particles.star", run_dir, 0)
+    if args.known_poses:  # the oracle: refinement started at the true poses must keep them
+        cfg.poses_from_file, cfg.refine_poses = True, True
     t0 = time.perf_counter()
     train(cfg)
     wall = time.perf_counter() - t0
@@ -131,13 +133,17 @@ def run_homo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     ours["mirrored"] = mir
     metrics = run.metrics()
     return {
-        "experiment": "homo", "n": args.n, "invert": invert, "D": args.D, "snr": 0.1,
+        "experiment": "homo (known poses, refined)" if args.known_poses else "homo",
+        "n": args.n, "invert": invert, "D": args.D, "snr": 0.1,
         "train_wall_s": wall,
         "threads": torch.get_num_threads(),
         "images_s_by_phase": {m["phase"]: m["images_s"] for m in metrics},
         "pose_errors": {k: v for k, v in pe.items() if k != "R_global"},
         "fsc05_A": ours["fsc05_A"], "map_mirrored": ours["mirrored"],
         "field_map_fsc05_A": field_map["fsc05_A"],
+        "field_vs_consensus": field_map["fsc05_A"] / ours["fsc05_A"],
+        "refine": [m.get("refine") for m in metrics if m["phase"] == "refine"],
+        "poses_moved_by_epoch": [m.get("poses_moved") for m in metrics],
         "true_pose_fsc05_A": tp["fsc05_A"], "resolution_ratio": ours["fsc05_A"] / tp["fsc05_A"],
     }  # fmt: skip
 
@@ -226,36 +232,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-het", type=int, default=6000)
     p.add_argument("-D", type=int, default=64)
     p.add_argument("--apix", type=float, default=None, help="pixel size, A (preset's if unset)")
-    p.add_argument("--epochs", type=int, default=9)
-    p.add_argument("--hps-epochs", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr-field", type=float, default=2e-3)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--field-steps", type=int, default=3)
-    p.add_argument(
-        "--radius-start",
-        type=float,
-        default=None,
-        help="first search radius, px (default: 12 D/128, as cryofield train)",
-    )
-    p.add_argument(
-        "--radius-search",
-        type=float,
-        default=None,
-        help="last search radius, px (default: 32 D/128)",
-    )
-    p.add_argument("--levels", type=int, default=4)
-    p.add_argument("--t-extent", type=float, default=6.0, help="translation search extent, px")
+    p.add_argument("--epochs", type=int, default=None, help="default: cryofield train's")
     p.add_argument("--zdim", type=int, default=8)
-    p.add_argument("--lr-latent", type=float, default=1e-2)
-    p.add_argument(
-        "--latent-warmup", type=float, default=None,
-        help="fraction of the search with z = 0 (cryofield train's default if unset)",
-    )  # fmt: skip
+    p.add_argument("--config", help="yaml of TrainConfig keys (ablations only; default none)")
     p.add_argument(
         "--known-poses",
         action="store_true",
-        help="hetero/continuous: start from the simulated poses (fixed-pose mode)",
+        help="start from the simulated poses (hetero/continuous: fixed; homo: refined, the "
+        "oracle test)",
     )
     p.add_argument(
         "--particles-file",

@@ -1,14 +1,19 @@
-"""`cryofield downsample`: chunked Fourier crop, new pixel size, matching star file."""
+"""`cryofield downsample`: chunked Fourier crop, new pixel size, star file linked to originals."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import pytest
+import starfile
 import torch
 
 from cryofield.cli.main import main
 from cryofield.io.metadata import load_particle_table
 from cryofield.io.mrc import read_mrc, write_mrc
 from cryofield.io.particles import ParticleSource
+from cryofield.io.star import original_table
 from cryofield.physics.filters import fourier_crop
 
 
@@ -77,3 +82,46 @@ def test_downsample_cs_and_mrcs(interop_data, tmp_path):
     assert main(["downsample", str(interop_data / "toy_projections.mrcs"), "-D", "64",
                  "-o", str(tmp_path / "u.mrcs")]) == 2  # fmt: skip
     assert not (tmp_path / "u.mrcs").exists()
+
+
+def test_downsample_links_each_particle_to_its_original(interop_data, tmp_path):
+    # RELION 3.1 input that has its own rlnImageOriginalName; --ind subset; stack elsewhere
+    np.save(tmp_path / "ind.npy", np.array([3, 1]))
+    out = tmp_path / "d64.mrcs"
+    assert main(["downsample", str(interop_data / "relion31.star"), "-D", "64", "-o", str(out),
+                 "--ind", str(tmp_path / "ind.npy")]) == 0  # fmt: skip
+    df = starfile.read(tmp_path / "d64.star", always_dict=True)["particles"]
+    stack = interop_data / "relion31.mrcs"  # not below the star's folder: absolute
+    assert df["rlnImageOriginalName"].tolist() == [f"000004@{stack}", f"000002@{stack}"]
+    assert df["rlnCryofieldOriginalImageSize"].tolist() == [256, 256]
+    assert df["rlnCryofieldOriginalPixelSize"].tolist() == [2.806, 2.806]
+    relion = starfile.read(interop_data / "relion31.star", always_dict=True)["particles"]
+    assert (df["rlnCryofieldPriorOriginalName"].tolist()
+            == relion["rlnImageOriginalName"].to_numpy()[[3, 1]].tolist())  # fmt: skip
+    # cryoSPARC input inside a project folder: relative names; then downsample again
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    for name in ("empiar_10076_7.cs", "empiar_10076_7.mrc"):
+        shutil.copy(interop_data / name, proj / name)
+    argv = ["downsample", str(proj / "empiar_10076_7.cs"), "-D", "64",
+            "-o", str(proj / "small" / "c64.mrcs"), "--star", str(proj / "c64.star")]  # fmt: skip
+    assert main(argv) == 0
+    df = starfile.read(proj / "c64.star", always_dict=True)["particles"]
+    assert df["rlnImageOriginalName"].tolist()[:2] == ["000001@empiar_10076_7.mrc",
+                                                       "000002@empiar_10076_7.mrc"]  # fmt: skip
+    assert main(["downsample", str(proj / "c64.star"), "-D", "32",
+                 "-o", str(tmp_path / "again" / "c32.mrcs")]) == 0  # fmt: skip
+    cs = load_particle_table(proj / "empiar_10076_7.cs")
+    for star in (proj / "c64.star", tmp_path / "again" / "c32.star"):
+        orig = original_table(load_particle_table(star))
+        assert orig.box_px == 320
+        np.testing.assert_array_equal(orig.image_paths, cs.image_paths)
+        np.testing.assert_array_equal(orig.image_index, cs.image_index)
+        np.testing.assert_allclose(orig.apix_A, cs.apix_A, rtol=1e-12)
+
+
+def test_help_has_an_example(capsys):
+    with pytest.raises(SystemExit):
+        main(["downsample", "--help"])
+    out = capsys.readouterr().out
+    assert "cryofield downsample particles.star -D 128" in out and "rlnImageOriginalName" in out

@@ -93,6 +93,28 @@ def test_heterogeneous_known_pose_run_same_from_star_and_cs(tiny_states, tmp_pat
         runs[ext] = RunDir(out)
     z_star, z_cs = runs["star"].latents(), runs["cs"].latents()
     assert z_star.shape == (60, 2) and np.isfinite(z_star).all()
-    assert np.allclose(z_star, z_cs, atol=1e-5)
+    # the CTF columns differ at float precision (1e-3 A of defocus) between the two files
+    assert np.allclose(z_star, z_cs, atol=1e-4), np.abs(z_star - z_cs).max()
     assert "variability analysis" in (runs["star"].path / "run.log").read_text()
     assert runs["star"].config()["latent_init"] == "pca"
+
+
+def test_config_file_sets_keys_and_resume_refuses_flags_it_would_ignore(tiny_dataset, tmp_path):
+    cfg = tmp_path / "settings.yaml"
+    cfg.write_text("hidden: 24\nn_freqs: 8\nbase_nside: 1\nbase_psi: 6\nsearch_levels: 1\n"
+                   "latent_init_iters: 3\nbatch_size: 16\n")  # fmt: skip
+    out = tmp_path / "run"
+    args = ["train", str(tiny_dataset / "particles.star"), "-o", str(out), "--config", str(cfg),
+            "--epochs", "1", "--hps-images", "48", "--threads", "1", "--hidden", "16"]  # fmt: skip
+    assert main(args) == 0
+    saved = RunDir(out).config()
+    # the file's keys are used, the flag overrides the file, the rest is resolved
+    assert saved["n_freqs"] == 8 and saved["search_levels"] == 1 and saved["hidden"] == 16
+    assert saved["epochs"] == 1 and saved["t_extent_px"] == pytest.approx(3.2)
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--lr-field", "0.1"]) == 2
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--no-window"]) == 2
+    assert RunDir(out).epochs() == [1]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hiden: 3\n")
+    assert main(["train", str(tiny_dataset / "particles.star"), "-o", str(tmp_path / "r2"),
+                 "--config", str(bad)]) == 2  # fmt: skip

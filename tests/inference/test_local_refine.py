@@ -61,17 +61,31 @@ def test_local_refinement_returns_perturbed_poses_to_truth(one_thread):
     assert bool((err <= err0 + 1e-4 * err0.abs()).all())
 
 
-def test_schedule_ends_with_local_epochs():
-    cfg = TrainConfig(epochs=6, hps_images=200, local_refine_epochs=2).resolved(32)
+def test_heterogeneous_schedule_ends_with_local_epochs():
+    cfg = TrainConfig(epochs=6, hps_images=200, local_refine_epochs=2, zdim=2,
+                      research_epochs=0).resolved(32)  # fmt: skip
     s = Schedule(cfg, 100)
     assert [s.phase_of_epoch(e) for e in range(1, 7)] == ["hps", "hps", "sgd", "sgd"] + [
         "local"
     ] * 2
     assert s.plan(6, 600).phase == "local" and s.plan(6, 600).radius_train_px == 15.0
     # never replaces the search phase; none with fixed, unrefined known poses
-    cfg = TrainConfig(epochs=2, hps_images=200, local_refine_epochs=2).resolved(32)
+    cfg = TrainConfig(epochs=2, hps_images=200, local_refine_epochs=2, zdim=2).resolved(32)
     assert [Schedule(cfg, 100).phase_of_epoch(e) for e in (1, 2)] == ["hps", "hps"]
-    cfg = TrainConfig(epochs=3, poses_from_file=True, refine_poses=False).resolved(32)
+    cfg = TrainConfig(epochs=3, zdim=2, poses_from_file=True, refine_poses=False).resolved(32)
     assert Schedule(cfg, 100).phase_of_epoch(3) == "fixed"
-    cfg = TrainConfig(epochs=3, poses_from_file=True, refine_poses=True).resolved(32)
+    cfg = TrainConfig(epochs=3, zdim=2, poses_from_file=True, refine_poses=True).resolved(32)
     assert Schedule(cfg, 100).phase_of_epoch(3) == "local"
+
+
+def test_homogeneous_schedule_refines_against_half_maps_then_trains_the_field():
+    cfg = TrainConfig(epochs=6, hps_images=200).resolved(32)
+    s = Schedule(cfg, 100)
+    assert [s.phase_of_epoch(e) for e in range(1, 7)] == ["hps", "hps", "refine"] + ["field"] * 3
+    assert s.plan(4, 300).radius_train_px == 15.0
+    known = TrainConfig(epochs=3, poses_from_file=True, refine_poses=True).resolved(32)
+    assert [Schedule(known, 100).phase_of_epoch(e) for e in (1, 2, 3)] == [
+        "refine", "fixed", "fixed"
+    ]  # fmt: skip
+    fixed = TrainConfig(epochs=2, poses_from_file=True).resolved(32)
+    assert [Schedule(fixed, 100).phase_of_epoch(e) for e in (1, 2)] == ["fixed", "fixed"]

@@ -17,12 +17,12 @@ def test_search_radius_marches_and_level_0_stays_at_the_midpoint():
         assert p.phase == "hps"
         assert p.radius_train_px == pytest.approx(hi) and p.search_hi_px == pytest.approx(hi)
         assert p.search_lo_px == pytest.approx((6.0 + hi) / 2)
-    # gradient epochs train on the full radius
-    assert s.plan(5, 400).phase == "sgd" and s.plan(5, 400).radius_train_px == 31.0
+    # the refinement and field epochs train on the full radius
+    assert s.plan(5, 400).phase == "refine" and s.plan(6, 400).radius_train_px == 31.0
 
 
 def test_heterogeneous_runs_search_again_before_the_local_epoch():
-    cfg = TrainConfig(epochs=7, hps_images=300, zdim=4).resolved(32)
+    cfg = TrainConfig(epochs=7, hps_images=300, zdim=4, sgd_epochs=2).resolved(32)
     assert cfg.research_epochs == 1
     s = Schedule(cfg, 100)
     assert [s.phase_of_epoch(e) for e in range(1, 8)] == (
@@ -33,3 +33,38 @@ def test_heterogeneous_runs_search_again_before_the_local_epoch():
     assert TrainConfig(epochs=7, hps_images=300).resolved(32).research_epochs == 0
     known = TrainConfig(epochs=7, zdim=4, poses_from_file=True, refine_poses=True)
     assert Schedule(known.resolved(32), 100).phase_of_epoch(6) == "fixed"
+
+
+@pytest.mark.parametrize("n", [500, 5_000, 50_000, 1_000_000])
+@pytest.mark.parametrize("zdim", [0, 8])
+def test_default_phase_plan_has_every_phase_at_any_n(n, zdim):
+    """The defaults (no flag) give every run its search, refinement and final phases."""
+    cfg = TrainConfig(zdim=zdim).resolved(64, n_images=n, apix_A=5.0)
+    s = Schedule(cfg, n)
+    phases = [s.phase_of_epoch(e) for e in range(1, cfg.epochs + 1)]
+    assert phases[0] == "hps" and s.hps_epochs * n >= max(30_000, 2 * n)
+    assert s.hps_epochs >= 2  # every image is searched at least twice
+    if zdim == 0:
+        assert phases.count("refine") == 1 and phases[-1] == "field"
+        assert phases.count("field") * n >= 10_000
+    else:
+        assert "sgd" in phases and phases[-1] == "local" and phases[-2] == "hps"
+    # images seen stay bounded: at most ~2N + the fixed minimum of search per run
+    assert cfg.epochs * n <= max(4 * n + 110_000, 12 * n)
+
+
+def test_defaults_scale_with_the_box_and_the_pixel_size():
+    small = TrainConfig().resolved(64, n_images=5000, apix_A=5.0)
+    assert small.radius_start_px == pytest.approx(64 * 5.0 / 53.0)  # 53 A at 5 A/px
+    assert small.radius_search_px == pytest.approx(16.0)  # 20 A
+    assert small.t_extent_px == pytest.approx(6.4)
+    # a coarse pixel: the same resolution in A is more px of the box
+    coarse = TrainConfig().resolved(64, n_images=5000, apix_A=9.0)
+    assert coarse.radius_search_px == pytest.approx(64 * 9.0 / 20.0)
+    # a fine pixel (small object): never below the box fractions
+    fine = TrainConfig().resolved(64, n_images=5000, apix_A=2.0)
+    assert fine.radius_start_px == pytest.approx(6.0) and fine.radius_search_px == 16.0
+    cpu = TrainConfig().resolved(64, n_images=5000)
+    assert (cpu.hidden, cpu.batch_size) == (128, 32) and cpu.num_threads >= 1
+    gpu = TrainConfig(device="cuda").resolved(64, n_images=5000)
+    assert (gpu.hidden, gpu.batch_size) == (256, 64)

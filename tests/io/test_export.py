@@ -23,6 +23,7 @@ from cryofield.io.export import latent_column_names, latent_field_names, write_p
 from cryofield.io.metadata import ParticleTable, load_particle_table
 from cryofield.io.mrc import read_mrc
 from cryofield.io.poses import internal_to_cryosparc, internal_to_relion
+from cryofield.io.star import original_link_columns, write_star
 from cryofield.physics.backproject import reconstruct_fourier
 from cryofield.physics.ctf import CTFParams
 from cryofield.physics.fsc import fsc
@@ -307,3 +308,46 @@ def test_interop_files_round_trip(interop_data: Path, tmp_path: Path, name: str,
                 pd.testing.assert_frame_equal(blocks["optics"], table.raw_optics)
         else:
             assert _cs_columns(table.raw) <= set(df.columns)
+
+
+# ------------------------------------------------------- downsampled input particles
+def test_downsampled_table_is_written_as_its_original_particles(
+    interop_data: Path, tmp_path: Path
+) -> None:
+    orig = load_particle_table(interop_data / "relion31.star")  # 256 px, 2.806 A/px
+    star = tmp_path / "small.star"
+    names = [f"{i + 1:06d}@small.mrcs" for i in range(len(orig))]
+    write_star(star, orig, image_names=names, box_px=64,
+               extra_columns=original_link_columns(orig, tmp_path))  # fmt: skip
+    small = load_particle_table(star)  # what 'cryofield downsample' writes: 11.224 A/px
+    rows = np.array([4, 0, 2])
+    R = random_rotations(len(rows), torch.Generator().manual_seed(1)).numpy()
+    t_small = np.random.default_rng(1).uniform(-3, 3, size=(len(rows), 2))  # 64-px pixels
+    for suffix in (".star", ".cs"):
+        for kw in ({"shifts_px": t_small}, {"shifts_A": t_small * 2.806 * 4}):
+            out = write_particles(tmp_path / f"full{suffix}", small, indices=rows, rotations=R,
+                                  classes=np.array([0, 1, 1]), **kw)  # fmt: skip
+            back = load_particle_table(out)
+            np.testing.assert_array_equal(back.image_paths, orig.image_paths[rows])
+            np.testing.assert_array_equal(back.image_index, orig.image_index[rows])
+            np.testing.assert_allclose(back.apix_A, 2.806, rtol=1e-6)
+            assert back.box_px == 256
+            np.testing.assert_allclose(back.rotations, R, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(back.shifts_px, t_small * 4, atol=1e-4, rtol=0)
+            np.testing.assert_allclose(back.ctf["defocus_u_A"], orig.ctf["defocus_u_A"][rows])
+    df = starfile.read(tmp_path / "full.star", always_dict=True)["particles"]
+    assert "rlnCryofieldOriginalImageSize" not in df.columns
+    np.testing.assert_array_equal(df["rlnImageOriginalName"],  # RELION's own, as it was
+                                  orig.raw["rlnImageOriginalName"].to_numpy()[rows])  # fmt: skip
+    # explicitly the downsampled particles
+    out = write_particles(tmp_path / "small_out.star", small, indices=rows, rotations=R,
+                          shifts_px=t_small, downsampled=True)  # fmt: skip
+    back = load_particle_table(out)
+    np.testing.assert_allclose(back.apix_A, 2.806 * 4, rtol=1e-12)
+    np.testing.assert_allclose(back.shifts_px, t_small, atol=1e-4, rtol=0)
+    assert all(p.endswith("small.mrcs") for p in back.image_paths)
+    # originals that have gone: an error naming the file, nothing written
+    gone = replace(small, raw=small.raw.assign(rlnImageOriginalName="1@/nowhere/p.mrcs"))
+    with pytest.raises(CryofieldError, match=r"/nowhere/p\.mrcs"):
+        write_particles(tmp_path / "never.star", gone, rotations=np.tile(np.eye(3), (5, 1, 1)))
+    assert not (tmp_path / "never.star").exists()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -10,7 +12,12 @@ import pytest
 
 from cryofield.errors import InputFileError
 from cryofield.io.cryosparc import read_cs, write_cs
-from cryofield.io.metadata import ParticleTable, load_particle_table
+from cryofield.io.metadata import (
+    ParticleTable,
+    common_pixel_size,
+    ignored_optics,
+    load_particle_table,
+)
 from cryofield.io.mrc import write_mrc
 from cryofield.io.star import read_star, write_star
 
@@ -108,3 +115,76 @@ def test_txt_list_of_stacks(tmp_path):
     with pytest.raises(InputFileError, match=r"unknown particle file type '\.xyz'"):
         (tmp_path / "p.xyz").write_text("")
         load_particle_table(tmp_path / "p.xyz")
+
+
+# ------------------------------------------------------------- optics checks
+@pytest.fixture
+def io_log(caplog):
+    """Records of the ``cryofield.io`` logger (which does not propagate after set-up)."""
+    logger = logging.getLogger("cryofield.io")
+    logger.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.WARNING)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def _ignored_warnings(caplog) -> list[str]:
+    records = {id(r): r for r in caplog.records}.values()  # a record may reach caplog twice
+    return [r.getMessage() for r in records if "which cryofield ignores" in r.getMessage()]
+
+
+def test_ignored_optics_are_named_once(interop_data, tmp_path, io_log):
+    path = tmp_path / "six.star"
+    shutil.copy(interop_data / "relion31.6opticsgroups.star", path)
+    load_particle_table(path)
+    load_particle_table(path, ind=np.arange(3))  # the same file again: no second warning
+    (msg,) = _ignored_warnings(io_log)
+    for col in ("rlnBeamTiltX", "rlnBeamTiltY", "rlnMagMat00", "rlnMagMat01", "rlnOddZernike",
+                "rlnEvenZernike"):  # fmt: skip
+        assert col in msg, msg
+    assert "beam tilt" in msg and "anisotropic magnification" in msg
+    assert "rlnCtfDataAreCtfPremultiplied" not in msg  # present but 0
+    # the table saved by 'parse' (same rows, read from .npz) gives the same list
+    assert ignored_optics(ParticleTable.load_npz(load_particle_table(path).save_npz(
+        tmp_path / "six.npz"))) == ignored_optics(load_particle_table(path))  # fmt: skip
+
+
+def test_ignored_optics_flags_and_cryosparc_fields(interop_data, tmp_path, io_log):
+    # files without such optics (all-zero cryoSPARC fields) do not warn
+    for name in ("empiar_10076_7.cs", "empiar_10076_7.star", "relion31.star"):
+        shutil.copy(interop_data / name, tmp_path / name)
+        load_particle_table(tmp_path / name)
+    assert _ignored_warnings(io_log) == []
+    arr = read_cs(interop_data / "empiar_10076_7.cs")
+    arr["ctf/tilt_A"][:, 0] = 0.3
+    arr["ctf/anisomag"][:, 0] = 0.01
+    with open(tmp_path / "tilted.cs", "wb") as fh:
+        np.save(fh, arr)
+    load_particle_table(tmp_path / "tilted.cs")
+    (msg,) = _ignored_warnings(io_log)
+    assert "beam tilt (ctf/tilt_A)" in msg and "anisotropic magnification (ctf/anisomag)" in msg
+    text = (interop_data / "relion31.star").read_text()
+    text = text.replace(
+        "_rlnImageDimensionality #9 ",
+        "_rlnImageDimensionality #9 \n"
+        "_rlnCtfDataAreCtfPremultiplied #10 \n_rlnCtfDataArePhaseFlipped #11 ",
+    )
+    text = text.replace("          256            2 ", "          256            2 1 1")
+    (tmp_path / "premultiplied.star").write_text(text)
+    t = load_particle_table(tmp_path / "premultiplied.star")
+    assert t.raw_optics["rlnCtfDataAreCtfPremultiplied"].tolist() == [1]
+    msg = _ignored_warnings(io_log)[-1]
+    assert "CTF-premultiplied images (rlnCtfDataAreCtfPremultiplied)" in msg, msg
+    assert "phase-flipped images (rlnCtfDataArePhaseFlipped)" in msg, msg
+
+
+def test_several_pixel_sizes_are_refused_naming_the_groups(interop_data):
+    t = load_particle_table(interop_data / "relion31.6opticsgroups.star")
+    with pytest.raises(InputFileError) as err:
+        common_pixel_size(t.apix_A, t.optics_group, t.source_path)
+    msg = str(err.value)
+    assert "group 1: 1.25 A" in msg and "group 2: 1.24 A" in msg, msg
+    assert "relion31.6opticsgroups.star" in msg and "--ind" in msg
+    one = t.subset(np.flatnonzero(t.optics_group == 2))
+    assert common_pixel_size(one.apix_A, one.optics_group, one.source_path) == 1.24
+    assert common_pixel_size(np.array([2.0, 2.0 * (1 + 1e-6)]), None, "x") == 2.0

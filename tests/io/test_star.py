@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,13 @@ import pytest
 
 from cryofield.errors import InputFileError
 from cryofield.io.metadata import load_particle_table
-from cryofield.io.star import read_star, write_star
+from cryofield.io.star import (
+    has_original_link,
+    original_link_columns,
+    original_table,
+    read_star,
+    write_star,
+)
 
 
 def _is_rotation(R: np.ndarray, tol: float = 1e-5) -> bool:
@@ -196,3 +203,114 @@ def test_unknown_optics_group_and_missing_image_name(tmp_path):
     q = _write(tmp_path / "n.star", "data_\nloop_\n_rlnDefocusU\n1000\n")
     with pytest.raises(InputFileError, match=r"n\.star: missing column rlnImageName"):
         load_particle_table(q)
+
+
+# ------------------------------------------------------- link to the original particles
+def _downsampled_star(table, folder, D: int, name: str = "small"):
+    """The star file ``cryofield downsample`` writes (the small stack is not needed here)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    star = folder / f"{name}.star"
+    names = [f"{i + 1:06d}@{name}.mrcs" for i in range(len(table))]
+    link = original_link_columns(table, folder)
+    write_star(star, table, image_names=names, box_px=D, extra_columns=link)
+    return star
+
+
+@pytest.mark.parametrize(
+    ("name", "D"),
+    [("relion31.star", 64), ("empiar_10076_7.star", 32), ("relion31.6opticsgroups.star", 98)],
+)
+def test_original_link_restores_the_original_rows(interop_data, tmp_path, name, D):
+    orig = load_particle_table(interop_data / name)
+    small = load_particle_table(_downsampled_star(orig, tmp_path, D))
+    assert has_original_link(small)
+    assert small.box_px in (D, 0)  # 0: a RELION 3.0 file without its (small) stack
+    np.testing.assert_allclose(small.apix_A, orig.apix_A * orig.box_px / D, rtol=1e-12)
+    assert not has_original_link(orig)  # RELION's own rlnImageOriginalName is not a link
+    back = original_table(small, check_files=name != "relion31.6opticsgroups.star")
+    assert back.box_px == orig.box_px
+    np.testing.assert_array_equal(back.image_paths, orig.image_paths)
+    np.testing.assert_array_equal(back.image_index, orig.image_index)
+    np.testing.assert_array_equal(back.apix_A, orig.apix_A)  # recorded, not recomputed
+    for k in orig.ctf:
+        np.testing.assert_array_equal(back.ctf[k], orig.ctf[k])
+    if orig.rotations is not None:
+        np.testing.assert_allclose(back.shifts_px, orig.shifts_px, rtol=1e-9, atol=1e-9)
+    # every original column back, in place, with its value (rlnImageName: now a path)
+    assert list(back.raw.columns) == list(orig.raw.columns)
+    for col in orig.raw.columns:
+        if col == "rlnImageName":
+            continue
+        a, b = orig.raw[col].to_numpy(), back.raw[col].to_numpy()
+        if col == "rlnMagnification":  # RELION 3.0: recomputed from the pixel size
+            np.testing.assert_allclose(b.astype(float), a.astype(float), rtol=1e-12)
+        else:
+            np.testing.assert_array_equal(a.astype(str), b.astype(str), err_msg=col)
+    if orig.raw_optics is not None:
+        pd.testing.assert_frame_equal(back.raw_optics, orig.raw_optics, check_dtype=False)
+
+
+def test_original_link_rescales_px_origins_and_follows_chains(interop_data, tmp_path):
+    pf = "FinalRefinement-OriginalParticles-PfCRT.star"  # RELION 3.0, origins in px
+    orig = load_particle_table(interop_data / pf)
+    orig = replace(orig, box_px=200)  # its stacks are not in the fixtures
+    small = load_particle_table(_downsampled_star(orig, tmp_path / "a", 100))
+    small = replace(small, box_px=100)  # (from the small stack, not written here)
+    df_small = small.raw
+    np.testing.assert_allclose(df_small["rlnOriginX"], orig.raw["rlnOriginX"] / 2)
+    back = original_table(small, check_files=False)
+    np.testing.assert_allclose(back.raw["rlnOriginX"], orig.raw["rlnOriginX"], rtol=1e-12)
+    np.testing.assert_allclose(back.shifts_px, orig.shifts_px, rtol=1e-9, atol=1e-9)
+    # downsampling the downsampled file again still links to the first originals
+    rows = np.array([4, 1])
+    smaller = load_particle_table(_downsampled_star(small.subset(rows), tmp_path / "b", 50))
+    first = original_table(smaller, check_files=False)
+    assert first.box_px == 200
+    np.testing.assert_array_equal(first.image_paths, orig.image_paths[rows])
+    np.testing.assert_array_equal(first.image_index, orig.image_index[rows])
+    np.testing.assert_allclose(first.apix_A, orig.apix_A[rows], rtol=1e-12)
+    np.testing.assert_allclose(first.shifts_px, orig.shifts_px[rows], rtol=1e-9, atol=1e-9)
+    # RELION's own rlnImageOriginalName (particle subtraction) comes back unchanged
+    np.testing.assert_array_equal(
+        first.raw["rlnImageOriginalName"], orig.raw["rlnImageOriginalName"].to_numpy()[rows]
+    )
+
+
+def test_original_link_errors_name_the_file(interop_data, tmp_path):
+    orig = load_particle_table(interop_data / "relion31.star")
+    star = _downsampled_star(orig, tmp_path, 64)
+    small = load_particle_table(star)
+    stack = str(interop_data / "relion31.mrcs")
+    cases = {
+        "gone.mrcs": ("not found", "--write-downsampled"),
+        "box": ("has 256 px images", "says 128 px"),
+        "frame": ("names image 9", "has 5 images"),
+    }
+    for case, expected in cases.items():
+        raw = small.raw.copy()
+        if case == "gone.mrcs":
+            raw["rlnImageOriginalName"] = [f"1@{tmp_path / 'gone.mrcs'}"] * len(raw)
+        elif case == "box":
+            raw["rlnCryofieldOriginalImageSize"] = 128
+        else:
+            raw.loc[3, "rlnImageOriginalName"] = f"9@{stack}"
+        with pytest.raises(InputFileError) as err:
+            original_table(replace(small, raw=raw))
+        assert all(e in str(err.value) for e in expected), str(err.value)
+        assert str(star) in str(err.value)
+
+
+def test_different_boxes_across_optics_groups_name_the_groups(interop_data, tmp_path):
+    text = (interop_data / "relion31.6opticsgroups.star").read_text()
+    lines = text.splitlines()
+    # optics group 2: box 128 instead of 196 (the 7th field of its data_optics row)
+    row = next(i for i, ln in enumerate(lines) if ln.startswith("2 opticsGroup3"))
+    fields = lines[row].split()
+    fields[6] = "128"
+    lines[row] = " ".join(fields)
+    path = tmp_path / "boxes.star"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputFileError) as err:
+        load_particle_table(path)
+    msg = str(err.value)
+    assert "group 1: 196 px" in msg and "group 2: 128 px" in msg, msg

@@ -111,3 +111,15 @@ def test_hierarchical_refinement_finds_close_points() -> None:
     cq, _ = G.children(0, top.reshape(-1))
     d = (cq.reshape(500, 64, 4) * q[:, None]).sum(-1).abs().max(dim=1).values
     assert torch.rad2deg(2 * torch.acos(d.clamp(max=1))).max() < 8.0
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_direction_pixels_of_grid_views(level: int) -> None:
+    """The viewing direction ``R^T e_z`` of every grid point lies in its own pixel."""
+    n_dirs, n_psi = G.grid_size(level)
+    R = G.grid_rotations(level, dtype=torch.float64)
+    pix = G.direction_pixels(R[:, 2, :] * 3.0, level)  # not normalised on purpose
+    np.testing.assert_array_equal(pix, np.repeat(np.arange(n_dirs), n_psi))
+    assert G.direction_pixels(np.array([0.0, 0.0, 1.0]), level).shape == ()
+    with pytest.raises(ValueError):
+        G.direction_pixels(np.ones((2, 3)), -1)

@@ -11,7 +11,8 @@ maps its rows onto them. Reported (JSON-ready dict):
   pose alignment), then FSC, resolution at FSC 0.5 / 0.143 and FSC-AUC (CryoBench).
 * ``clustering``: k-means with K = number of true states vs the labels (ARI, NMI,
   accuracy after matching), junk particles excluded.
-* ``junk``: precision / recall of :func:`junk.estimate_junk` when the truth has junk.
+* ``junk``: precision / recall of :func:`junk.estimate_junk_combined` (the junk mask of
+  ``analyze``: latents and, when the run wrote them, residuals) when the truth has junk.
 * ``latent_vs_coord``: Spearman correlation of PC1..3 with a continuous coordinate.
 """
 
@@ -203,17 +204,26 @@ def evaluate_run(
                 "nmi": metrics.normalized_mutual_info(labels[good], km.labels),
                 "accuracy": metrics.cluster_accuracy(labels[good], km.labels),
             }
-    if z is not None and junk.any() and not junk.all():
-        from cryofield.analysis.junk import estimate_junk
+    residual = None
+    if junk.any() and not junk.all():
+        from cryofield.analysis.junk import load_residuals
 
-        km = latent.kmeans(z)
-        est = estimate_junk(z, km.labels, km.centers).is_junk
+        residual = load_residuals(run.epoch_dir(ep), len(index))
+    if (z is not None or residual is not None) and junk.any() and not junk.all():
+        from cryofield.analysis.junk import estimate_junk_combined
+
+        km = latent.kmeans(z) if z is not None else None
+        combined = estimate_junk_combined(
+            z, residual, None if km is None else km.labels, None if km is None else km.centers
+        )
+        est = combined.is_junk
         tp = int((est & junk).sum())
         res["junk"] = {
             "n_true": int(junk.sum()),
             "n_flagged": int(est.sum()),
             "precision": float(tp / max(int(est.sum()), 1)),
             "recall": float(tp / int(junk.sum())),
+            "signals": list(combined.signals),
         }
     if z is not None and "coord" in truth:
         coord = np.asarray(truth["coord"], np.float64)[index]

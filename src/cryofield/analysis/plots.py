@@ -126,27 +126,39 @@ def plot_cluster_counts(counts: np.ndarray, path: Path, junk: Sequence[int] = ()
 
 
 def plot_junk(
-    score: np.ndarray, is_junk: np.ndarray, xy: np.ndarray, threshold: float, path: Path
+    score: np.ndarray,
+    is_junk: np.ndarray,
+    xy: np.ndarray | None,
+    threshold: float,
+    path: Path,
+    xlabel: str = "isolation score (robust z)",
 ) -> Path:
-    """Junk estimate: score histogram and the latent PCA coloured by the flag."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    a1.hist(score[np.isfinite(score)], bins=50, color="0.5")
-    a1.axvline(threshold, color="tab:red", ls="--", label="outlier threshold")
-    a1.set_xlabel("isolation score (robust z)")
-    a1.set_ylabel("particles")
-    a1.legend()
-    a2.scatter(xy[~is_junk, 0], xy[~is_junk, 1], s=3, c="0.6", linewidths=0, label="kept")
-    a2.scatter(
-        xy[is_junk, 0],
-        xy[is_junk, 1],
-        s=5,
-        c="tab:red",
-        linewidths=0,
-        label=f"junk ({int(is_junk.sum())})",
+    """Junk estimate: score histogram with the threshold, and (when ``xy`` is given) the
+    latent PCA coloured by the flag."""
+    fig, axes = plt.subplots(
+        1, 2 if xy is not None else 1, figsize=(10 if xy is not None else 5, 4)
     )
-    a2.set_xlabel("PC1")
-    a2.set_ylabel("PC2")
-    a2.legend()
+    a1 = axes[0] if xy is not None else axes
+    a1.hist(score[np.isfinite(score)], bins=50, color="0.5")
+    if np.isfinite(threshold):
+        a1.axvline(threshold, color="tab:red", ls="--", label=f"threshold {threshold:.2f}")
+        a1.legend()
+    a1.set_xlabel(xlabel)
+    a1.set_ylabel("particles")
+    if xy is not None:
+        a2 = axes[1]
+        a2.scatter(xy[~is_junk, 0], xy[~is_junk, 1], s=3, c="0.6", linewidths=0, label="kept")
+        a2.scatter(
+            xy[is_junk, 0],
+            xy[is_junk, 1],
+            s=5,
+            c="tab:red",
+            linewidths=0,
+            label=f"junk ({int(is_junk.sum())})",
+        )
+        a2.set_xlabel("PC1")
+        a2.set_ylabel("PC2")
+        a2.legend()
     return _save(fig, path)
 
 
@@ -170,7 +182,7 @@ def plot_training_curves(rows: list[dict], path: Path) -> Path:
     """Loss and search radius per epoch from ``metrics.jsonl`` rows."""
     ep = [r.get("epoch", i + 1) for i, r in enumerate(rows)]
     fig, a1 = plt.subplots(figsize=(6, 3.5))
-    loss = [r.get("loss", np.nan) for r in rows]
+    loss = [np.nan if r.get("loss") is None else r["loss"] for r in rows]
     a1.plot(ep, loss, "o-", color="tab:blue", label="loss")
     a1.set_xlabel("epoch")
     a1.set_ylabel("loss", color="tab:blue")

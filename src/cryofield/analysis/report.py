@@ -8,7 +8,15 @@ Everything goes to ``OUTDIR/analyze.EPOCH/``::
     kmeans/vol_NNN.mrc     maps at the particles nearest the k-means centres (+ .cxc)
     pc1/vol_NNN.mrc ...    maps along each PC at percentiles (+ .cxc)
     junk_indices.npy       junk particles as indices into the ORIGINAL input particles
+    junk.npz               junk (N,) bool, junk_score (N,), particle_index (N,), threshold,
+                           method, residual_z, isolation_z, junk_cluster (run order)
     final_map.mrc, fsc_halfmaps.png   homogeneous runs
+
+The page opens with the run's convergence verdict (``OUTDIR/verdict.json``, written by
+the trainer: green "converged" or red "did not converge" with the reasons and advice;
+"no convergence verdict recorded" for older runs) and ends with the next commands to
+run, written with the run's absolute path. Figures show at their natural size (at most
+the page width) and open full size on a click.
 
 Each step is optional: a failure is logged and listed in the report, the others go on.
 """
@@ -16,7 +24,9 @@ Each step is optional: a failure is logged and listed in the report, the others 
 from __future__ import annotations
 
 import html
+import json
 import logging
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -28,7 +38,15 @@ import numpy as np
 from cryofield.analysis import latent
 from cryofield.io.atomic import atomic_path, write_text_atomic
 
-__all__ = ["PC_PERCENTILES", "analyze_run", "chimerax_script", "kmeans_for_run", "resolve_epoch"]
+__all__ = [
+    "PC_PERCENTILES",
+    "analyze_run",
+    "chimerax_script",
+    "kmeans_for_run",
+    "read_verdict",
+    "resolve_epoch",
+    "verdict_banner",
+]
 
 log = logging.getLogger("cryofield.analysis.report")
 
@@ -83,6 +101,125 @@ def _surface_level(vol: np.ndarray) -> float:
     return float(np.percentile(vol, 98.0))
 
 
+def read_verdict(outdir: str | Path) -> dict[str, Any] | None:
+    """The trainer's convergence verdict, ``OUTDIR/verdict.json``, or None when absent.
+
+    Returns a dict with ``converged`` (bool), ``headline`` (str), ``reasons`` (list of
+    str) and ``advice`` (str); an unreadable file gives ``{"error": message}``.
+    """
+    path = Path(outdir) / "verdict.json"
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        if not isinstance(d, dict) or not isinstance(d.get("converged"), bool):
+            raise ValueError("no boolean 'converged'")
+        reasons = d.get("reasons") or []
+        if not isinstance(reasons, list):
+            reasons = [str(reasons)]
+        return {
+            "converged": d["converged"],
+            "headline": str(d.get("headline") or ""),
+            "reasons": [str(r) for r in reasons],
+            "advice": str(d.get("advice") or ""),
+        }
+    except (OSError, ValueError) as err:
+        log.warning("%s unreadable: %s", path, err)
+        return {"error": f"{path.name} unreadable: {err}"}
+
+
+def _strip_prefix(headline: str, prefixes: tuple[str, ...]) -> str:
+    low = headline.lower()
+    for p in prefixes:
+        if low.startswith(p):
+            return headline[len(p) :].lstrip(" :-")
+    return headline
+
+
+def verdict_banner(verdict: dict[str, Any] | None) -> str:
+    """HTML banner of a verdict (:func:`read_verdict`): green "converged", red "did not
+    converge: headline" with the reasons and advice, grey when no verdict is recorded."""
+    if verdict is None:
+        return (
+            "<div class='verdict none' id='verdict'><h2>no convergence verdict recorded</h2>"
+            "<p>This run has no <code>verdict.json</code> (trained before the trainer "
+            "judged its runs): check the pose plot, the FSC and the latent space "
+            "below.</p></div>"
+        )
+    if "error" in verdict:
+        return (
+            "<div class='verdict none' id='verdict'><h2>no convergence verdict recorded</h2>"
+            f"<p>{html.escape(verdict['error'])}</p></div>"
+        )
+    if verdict["converged"]:
+        head = _strip_prefix(verdict["headline"], ("converged",))
+        text = "converged" + (f": {head}" if head else "")
+        return f"<div class='verdict ok' id='verdict'><h2>{html.escape(text)}</h2></div>"
+    head = _strip_prefix(verdict["headline"], ("did not converge",))
+    text = "did not converge" + (f": {head}" if head else "")
+    parts = [f"<div class='verdict bad' id='verdict'><h2>{html.escape(text)}</h2>"]
+    if verdict["reasons"]:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in verdict["reasons"]))
+        parts.append("</ul>")
+    if verdict["advice"]:
+        parts.append(f"<p><b>What to try:</b> {html.escape(verdict['advice'])}</p>")
+    parts.append(
+        "<p>The figures below describe this run as it is; do not interpret its map or "
+        "latent space as a result.</p></div>"
+    )
+    return "".join(parts)
+
+
+def _verdict_summary(verdict: dict[str, Any] | None) -> str:
+    if verdict is None or "error" in verdict:
+        return "not recorded"
+    return "converged" if verdict["converged"] else "did not converge"
+
+
+def _q(path: Path | str) -> str:
+    return shlex.quote(str(path))
+
+
+def _save_junk(folder: Path, junk: Any, index: np.ndarray) -> None:
+    """``junk_indices.npy`` (input-particle indices, for ``select --ind``) and ``junk.npz``."""
+    with atomic_path(folder / "junk_indices.npy") as tmp, open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(index)[junk.is_junk].astype(np.int64))
+    with atomic_path(folder / "junk.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            junk=np.asarray(junk.is_junk, bool),
+            junk_score=np.asarray(junk.score, np.float32),
+            particle_index=np.asarray(index, np.int64),
+            threshold=np.float64(junk.threshold),
+            method=np.array(junk.method),
+            signals=np.array(junk.signals, dtype=str),
+            residual_z=np.asarray(junk.residual_z, np.float32),
+            isolation_z=np.asarray(junk.isolation_z, np.float32),
+            junk_cluster=np.asarray(junk.by_cluster, bool),
+        )
+
+
+def _junk_figure(rep: _Report, folder: Path, junk: Any, xy: np.ndarray | None) -> None:
+    from cryofield.analysis import plots
+
+    what = " / ".join(junk.signals) if junk.signals else "no signal"
+    rep.figure(
+        "Junk",
+        rep.step(
+            "junk plot",
+            lambda: plots.plot_junk(
+                junk.score,
+                junk.is_junk,
+                xy,
+                junk.threshold,
+                folder / "junk.png",
+                xlabel=f"junk score (robust z, max of {what})",
+            ),
+        ),
+        f"junk estimate: {junk.summary()}",
+    )
+
+
 class _Report:
     """Collects figures, tables and failures, and runs optional steps."""
 
@@ -90,6 +227,8 @@ class _Report:
         self.folder = folder
         self.sections: list[tuple[str, list[str]]] = []
         self.failures: list[str] = []
+        self.banner = ""
+        self.next_steps: list[tuple[str, str]] = []
 
     def step(self, name: str, fn: Callable[[], Any]) -> Any:
         t0 = time.time()
@@ -115,7 +254,8 @@ class _Report:
         rel = html.escape(Path(path).name)
         self.add(
             section,
-            f'<figure><img src="{rel}" alt="{html.escape(caption)}">'
+            f'<figure><a href="{rel}" title="open full size"><img src="{rel}" '
+            f'alt="{html.escape(caption)}"></a>'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>",
         )
 
@@ -123,17 +263,29 @@ class _Report:
         rows = "".join(
             f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary
         )
-        body = [f"<h1>{html.escape(title)}</h1>", f"<table>{rows}</table>"]
+        body = [f"<h1>{html.escape(title)}</h1>", self.banner, f"<table>{rows}</table>"]
         for name, items in self.sections:
             body.append(f"<h2>{html.escape(name)}</h2><div class='row'>{''.join(items)}</div>")
+        if self.next_steps:
+            steps = "".join(
+                f"<li>{html.escape(what)}<pre><code>{html.escape(cmd)}</code></pre></li>"
+                for what, cmd in self.next_steps
+            )
+            body.append(f"<h2>Next steps</h2><ul class='steps'>{steps}</ul>")
         if self.failures:
             lis = "".join(f"<li>{html.escape(f)}</li>" for f in self.failures)
             body.append(f"<h2>Skipped steps</h2><ul>{lis}</ul>")
         style = (
             "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
-            "figure{display:inline-block;margin:.5em;vertical-align:top}"
-            "img{max-width:560px}th{text-align:left;padding-right:1em}"
+            "figure{display:inline-block;margin:.5em;vertical-align:top;max-width:100%}"
+            "img{max-width:100%;height:auto;border:0}th{text-align:left;padding-right:1em}"
             "figcaption{font-size:90%;color:#444}"
+            ".verdict{padding:.6em 1em;border-radius:6px;margin:1em 0;border:2px solid}"
+            ".verdict h2{margin:.1em 0 .3em 0}"
+            ".ok{background:#e6f4ea;border-color:#1e8e3e;color:#0d5223}"
+            ".bad{background:#fce8e6;border-color:#d93025;color:#7a1a12}"
+            ".none{background:#f1f3f4;border-color:#9aa0a6;color:#3c4043}"
+            "pre{background:#f6f8fa;padding:.4em;overflow-x:auto}"
         )
         page = (
             "<!DOCTYPE html><html><head><meta charset='utf-8'>"
@@ -291,6 +443,19 @@ def _homogeneous(rep: _Report, run: Any, epoch: int, folder: Path, summary: list
 
     rep.figure("Map", rep.step("half-map FSC", fsc_step), "FSC between half-set reconstructions")
 
+    from cryofield.analysis.junk import load_residuals, score_junk
+
+    index = run.poses(epoch)["particle_index"]
+    residual = load_residuals(run.epoch_dir(epoch), len(index))
+    if residual is None:
+        summary.append(("junk estimate", "not available (no residuals.npz in this run)"))
+        return
+    junk = rep.step("junk estimate", lambda: score_junk(residual=residual))
+    if junk is not None:
+        summary.append(("junk estimate", junk.summary()))
+        rep.step("junk files", lambda: _save_junk(folder, junk, index))
+        _junk_figure(rep, folder, junk, None)
+
 
 def _heterogeneous(
     rep: _Report,
@@ -303,7 +468,7 @@ def _heterogeneous(
     volumes: bool,
 ) -> None:
     from cryofield.analysis import plots
-    from cryofield.analysis.junk import estimate_junk
+    from cryofield.analysis.junk import estimate_junk_combined, load_residuals
 
     z = np.asarray(run.latents(epoch), np.float64)
     N, zdim = z.shape
@@ -391,7 +556,10 @@ def _heterogeneous(
             ),
             "kernel density of the UMAP embedding",
         )
-    junk = rep.step("junk estimate", lambda: estimate_junk(z, km.labels, km.centers))
+    residual = load_residuals(run.epoch_dir(epoch), N)
+    junk = rep.step(
+        "junk estimate", lambda: estimate_junk_combined(z, residual, km.labels, km.centers)
+    )
     rep.figure(
         "Clusters",
         rep.step(
@@ -404,24 +572,11 @@ def _heterogeneous(
     )
     index = run.poses(epoch)["particle_index"]
     if junk is not None:
-        n_junk = int(junk.is_junk.sum())
-        summary.append(
-            (
-                "junk estimate",
-                f"{n_junk} particles ({100 * n_junk / N:.1f}%), clusters {junk.junk_clusters}",
-            )
-        )
-        with atomic_path(folder / "junk_indices.npy") as tmp, open(tmp, "wb") as fh:
-            np.save(fh, index[junk.is_junk].astype(np.int64))
-        rep.figure(
-            "Clusters",
-            rep.step(
-                "junk plot",
-                lambda: plots.plot_junk(junk.score, junk.is_junk, xy, 6.0, folder / "junk.png"),
-            ),
-            "junk estimate; drop with: cryofield select OUTDIR --ind "
-            f"{folder.name}/junk_indices.npy --invert",
-        )
+        summary.append(("junk estimate", junk.summary()))
+        if residual is None:
+            summary.append(("junk signals", "latents only (no residuals.npz in this run)"))
+        rep.step("junk files", lambda: _save_junk(folder, junk, index))
+        _junk_figure(rep, folder, junk, xy)
     counts = "".join(
         f"<tr><td>{k}</td><td>{c}</td><td>{km.nearest[k]}</td></tr>"
         for k, c in enumerate(km.counts)
@@ -507,6 +662,55 @@ def _heterogeneous(
             )
 
 
+def _next_steps(
+    run: Any, epoch: int, folder: Path, het: bool, n_clusters: int | None
+) -> list[tuple[str, str]]:
+    """(what, command) pairs with the run's absolute paths."""
+    root = run.path.resolve()
+    out = folder.resolve()
+    ep = [] if epoch == run.epochs()[-1] else ["--epoch", str(epoch)]
+    k = [] if n_clusters is None else ["--ksample", str(n_clusters)]
+    steps: list[tuple[str, str]] = []
+
+    def cmd(*parts: Any) -> str:
+        return " ".join(_q(p) for p in parts)
+
+    if (out / "junk_indices.npy").is_file():
+        steps.append(
+            (
+                "drop the junk particles (RELION .star and cryoSPARC .cs, original columns)",
+                cmd("cryofield", "select", root, *ep, "--ind", out / "junk_indices.npy",
+                    "--invert", "-o", root / "particles_clean.star", "-o",
+                    root / "particles_clean.cs"),
+            )
+        )  # fmt: skip
+    if het:
+        steps.append(
+            (
+                "keep the particles of chosen k-means clusters (here 0 and 1; numbers as in "
+                "the cluster plot)",
+                cmd("cryofield", "select", root, *ep, *k, "--clusters", "0,1", "-o",
+                    root / "clusters_0_1.star"),
+            )
+        )  # fmt: skip
+        if (out / "kmeans" / "open_in_chimerax.cxc").is_file():
+            steps.append(
+                (
+                    "look at the maps at the k-means centres",
+                    cmd("chimerax", out / "kmeans" / "open_in_chimerax.cxc"),
+                )
+            )
+    elif (out / "open_in_chimerax.cxc").is_file():
+        steps.append(("look at the final map", cmd("chimerax", out / "open_in_chimerax.cxc")))
+    steps.append(
+        (
+            "poses (and latents) for refinement in RELION / cryoSPARC",
+            cmd("cryofield", "export", root, *ep, "-o", root / "refine_me.star"),
+        )
+    )
+    return steps
+
+
 def analyze_run(
     outdir: str | Path,
     epoch: int | None = None,
@@ -536,7 +740,13 @@ def analyze_run(
     folder = run.path / f"analyze.{ep}"
     folder.mkdir(parents=True, exist_ok=True)
     rep = _Report(folder)
-    summary: list[tuple[str, str]] = [("run", str(run.path.resolve())), ("epoch", str(ep))]
+    verdict = read_verdict(run.path)
+    rep.banner = verdict_banner(verdict)
+    summary: list[tuple[str, str]] = [
+        ("run", str(run.path.resolve())),
+        ("epoch", str(ep)),
+        ("verdict", _verdict_summary(verdict)),
+    ]
     het = run.latents(ep) is not None
     summary.append(("type", "heterogeneous" if het else "homogeneous"))
     if het:
@@ -544,6 +754,7 @@ def analyze_run(
     else:
         _homogeneous(rep, run, ep, folder, summary)
     _pose_section(rep, run, ep, folder)
+    rep.next_steps = _next_steps(run, ep, folder, het, n_clusters)
     path = rep.write(f"cryofield analysis: {run.path.name}, epoch {ep}", summary)
     log.info("report: %s", path)
     return path

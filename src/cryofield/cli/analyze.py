@@ -1,11 +1,13 @@
 """Latent-space analysis, volumes and an HTML report of a training run.
 
-Writes OUTDIR/analyze.EPOCH/: report.html (all figures, no network assets), PCA / UMAP /
-density / cluster-count / junk / pose / training-curve plots, analysis.npz (PCA, UMAP,
-k-means labels and centres), maps at the particles nearest the k-means centres
-(kmeans/) and along the first principal components at percentiles (pc1/, pc2/), each
-series with a ChimeraX script (open_in_chimerax.cxc). Homogeneous runs get the final
-map, the half-map FSC and the pose plot. A step that fails is logged and skipped.
+Writes OUTDIR/analyze.EPOCH/: report.html (the training's convergence verdict first,
+all figures, no network assets, the next commands to run), PCA / UMAP / density /
+cluster-count / junk / pose / training-curve plots, analysis.npz (PCA, UMAP, k-means
+labels and centres), junk.npz and junk_indices.npy (junk from the residuals and the
+latents), maps at the particles nearest the k-means centres (kmeans/) and along the
+first principal components at percentiles (pc1/, pc2/), each series with a ChimeraX
+script (open_in_chimerax.cxc). Homogeneous runs get the final map, the half-map FSC and
+the pose plot. A step that fails is logged and skipped.
 
 examples:
   cryofield analyze out/

@@ -22,17 +22,6 @@ from pathlib import Path
 
 #: --quick: a small dataset and a short run (a few minutes on a laptop CPU)
 QUICK = dict(n_particles=1000, D=32, apix_A=8.0)
-#: training settings of the demo, sized for 2 CPU cores: a narrower MLP, several field
-#: steps per search batch at a higher field learning rate, translations searched within
-#: +-6 px; the search radius marches over the DRGN-AI values scaled to the box (12 -> 32 px
-#: at D=128, i.e. 6 -> 16 px at D=64), pose search for the first 6 epochs, then 2 epochs
-#: of gradient refinement and 1 of local refinement (the settings of
-#: benchmarks/bench_train.py)
-DEMO_TRAIN = dict(hidden=128, batch_size=32, steps_per_batch=3, lr_field=2e-3, t_extent_px=6.0)
-#: epochs of pose search / total epochs (full demo, --quick); the heterogeneous presets
-#: search twice as long (images of different states converge at different times)
-DEMO_EPOCHS = {False: (6, 9), True: (3, 4)}
-HET_DEMO_EPOCHS = (12, 15)
 #: latent dimension used for the heterogeneous presets
 ZDIM = {"demo-homo": 0, "demo-hetero": 8, "demo-continuous": 8}
 
@@ -50,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="1000 images at D=32 and a short run (smoke test)"
     )
     parser.add_argument(
-        "--epochs", type=int, help="training epochs (default 9, heterogeneous presets 15, quick 4)"
+        "--epochs", type=int, help="training epochs (default: chosen by cryofield train from N)"
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of simulation and training")
@@ -78,25 +67,19 @@ def _simulate(args: argparse.Namespace, data: Path) -> None:
 
 
 def _train_config(args: argparse.Namespace, data: Path, train_dir: Path):
-    import numpy as np
+    """The training settings: :class:`TrainConfig`'s defaults (what ``cryofield train``
+    gives every user; nothing is tuned for the demo), the preset's latent dimension, and
+    the device, seed and epoch count given to ``demo``."""
     import torch
 
     from cryofield.inference.config import TrainConfig
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    hps_epochs, epochs = DEMO_EPOCHS[bool(args.quick)]
-    if ZDIM[args.preset] > 0 and not args.quick:
-        hps_epochs, epochs = HET_DEMO_EPOCHS
-    with np.load(data / "truth.npz", allow_pickle=False) as truth:
-        n_images = int(truth["rotations"].shape[0])
     return TrainConfig(
         particles=str(data / "particles.star"),
         outdir=str(train_dir),
         zdim=ZDIM[args.preset],
-        epochs=args.epochs or epochs,
-        hps_images=hps_epochs * n_images,
-        **DEMO_TRAIN,
-        contrast="auto",  # the simulator writes light-on-dark stacks; auto must see it
+        epochs=args.epochs,
         device=device,
         seed=args.seed,
     )
@@ -120,10 +103,14 @@ def run(args: argparse.Namespace) -> int:
     last = (
         RunDir(train_dir).last_complete_epoch() if (train_dir / "config.yaml").is_file() else None
     )
+    target = cfg.epochs
+    if last is not None and target is None:
+        target = RunDir(train_dir).train_config().epochs  # the resolved schedule
     if last is None:
-        print(f"[2/4] training ({cfg.epochs} epochs, zdim {cfg.zdim}, {cfg.device}) in {train_dir}")
+        epochs = cfg.epochs or "default"
+        print(f"[2/4] training ({epochs} epochs, zdim {cfg.zdim}, {cfg.device}) in {train_dir}")
         train(cfg)
-    elif last < cfg.epochs:
+    elif target is not None and last < target:
         print(f"[2/4] resuming training in {train_dir} after epoch {last}")
         resume(train_dir, epochs=cfg.epochs)
     else:

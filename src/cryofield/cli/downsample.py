@@ -5,7 +5,11 @@ crops each image's centred Fourier transform to D x D (which keeps pixel values 
 low frequencies, and multiplies the pixel size by box/D), and writes one .mrcs with the
 new pixel size in its header. For a .star or .cs input it also writes OUT.star (next to
 OUT.mrcs) with every original column, poses (origins in px rescaled), and the new pixel
-size and box, pointing at the new stack. Outputs are written atomically.
+size and box, pointing at the new stack. Each row of OUT.star also links back to the
+image it was cropped from (rlnImageOriginalName = idx@path, with
+rlnCryofieldOriginalImageSize and rlnCryofieldOriginalPixelSize), so that 'cryofield
+select' and 'export' of a run trained on OUT.star write the ORIGINAL particles at their
+own box and pixel size. Outputs are written atomically.
 
 examples:
   cryofield downsample particles.star -D 128 -o particles.128.mrcs
@@ -26,7 +30,7 @@ from cryofield.errors import CryofieldError
 from cryofield.io.metadata import load_index, load_particle_table
 from cryofield.io.mrc import MRCStackWriter
 from cryofield.io.particles import ParticleSource
-from cryofield.io.star import write_star
+from cryofield.io.star import original_link_columns, write_star
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,8 +83,10 @@ def run(args: argparse.Namespace) -> int:
         star_path = out.with_suffix(".star")
     if star_path is not None:
         star_path = Path(star_path)
-        rel = os.path.relpath(out.resolve(), star_path.resolve().parent)
+        star_dir = star_path.resolve().parent
+        rel = os.path.relpath(out.resolve(), star_dir)
         names = [f"{i + 1:06d}@{rel}" for i in range(n)]
-        write_star(star_path, table, image_names=names, box_px=source.D)
-        print(f"wrote {star_path}")
+        link = original_link_columns(table, star_dir)
+        write_star(star_path, table, image_names=names, box_px=source.D, extra_columns=link)
+        print(f"wrote {star_path} (rlnImageOriginalName links each particle to its original)")
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cryofield.io.metadata import ParticleTable, load_index, load_particle_table
+from cryofield.io.star import ORIGINAL_APIX, ORIGINAL_BOX, ORIGINAL_NAME, has_original_link
 
 _STAR_CTF = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
              "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnPhaseShift",
@@ -112,6 +113,13 @@ def describe(table: ParticleTable, n_total: int | None = None) -> list[str]:
         dfu = table.ctf["defocus_u_A"]
         found = f" [{', '.join(ctf_cols)}]" if ctf_cols else ""
         lines.append(f"CTF:            defocus U {_range(dfu, '.0f')} A{found}")
+    if has_original_link(table):
+        box = table.raw[ORIGINAL_BOX].iloc[0]
+        apix = _range(table.raw[ORIGINAL_APIX].to_numpy(float), ".4g")
+        lines.append(
+            f"downsampled:    from {box} px, {apix} A/px originals ({ORIGINAL_NAME}, e.g. "
+            f"{table.raw[ORIGINAL_NAME].iloc[0]}); select/export write the originals"
+        )
     if table.rotations is not None:
         lines.append(f"poses:          3-D poses and shifts [{', '.join(pose_cols)}]")
     elif pose_cols:

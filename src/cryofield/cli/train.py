@@ -5,118 +5,106 @@ search, then gradient refinement of the pose table) and, with --zdim > 0, a late
 image. Writes OUTDIR/config.yaml, run.log, metrics.jsonl, particles.npz, epoch_NNN/
 (weights.pt, state.pt, poses.npz, latents.npz or volume.mrc, DONE) and particles.star.
 
+Every setting not given is chosen from the data and the machine (box, pixel size, number of
+images, CPU/GPU) and written, with the chosen values, to OUTDIR/config.yaml and run.log.
+Settings without a flag are keys of that file: give them with --config FILE (a yaml file
+with any of config.yaml's keys); flags override the file.
+
 examples:
-  cryofield train particles.star -o run_homo --epochs 10
+  cryofield train particles.star -o run_homo
+  cryofield train particles.star -o run_homo --config my_settings.yaml
   cryofield train particles.cs -o run_het --zdim 8 -D 64 --device cuda
   cryofield train particles.star -o run_fixed --poses-from-file --zdim 8
-  cryofield train --resume run_homo --epochs 20
+  cryofield train --resume run_homo --epochs 20   # continue to epoch 20
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any
 
 from cryofield.errors import CryofieldError
 
+#: TrainConfig keys that have a command-line flag: key -> (flag, help). The type and the
+#: default come from :class:`~cryofield.inference.config.TrainConfig`; every other key is
+#: set with --config FILE.
+FLAGS: dict[str, tuple[str, str]] = {
+    "datadir": ("--datadir", "folder to resolve relative image paths against"),
+    "ind": ("--ind", "index file (.npy/.txt) selecting particles"),
+    "D": ("-D", "training box (Fourier-cropped; default: input box)"),
+    "zdim": ("--zdim", "latent dimension (0: homogeneous)"),
+    "epochs": ("--epochs", "total epochs (default: chosen from N, see docs/train.md)"),
+    "hps_images": ("--hps-images", "images seen with global pose search (default max(3e4, 2N))"),
+    "field_images": ("--field-images", "images of field training after refinement"),
+    "batch_size": ("-b", "images per batch (default 32 on CPU, 64 on CUDA)"),
+    "lr_field": ("--lr-field", "field learning rate"),
+    "lr_pose": ("--lr-pose", "pose table learning rate (heterogeneous runs)"),
+    "lr_latent": ("--lr-latent", "latent table learning rate"),
+    "hidden": ("--hidden", "MLP width (default 128 on CPU, 256 on CUDA)"),
+    "layers": ("--layers", "residual hidden layers"),
+    "n_freqs": ("--n-freqs", "random Fourier features"),
+    "refine_iters": ("--refine-iters", "most half-map refinement iterations (0: none)"),
+    "t_extent_px": ("--t-extent", "translation search extent, px (default D/10)"),
+    "search_levels": ("--search-levels", "pose search subdivisions"),
+    "base_nside": ("--base-nside", "HEALPix nside of the base grid"),
+    "base_psi": ("--base-psi", "in-plane angles of the base grid"),
+    "radius_start_px": ("--radius-start", "first search radius, px (default from 53 A)"),
+    "radius_search_px": ("--radius-search", "last search radius, px (default from 20 A)"),
+    "radius_max_px": ("--radius-max", "training radius after the search, px (Nyquist)"),
+    "poses_from_file": ("--poses-from-file", "use the poses of the particle file"),
+    "refine_poses": ("--refine-poses", "refine the poses (default: yes ab initio, no with "
+                     "--poses-from-file)"),
+    "contrast": ("--contrast", "particle contrast; light-on-dark stacks (RELION/cryoSPARC) "
+                 "are inverted to meet the CTF (auto: guessed from the images and logged)"),
+    "window": ("--window", "real-space soft window on the images"),
+    "device": ("--device", "cpu, cuda or cuda:N"),
+    "amp": ("--amp", "bf16 autocast on CUDA"),
+    "deterministic": ("--deterministic", "deterministic kernels"),
+    "seed": ("--seed", "random seed"),
+    "num_threads": ("--threads", "CPU threads for torch (default: all cores)"),
+}  # fmt: skip
+
+_CHOICES = {"contrast": ["auto", "light-on-dark", "dark-on-light"]}
+
+
+def _field_type(annotation: str) -> type:
+    for name, typ in (("bool", bool), ("int", int), ("float", float)):
+        if name in annotation:
+            return typ
+    return str
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the options of ``cryofield train``."""
+    """Register the options of ``cryofield train`` (generated from TrainConfig)."""
+    from cryofield.inference.config import TrainConfig
+
     parser.add_argument("particles", nargs="?", help=".star, .cs, .mrcs, .txt or .npz particles")
     parser.add_argument("-o", "--outdir", help="output folder (new)")
     parser.add_argument("--resume", metavar="OUTDIR", help="continue the run in OUTDIR")
-    parser.add_argument("--datadir", help="folder to resolve relative image paths against")
-    parser.add_argument("--ind", help="index file (.npy/.txt) selecting particles")
-    parser.add_argument("-D", type=int, help="training box (Fourier-cropped; default: input box)")
-    parser.add_argument("--zdim", type=int, default=0, help="latent dimension (0: homogeneous)")
-    parser.add_argument("--epochs", type=int, help="total epochs (default 20)")
-    parser.add_argument("--hps-images", type=int, help="images seen with pose search (5e5)")
-    parser.add_argument("-b", "--batch-size", type=int, help="images per batch (default 64)")
-    parser.add_argument("--steps-per-batch", type=int, help="optimiser steps per search batch (1)")
-    parser.add_argument("--lr-field", type=float, help="field learning rate (1e-4)")
-    parser.add_argument("--lr-pose", type=float, help="pose table learning rate (1e-3)")
-    parser.add_argument("--lr-latent", type=float, help="latent table learning rate (1e-2)")
-    parser.add_argument(
-        "--latent-init",
-        choices=["pca", "random"],
-        help="start z by linear variability analysis at the poses found (pca, default) or "
-        "keep the random start",
-    )
-    parser.add_argument(
-        "--latent-init-radius", type=float, help="Fourier radius of that analysis, px (D/4)"
-    )
-    parser.add_argument("--hidden", type=int, help="MLP width (256)")
-    parser.add_argument("--layers", type=int, help="residual hidden layers (3)")
-    parser.add_argument("--n-freqs", type=int, help="random Fourier features (64)")
-    parser.add_argument("--sigma", type=float, help="random Fourier feature scale (0.5)")
-    parser.add_argument("--t-extent", type=float, help="translation search extent, px")
-    parser.add_argument("--search-levels", type=int, help="pose search subdivisions (4)")
-    parser.add_argument("--base-nside", type=int, help="HEALPix nside of the base grid (4)")
-    parser.add_argument("--base-psi", type=int, help="in-plane angles of the base grid (24)")
-    parser.add_argument("--radius-start", type=float, help="first search radius, px")
-    parser.add_argument("--radius-search", type=float, help="last search radius, px")
-    parser.add_argument("--radius-max", type=float, help="training radius after search, px")
-    parser.add_argument(
-        "--latent-warmup",
-        type=float,
-        metavar="FRAC",
-        help="fraction of the search epochs with z = 0 (consensus) before the latents start "
-        "from PCA and the search uses each image's z (default 0: z from the start)",
-    )
-    parser.add_argument(
-        "--no-latent-refresh",
-        action="store_true",
-        help="set z by variability analysis only at the first search epoch with z and after "
-        "the search (default: at the start of every search epoch from the current poses)",
-    )
-    parser.add_argument(
-        "--search-groups", type=int, help="reference volumes per batch in the search (8)"
-    )
-    parser.add_argument(
-        "--research-epochs", type=int,
-        help="global search epochs again after the gradient epochs (heterogeneous: 1, else 0)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--local-refine-epochs", type=int, help="last epochs with a local pose search (1)"
-    )
-    parser.add_argument("--poses-from-file", action="store_true", help="use the file's poses")
-    parser.add_argument(
-        "--refine-poses",
-        action="store_true",
-        help="with --poses-from-file: also refine the file's poses (default: kept fixed)",
-    )
-    parser.add_argument(
-        "--no-refine-poses", action="store_true", help="ab initio: no pose refinement after search"
-    )
-    parser.add_argument(
-        "--contrast",
-        choices=["auto", "light-on-dark", "dark-on-light"],
-        default="auto",
-        help="particle contrast; light-on-dark stacks (RELION/cryoSPARC) are inverted to "
-        "meet the CTF (default auto: guessed from the images and logged)",
-    )
+    parser.add_argument("--config", metavar="FILE", help="yaml file of TrainConfig keys")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    defaults = TrainConfig()
+    for key, (flag, text) in FLAGS.items():
+        typ = _field_type(str(fields[key].type))
+        default = getattr(defaults, key)
+        if default not in (None, "") and typ is not bool:
+            text = f"{text} (default {default})"
+        if typ is bool:
+            parser.add_argument(flag, dest=key, default=None, help=text,
+                                action=argparse.BooleanOptionalAction)  # fmt: skip
+        else:
+            parser.add_argument(flag, dest=key, type=typ, default=None, help=text,
+                                choices=_CHOICES.get(key))  # fmt: skip
     parser.add_argument("--invert", action="store_true", help="same as --contrast light-on-dark")
-    parser.add_argument("--no-window", action="store_true", help="no real-space soft window")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cpu)")
-    parser.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    parser.add_argument("--deterministic", action="store_true", help="deterministic kernels")
-    parser.add_argument("--seed", type=int, help="random seed (0)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch")
 
 
-_MAP = {
-    "D": "D", "zdim": "zdim", "epochs": "epochs", "hps_images": "hps_images",
-    "batch_size": "batch_size", "steps_per_batch": "steps_per_batch", "lr_field": "lr_field",
-    "lr_pose": "lr_pose",
-    "lr_latent": "lr_latent", "latent_init": "latent_init",
-    "latent_init_radius": "latent_init_radius_px", "hidden": "hidden", "layers": "layers",
-    "n_freqs": "n_freqs",
-    "sigma": "sigma", "t_extent": "t_extent_px", "search_levels": "search_levels",
-    "base_nside": "base_nside", "base_psi": "base_psi", "radius_start": "radius_start_px",
-    "radius_search": "radius_search_px", "radius_max": "radius_max_px",
-    "search_groups": "het_search_groups", "device": "device", "latent_warmup": "latent_warmup",
-    "local_refine_epochs": "local_refine_epochs", "research_epochs": "research_epochs",
-    "seed": "seed", "threads": "num_threads", "datadir": "datadir", "ind": "ind",
-}  # fmt: skip
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """TrainConfig keys given on the command line."""
+    out = {k: getattr(args, k) for k in FLAGS if getattr(args, k, None) is not None}
+    if getattr(args, "invert", False):
+        out["contrast"] = "light-on-dark"
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,27 +112,26 @@ def run(args: argparse.Namespace) -> int:
     from cryofield.inference.config import TrainConfig
     from cryofield.inference.trainer import resume, train
 
+    given = _given(args)
     if args.resume:
+        ignored = sorted(FLAGS[k][0] if k in FLAGS else "--invert" for k in given if k != "epochs")
+        if args.config or args.particles or args.outdir:
+            ignored += [x for x, v in (("--config", args.config), ("PARTICLES", args.particles),
+                                       ("-o", args.outdir)) if v]  # fmt: skip
+        if ignored:
+            raise CryofieldError(
+                f"--resume continues with the settings in {args.resume}/config.yaml and would "
+                f"ignore {', '.join(ignored)}; give only --epochs, or start a new run with -o"
+            )
         out = resume(args.resume, epochs=args.epochs)
         print(f"resumed run in {out}")
         return 0
     if not args.particles or not args.outdir:
         raise CryofieldError("give PARTICLES and -o OUTDIR (or --resume OUTDIR)")
-    cfg = TrainConfig(particles=str(args.particles), outdir=str(args.outdir))
-    for arg, key in _MAP.items():
-        value = getattr(args, arg)
-        if value is not None:
-            setattr(cfg, key, value)
-    cfg.poses_from_file = bool(args.poses_from_file)
-    if args.refine_poses and args.no_refine_poses:
-        raise CryofieldError("give --refine-poses or --no-refine-poses, not both")
-    if args.refine_poses or args.no_refine_poses:
-        cfg.refine_poses = bool(args.refine_poses)
-    cfg.latent_refresh = not args.no_latent_refresh
-    cfg.contrast = "light-on-dark" if args.invert else args.contrast
-    cfg.window = not args.no_window
-    cfg.amp = not args.no_amp
-    cfg.deterministic = bool(args.deterministic)
+    cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
+    for key, value in given.items():
+        setattr(cfg, key, value)
+    cfg.particles, cfg.outdir = str(args.particles), str(args.outdir)
     cfg.validate()
     out = train(cfg)
     print(f"training output in {out}")

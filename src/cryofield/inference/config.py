@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,28 @@ LATENT_INITS = ("pca", "random")
 class TrainConfig:
     """All settings of a training run (the resolved values are written to config.yaml).
 
-    Radii and translations given as ``None`` are resolved from the box size ``D`` with the
-    DRGN-AI reference values at D=128 scaled by ``D / 128`` (search radius 12 -> 32 px,
-    translation extent 20 px); see :meth:`resolved`.
+    This dataclass is the one source of truth for the defaults: ``cryofield train``,
+    ``cryofield demo`` and the benchmarks all start from it. Settings left at ``None``
+    are chosen by :meth:`resolved` from the data (box ``D``, pixel size, number of images
+    ``N``) and the device, and the chosen values are logged and written to config.yaml:
+
+    - sizes: ``hidden`` 128 on CPU, 256 on CUDA; ``batch_size`` 32 on CPU, 64 on CUDA;
+      ``num_threads`` the CPU cores torch sees;
+    - search radius (Fourier px of the training box): from ``search_start_res_A`` to
+      ``search_end_res_A`` in A, but never below ``6/64 D`` and ``16/64 D`` px (a small
+      object in a small box still needs a few px of detail); the training radius after
+      the search is Nyquist (``D / 2 - 1``);
+    - translations searched within ``+-D / 10`` px;
+    - schedule in images seen: ``hps_images = max(30000, 2 N)`` images of global search
+      (heterogeneous ``max(72000, 2 N)``; whole epochs), then (homogeneous) one epoch of
+      gold-standard refinement against back-projected half maps
+      (:mod:`cryofield.inference.refine`, at most ``refine_iters`` iterations, stopping
+      when the half-map resolution stops improving) and ``field_images = max(10000, N)``
+      images of field training at the refined poses; (heterogeneous) ``sgd_epochs``
+      gradient epochs, ``research_epochs`` search-again epochs and
+      ``local_refine_epochs`` local epochs. ``epochs`` is the sum.
+
+    The measured values behind these numbers are in docs/train.md.
     """
 
     particles: str = ""
@@ -33,18 +54,23 @@ class TrainConfig:
     ind: str | None = None
     D: int | None = None
     zdim: int = 0
-    # field
-    hidden: int = 256
+    # field (hidden None: 128 on CPU, 256 on CUDA)
+    hidden: int | None = None
     layers: int = 3
     n_freqs: int = 64
     sigma: float = 0.5
-    # schedule
-    epochs: int = 20
-    hps_images: int = 500_000
-    batch_size: int = 64
-    lr_field: float = 1e-4
-    steps_per_batch: int = 1
+    # schedule (None: chosen from N, see the class docstring)
+    epochs: int | None = None
+    hps_images: int | None = None
+    field_images: int | None = None
+    sgd_epochs: int = 1
+    batch_size: int | None = None
+    lr_field: float = 2e-3
+    steps_per_batch: int = 3
     lr_pose: float = 1e-3
+    # gold-standard refinement against back-projected half maps (homogeneous runs)
+    refine_iters: int = 4
+    refine_prior_deg: float = 1.0
     lr_latent: float = 1e-2
     latent_l2: float = 0.0
     latent_init_std: float = 0.1
@@ -60,6 +86,8 @@ class TrainConfig:
     n_keep: int = 8
     t_extent_px: float | None = None
     t_ngrid: int = 7
+    search_start_res_A: float = 53.0
+    search_end_res_A: float = 20.0
     radius_start_px: float | None = None
     radius_search_px: float | None = None
     radius_max_px: float | None = None
@@ -122,15 +150,31 @@ class TrainConfig:
         """YAML text of the configuration."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def resolved(self, D: int) -> TrainConfig:
-        """A copy with ``D`` and the radius / translation defaults filled in for box ``D``."""
+    def resolved(
+        self, D: int, n_images: int | None = None, apix_A: float | None = None
+    ) -> TrainConfig:
+        """A copy with every ``None`` default chosen for box ``D`` (px), ``n_images``
+        particles and pixel size ``apix_A`` (A at box ``D``) on ``device`` (see the class
+        docstring). Without ``n_images`` the schedule keys stay as given (None is resolved
+        later, when the trainer knows N); without ``apix_A`` the radii follow the box only.
+        """
         c = dataclasses.replace(self, D=int(D))
-        scale = D / 128.0
         nyq = D / 2 - 1
+        cuda = c.device.startswith("cuda")
+        if c.hidden is None:
+            c.hidden = 256 if cuda else 128
+        if c.batch_size is None:
+            c.batch_size = 64 if cuda else 32
+        if c.num_threads is None and not cuda:
+            c.num_threads = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                else (os.cpu_count() or 1))  # fmt: skip
+        box_A = D * apix_A if apix_A else None
         if c.radius_start_px is None:
-            c.radius_start_px = min(12.0 * scale, nyq)
+            r = 6.0 / 64.0 * D
+            c.radius_start_px = min(max(r, box_A / c.search_start_res_A if box_A else r), nyq)
         if c.radius_search_px is None:
-            c.radius_search_px = min(32.0 * scale, nyq)
+            r = 16.0 / 64.0 * D
+            c.radius_search_px = min(max(r, box_A / c.search_end_res_A if box_A else r), nyq)
         if c.radius_max_px is None:
             c.radius_max_px = nyq
         if c.refine_poses is None:
@@ -140,7 +184,9 @@ class TrainConfig:
         if c.latent_init_radius_px is None:
             c.latent_init_radius_px = min(D / 4.0, c.radius_search_px)
         if c.t_extent_px is None:
-            c.t_extent_px = 20.0 * scale
+            c.t_extent_px = D / 10.0
+        if n_images is not None:
+            c.resolve_schedule(int(n_images))
         c.radius_start_px = float(min(c.radius_start_px, nyq))
         c.radius_search_px = float(min(max(c.radius_search_px, c.radius_start_px), nyq))
         c.radius_max_px = float(min(c.radius_max_px, nyq))
@@ -149,16 +195,54 @@ class TrainConfig:
         c.validate()
         return c
 
+    def resolve_schedule(self, n_images: int) -> None:
+        """Fill ``hps_images``, ``field_images`` and ``epochs`` (in place) for ``n_images``.
+
+        Ab initio: ``max(30000, 2 N)`` images of search (heterogeneous: ``max(72000, 2 N)``,
+        images of different states converge at different times), rounded up to whole
+        epochs (the measured 6 epochs of demo-homo at N=5000, 12 of demo-hetero at
+        N=6000; every image is searched at least twice).
+        Homogeneous runs then refine (1 epoch) and train the field on ``max(10000, N)``
+        images; heterogeneous ab initio runs take ``sgd_epochs`` gradient epochs, the
+        search-again and the local epochs. Known poses: the field epochs only (plus a
+        refinement epoch with ``refine_poses``).
+        """
+        n = max(int(n_images), 1)
+        if self.hps_images is None:
+            least = 30_000 if self.zdim == 0 else 72_000
+            self.hps_images = 0 if self.poses_from_file else max(least, 2 * n)
+        if self.field_images is None:
+            self.field_images = max(10_000, n)
+        if self.epochs is not None:
+            return
+        hps = 0 if self.poses_from_file else max(1, math.ceil(self.hps_images / n))
+        field_epochs = max(1, math.ceil(self.field_images / n))
+        if self.zdim == 0:
+            refine = 1 if (self.refine_poses is not False) and self.refine_iters > 0 else 0
+            self.epochs = hps + refine + field_epochs
+        elif self.poses_from_file:
+            local = self.local_refine_epochs if self.refine_poses else 0
+            self.epochs = field_epochs + local
+        else:
+            research = 1 if self.research_epochs is None else self.research_epochs
+            self.epochs = hps + self.sgd_epochs + research + self.local_refine_epochs
+
     def validate(self) -> None:
         """Raise :class:`CryofieldError` for impossible settings."""
         checks = [
             (self.zdim >= 0, f"zdim must be >= 0 (got {self.zdim})"),
-            (self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})"),
-            (self.batch_size >= 1, f"batch size must be >= 1 (got {self.batch_size})"),
-            (self.hidden >= 1 and self.layers >= 0, "hidden must be >= 1 and layers >= 0"),
+            (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1 (got {self.epochs})"),
+            (self.batch_size is None or self.batch_size >= 1,
+             f"batch size must be >= 1 (got {self.batch_size})"),
+            ((self.hidden is None or self.hidden >= 1) and self.layers >= 0,
+             "hidden must be >= 1 and layers >= 0"),
+            (self.refine_iters >= 0 and self.refine_prior_deg > 0,
+             "refine_iters must be >= 0 and refine_prior_deg > 0"),
+            (self.sgd_epochs >= 0, "sgd_epochs must be >= 0"),
+            (self.field_images is None or self.field_images >= 1, "field_images must be >= 1"),
             (self.D is None or (self.D >= 8 and self.D % 2 == 0), f"D must be even >= 8: {self.D}"),
             (self.device.split(":")[0] in ("cpu", "cuda"), f"bad device: {self.device}"),
-            (self.hps_images >= 0, "hps_images must be >= 0"),
+            (self.hps_images is None or self.hps_images >= 0, "hps_images must be >= 0"),
             (self.contrast in CONTRASTS, f"contrast must be one of {CONTRASTS}: {self.contrast}"),
             (self.search_levels >= 0 and self.n_keep >= 1, "search levels >= 0, n_keep >= 1"),
             (self.latent_init in LATENT_INITS, f"latent_init must be one of {LATENT_INITS}"),

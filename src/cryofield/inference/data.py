@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from cryofield.inference.pose_search import FrequencyPoints
+from cryofield.io.metadata import common_pixel_size
 from cryofield.physics.ctf import CTFParams, compute_ctf
 from cryofield.physics.fourier import fft2_centered
 
@@ -87,7 +88,12 @@ class BatchMaker:
         self.window = soft_window(points.D).to(device) if window else None
         self.scale = float(scale)
         self.device = torch.device(device)
-        self.apix_A = float(np.mean(np.asarray(source.apix_A, dtype=np.float64)))
+        table = getattr(source, "table", None)
+        self.apix_A = common_pixel_size(
+            source.apix_A,
+            None if table is None else table.optics_group,
+            "particles" if table is None else table.source_path,
+        )
 
     def images_ft(self, idx: np.ndarray) -> torch.Tensor:
         """``(B, M)`` complex normalised transforms at all frequency points."""

@@ -1,7 +1,13 @@
 """Training phases and frequency marching.
 
 Phase ``"hps"``: every batch gets fresh poses from the hierarchical search; the field
-(and latents) take gradient steps with those poses. Phase ``"sgd"``: the pose table (if
+(and latents) take gradient steps with those poses. Homogeneous runs then have one
+``"refine"`` epoch (gold-standard local refinement of every pose against back-projected,
+FSC-weighted half maps, :mod:`cryofield.inference.refine`; the field takes no steps) and
+``"field"`` epochs (poses fixed at the refined values, the field trains on the full
+radius); with known poses the refine epoch comes first (``--refine-poses``) and the field
+epochs are ``"fixed"``. The phases below (gradient, search-again, local) are those of
+heterogeneous runs. Phase ``"sgd"``: the pose table (if
 refined), the latent table and the field take gradient steps together. Phase ``"fixed"``:
 known poses from the input file (``--poses-from-file``), optionally refined. Phase
 ``"local"`` (the last ``local_refine_epochs`` epochs, after the search phase; with known
@@ -30,6 +36,7 @@ midpoint; demo-hetero epoch 9 0.37 and 0.53 (the arm-absent state: median 32.5 -
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -58,20 +65,32 @@ class Schedule:
     """
 
     def __init__(self, cfg: TrainConfig, n_images: int) -> None:
-        self.cfg = cfg
         self.n = int(n_images)
+        if cfg.epochs is None or cfg.hps_images is None or cfg.field_images is None:
+            cfg = dataclasses.replace(cfg)
+            cfg.resolve_schedule(self.n)
+        assert cfg.epochs is not None and cfg.hps_images is not None
+        self.cfg = cfg
         if cfg.poses_from_file:
             self.hps_epochs = 0
         else:
             self.hps_epochs = min(cfg.epochs, max(1, math.ceil(cfg.hps_images / self.n)))
+        #: homogeneous runs whose poses are refined: one epoch of gold-standard refinement
+        #: against back-projected half maps right after the search (with known poses: the
+        #: first epoch), then field epochs at the refined poses; 0 when there is none
+        self.refine_epoch = 0
+        if cfg.zdim == 0 and cfg.refine_poses and cfg.refine_iters > 0:
+            self.refine_epoch = min(self.hps_epochs + 1, cfg.epochs)
+            if self.refine_epoch <= self.hps_epochs:
+                self.refine_epoch = 0  # the whole run is search
         self.hps_total = self.hps_epochs * self.n
         #: search epochs with z held at 0 (heterogeneous runs: a consensus search first)
         self.consensus_epochs = (
             math.ceil(cfg.latent_warmup * self.hps_epochs - 1e-9) if cfg.zdim > 0 else 0
         )
         n_local = cfg.local_refine_epochs
-        if cfg.poses_from_file and not cfg.refine_poses:
-            n_local = 0
+        if (cfg.poses_from_file and not cfg.refine_poses) or cfg.zdim == 0:
+            n_local = 0  # homogeneous runs refine against half maps instead
         self.local_from = max(self.hps_epochs, cfg.epochs - n_local) + 1
         #: first epoch of the search again after the gradient epochs (never with known
         #: poses: :meth:`phase_of_epoch` returns "fixed" there)
@@ -79,6 +98,12 @@ class Schedule:
 
     def phase_of_epoch(self, epoch: int) -> str:
         """Phase of 1-based ``epoch``."""
+        if self.cfg.zdim == 0:
+            if epoch <= self.hps_epochs:
+                return "hps"
+            if epoch == self.refine_epoch:
+                return "refine"
+            return "fixed" if self.cfg.poses_from_file else "field"
         if epoch >= self.local_from:
             return "local"
         if self.cfg.poses_from_file:

@@ -229,6 +229,8 @@ class Trainer:
         self.rollbacks = 0
         self.latent_init_epoch = 0  # last epoch whose start set the latents by PCA
         self._local: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
+        #: per-image loss at its last step (epoch_NNN/residuals.npz, for the junk score)
+        self._residual = np.full(self.N, np.nan, dtype=np.float32)
         scale = self.batches.estimate_scale(cfg.norm_images, gen)
         self.field.output_scale.fill_(scale)
         self.field.set_envelope(self.batches.estimate_envelope(cfg.norm_images, gen))
@@ -399,7 +401,9 @@ class Trainer:
         elif plan.phase == "local":
             R, t = self._local_refine(ti, xft, ctf)
             self.poses.set(ti, R, t)
-        refine = plan.phase not in ("hps", "local") and self.cfg.refine_poses
+        refine = bool(self.cfg.refine_poses) and (
+            plan.phase == "sgd" or (plan.phase == "fixed" and self.cfg.zdim > 0)
+        )
         n = self.points.count(plan.radius_train_px)
         held = self._z_held(plan)
         steps = self.cfg.steps_per_batch if plan.phase == "hps" else 1
@@ -415,6 +419,7 @@ class Trainer:
                     self.field, R, t, z, xft[:, :n], ctf[:, :n], self.points.freqs[:n]
                 )
             loss = per_img.mean()
+            self._residual[idx] = per_img.detach().float().cpu().numpy()
             total = loss
             if z is not None and self.cfg.latent_l2 > 0:
                 total = total + self.cfg.latent_l2 * (z**2).sum(-1).mean()
@@ -439,6 +444,9 @@ class Trainer:
         t0 = time.perf_counter()
         losses: list[float] = []
         plan = self.schedule.plan(epoch, self.images_seen)
+        R_before, t_before = (x.detach().clone() for x in self.poses.all())
+        if phase == "refine":
+            return self._refine_epoch(epoch, t0, R_before, t_before)
         if self._wants_latent_init(epoch):
             self._init_latents()
         if phase == "local":
@@ -469,6 +477,43 @@ class Trainer:
         return dict(
             epoch=epoch, phase=phase, loss=float(np.mean(losses)),
             radius_px=float(plan.radius_train_px), images_s=self.N / dt, time_s=dt,
+            **self._pose_change(R_before, t_before),
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def _pose_change(self, R0: torch.Tensor, t0: torch.Tensor) -> dict[str, Any]:
+        """How far the poses moved this epoch (:func:`~cryofield.inference.diagnostics.
+        pose_change` with the search's coarse steps: an image that moved farther landed
+        in another basin)."""
+        from cryofield.inference.diagnostics import pose_change
+
+        c = self.cfg
+        R, t = self.poses.all()
+        t_step = 2 * float(c.t_extent_px or 0.0) / max(c.t_ngrid - 1, 1) or 1.0
+        pc = pose_change(R0.cpu(), t0.cpu(), R.cpu(), t.cpu(), step_deg=360.0 / c.base_psi,
+                         t_step_px=t_step)  # fmt: skip
+        return {"pose_change": pc}
+
+    def _refine_epoch(
+        self, epoch: int, t0: float, R0: torch.Tensor, tr0: torch.Tensor
+    ) -> dict[str, Any]:
+        """Gold-standard refinement of every pose against back-projected half maps
+        (:mod:`cryofield.inference.refine`); the field takes no steps."""
+        from cryofield.inference.refine import RefineSettings, refine_poses_gold_standard
+
+        c = self.cfg
+        settings = RefineSettings(
+            max_iters=c.refine_iters, step_deg=c.local_step_deg, t_step_px=c.local_t_step_px,
+            levels=c.local_levels, prior_deg=c.refine_prior_deg, radius_max_px=c.radius_max_px,
+        )  # fmt: skip
+        res = refine_poses_gold_standard(self.batches, R0, tr0, settings)
+        self.poses.set(torch.arange(self.N, device=self.device), res.rotations, res.shifts_px)
+        dt = time.perf_counter() - t0
+        last = res.history[-1] if res.history else {}
+        return dict(
+            epoch=epoch, phase="refine", loss=None,
+            radius_px=float(last.get("radius_px", 0.0)), images_s=self.N / dt, time_s=dt,
+            refine=res.history, **self._pose_change(R0, tr0),
         )  # fmt: skip
 
     def fit(self) -> Path:
@@ -501,9 +546,12 @@ class Trainer:
             self.epoch = epoch
             self.save_epoch(metrics)
             log.info(
-                "epoch %d [%s] loss %.5g radius %.1f px, %.1f img/s, %.1f s",
-                epoch, metrics["phase"], metrics["loss"], metrics["radius_px"],
+                "epoch %d [%s] loss %.5g radius %.1f px, %.1f img/s, %.1f s; %.1f%% of poses "
+                "changed basin (median move %.2f deg)",
+                epoch, metrics["phase"], float("nan") if metrics["loss"] is None
+                else metrics["loss"], metrics["radius_px"],
                 metrics["images_s"], metrics["time_s"],
+                100 * metrics["pose_change"]["frac_moved"], metrics["pose_change"]["median_deg"],
             )  # fmt: skip
         return self.outdir
 
@@ -527,6 +575,8 @@ class Trainer:
                 shifts_A=(t.cpu().numpy() * self.batches.apix_A).astype(np.float32),
                 particle_index=np.asarray(self.particle_index, dtype=np.int64),
             )  # fmt: skip
+        with atomic_path(d / "residuals.npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, residual=self._residual)
         if self.latents is not None:
             with atomic_path(d / "latents.npz") as tmp, open(tmp, "wb") as fh:
                 np.savez(fh, z=self.latents.all().cpu().numpy().astype(np.float32))
@@ -549,6 +599,14 @@ def _log_environment(cfg: TrainConfig, n: int, D: int, apix: float) -> None:
              torch.get_num_threads(), platform.node())  # fmt: skip
     if cfg.device.startswith("cuda") and torch.cuda.is_available():
         log.info("GPU %s", torch.cuda.get_device_name(torch.device(cfg.device)))
+    log.info(
+        "settings (chosen for this data and device unless given; all in config.yaml): "
+        "hidden %s, batch %s, %s epochs (%s images of search), search radius %.1f -> %.1f px "
+        "(%.0f -> %.0f A), translations +-%.1f px",
+        cfg.hidden, cfg.batch_size, cfg.epochs, cfg.hps_images, cfg.radius_start_px,
+        cfg.radius_search_px, D * apix / max(cfg.radius_start_px or 1, 1e-9),
+        D * apix / max(cfg.radius_search_px or 1, 1e-9), cfg.t_extent_px,
+    )  # fmt: skip
 
 
 def resolve_contrast(cfg: TrainConfig, source: Any) -> bool:
@@ -572,6 +630,32 @@ def resolve_contrast(cfg: TrainConfig, source: Any) -> bool:
     log.info("particle contrast looks %s (auto): images %s", verdict,
              "inverted" if verdict == "light-on-dark" else "used as they are")  # fmt: skip
     return verdict == "light-on-dark"
+
+
+def _judge(trainer: Trainer, final: dict[str, Any]) -> None:
+    """Write ``verdict.json`` (did the run converge, why not, what to try) and log it;
+    a run that did not converge says so as a warning in run.log and on stderr."""
+    import sys
+
+    from cryofield.inference import diagnostics as dg
+    from cryofield.inference.rundir import RunDir
+
+    c = trainer.cfg
+    R, _ = trainer.poses.all()
+    final.update(apix_A=trainer.batches.apix_A, radius_start_px=c.radius_start_px)
+    if not c.poses_from_file:
+        final["view_coverage"] = dg.view_coverage(R.detach().cpu())
+    if trainer.latents is not None:
+        final["latent_structure"] = dg.latent_structure(trainer.latents.all().cpu(), seed=c.seed)
+    history = RunDir(trainer.outdir).metrics()
+    v = dg.verdict(history, final, n_images=trainer.N, D=trainer.D)
+    dg.write_verdict(trainer.outdir, v)
+    text = dg.format_verdict(v)
+    if v.converged:
+        log.info(text)
+    else:
+        log.warning(text)
+        print(f"cryofield train: {text}", file=sys.stderr)
 
 
 def _peak_memory_mb() -> float:
@@ -612,7 +696,8 @@ def _load_inputs(cfg: TrainConfig) -> tuple[Any, ImageSource]:
 def build_trainer(cfg: TrainConfig, table: Any, source: ImageSource) -> Trainer:
     """A :class:`Trainer` for a particle table and its image source (resolves ``cfg``)."""
     D = int(source[np.array([0])].shape[-1])
-    cfg = cfg.resolved(D)
+    apix = float(np.mean(np.asarray(source.apix_A, dtype=np.float64)))
+    cfg = cfg.resolved(D, n_images=len(source), apix_A=apix)
     cfg.invert = resolve_contrast(cfg, source)
     ctf = CTFParams.from_table(table) if table.ctf is not None else None
     init = None
@@ -681,15 +766,17 @@ def _resume(run: RunDir, cfg: TrainConfig) -> Path:
 
 def _finish(trainer: Trainer, table: Any) -> None:
     log.info("peak memory %.0f MB", _peak_memory_mb())
+    final: dict[str, Any] = {}
     if trainer.latents is None:
         from cryofield.inference.consensus import write_consensus_map
 
         R, t = trainer.poses.all()
         b = trainer.batches
-        write_consensus_map(
+        final.update(write_consensus_map(
             trainer.outdir, b.source, R.detach().cpu(), t.detach().cpu(), b.ctf_params,
             b.apix_A, sign=-1.0 if b.invert else 1.0,
-        )  # fmt: skip
+        ))  # fmt: skip
+    _judge(trainer, final)
     from cryofield.io.export import write_particles
 
     R, t = trainer.poses.all()

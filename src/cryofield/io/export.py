@@ -15,6 +15,12 @@ the end of ``train``. It writes a subset of the *original* input table:
 - image paths point at the original stacks: relative to the output file's folder when
   the stack is inside it, absolute otherwise; a stack that cannot be found keeps the
   name the input file gave it.
+- a table read from a star file written by ``cryofield downsample`` (it links each
+  particle to the image it was cropped from: ``rlnImageOriginalName``, see
+  :mod:`cryofield.io.star`) is written as its ORIGINAL particles: original image names,
+  box, pixel size (optics block) and origins, shifts converted at the original pixel
+  size (:func:`cryofield.io.star.original_table`). A missing original stack is an error
+  that names it; ``downsampled=True`` writes the downsampled particles instead.
 - poses are written in the target format's convention (:mod:`cryofield.io.poses`):
   RELION ``rlnAngleRot/Tilt/Psi`` (deg) and ``rlnOriginX/YAngst`` (``rlnOriginX/Y`` in
   px for a RELION 3.0 file that already has them); cryoSPARC ``alignments3D/pose``
@@ -26,8 +32,8 @@ the end of ``train``. It writes a subset of the *original* input table:
 
 Shifts: ``shifts_px`` are in pixels of the *input table's* images (``table.apix_A``), not
 of a downsampled training box. A training run stores ``shifts_A`` (A) in
-``epoch_NNN/poses.npz``; pass those as ``shifts_A=`` and they are divided by each
-particle's ``table.apix_A``.
+``epoch_NNN/poses.npz``; pass those as ``shifts_A=`` and they are divided by the pixel
+size of each written particle (the original's, when the link is followed).
 
 Outputs are written atomically (temporary file + rename) by the io writers.
 """
@@ -46,7 +52,7 @@ from cryofield.errors import CryofieldError
 from cryofield.io.cryosparc import read_cs, write_cs
 from cryofield.io.metadata import ParticleTable
 from cryofield.io.poses import internal_to_cryosparc, internal_to_relion
-from cryofield.io.star import write_star
+from cryofield.io.star import original_table, write_star
 
 __all__ = ["latent_column_names", "latent_field_names", "write_particles"]
 
@@ -75,6 +81,7 @@ def write_particles(
     classes: np.ndarray | None = None,
     *,
     shifts_A: np.ndarray | None = None,
+    downsampled: bool = False,
 ) -> Path:
     """Write rows of ``table`` to ``path`` (.star or .cs) with optional poses/latents/classes.
 
@@ -99,6 +106,9 @@ def write_particles(
         ``(M,)`` 0-based non-negative integer class / cluster labels.
     shifts_A
         ``(M, 2)`` translations in A, an alternative to ``shifts_px``.
+    downsampled
+        For a table made by ``cryofield downsample``: write the downsampled particles
+        themselves instead of the original ones they link to.
 
     Returns
     -------
@@ -108,7 +118,8 @@ def write_particles(
     Raises
     ------
     CryofieldError
-        Unknown output extension, or an empty selection.
+        Unknown output extension, an empty selection, or (downsampled tables) a missing
+        original stack.
     ValueError
         Arrays whose lengths do not match the selection, or negative / non-integer classes.
     """
@@ -122,9 +133,15 @@ def write_particles(
     if n == 0:
         raise CryofieldError(f"{path}: no particles selected, nothing to write")
 
+    if shifts_A is not None and shifts_px is not None:
+        raise ValueError("give shifts_px or shifts_A, not both")
+    orig = None if downsampled else original_table(sub)
+    if orig is not None:
+        if shifts_px is not None:  # px of the downsampled images -> A
+            shifts_A = _rows(shifts_px, n, (2,), "shifts_px") * sub.apix_A[:, None]
+            shifts_px = None
+        sub = orig
     if shifts_A is not None:
-        if shifts_px is not None:
-            raise ValueError("give shifts_px or shifts_A, not both")
         shifts_px = _rows(shifts_A, n, (2,), "shifts_A") / sub.apix_A[:, None]
     if rotations is not None:
         rotations = _rows(rotations, n, (3, 3), "rotations")

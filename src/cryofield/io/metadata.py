@@ -27,7 +27,14 @@ from cryofield.errors import InputFileError
 from cryofield.io.atomic import atomic_path
 from cryofield.logs import get_logger
 
-__all__ = ["CTF_KEYS", "ParticleTable", "load_index", "load_particle_table"]
+__all__ = [
+    "CTF_KEYS",
+    "ParticleTable",
+    "common_pixel_size",
+    "ignored_optics",
+    "load_index",
+    "load_particle_table",
+]
 
 #: Keys of :attr:`ParticleTable.ctf`, each an ``(N,)`` float64 array.
 CTF_KEYS = (
@@ -415,6 +422,121 @@ def _txt_table(path: Path, datadir: str | os.PathLike[str] | None) -> ParticleTa
     )
 
 
+# ------------------------------------------------------------ optics checks
+#: Optics that training does not model: (what, RELION columns, cryoSPARC fields, trivial).
+#: ``trivial`` tells the value that means "absent" ("zero", "identity" for a
+#: magnification matrix element ``rlnMagMatIJ``, or "false" for a flag).
+_IGNORED_OPTICS = (
+    ("beam tilt", ("rlnBeamTiltX", "rlnBeamTiltY"), ("ctf/tilt_A",), "zero"),
+    ("anisotropic magnification",
+     ("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11"), ("ctf/anisomag",),
+     "identity"),
+    ("odd Zernike aberrations", ("rlnOddZernike",), ("ctf/trefoil_A", "ctf/shift_A"), "zero"),
+    ("even Zernike aberrations", ("rlnEvenZernike",), ("ctf/tetra_A",), "zero"),
+    ("phase-flipped images", ("rlnCtfDataArePhaseFlipped",), (), "false"),
+    ("CTF-premultiplied images", ("rlnCtfDataAreCtfPremultiplied",), (), "false"),
+)  # fmt: skip
+_warned_optics: set[str] = set()
+
+
+def _numbers(values: Any) -> np.ndarray:
+    """All numbers in a column (numeric, or strings such as ``'[0.1,0,-2]'``)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iufb":
+        return arr.astype(np.float64).reshape(-1)
+    import re
+
+    text = " ".join(str(v) for v in arr.reshape(-1).tolist())
+    found = re.findall(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", text)
+    return np.array([float(t) for t in found], dtype=np.float64)
+
+
+def _nontrivial(name: str, values: Any, trivial: str) -> bool:
+    x = _numbers(values)
+    x = x[np.isfinite(x)]
+    if not x.size:
+        return False
+    if trivial == "identity":
+        # RELION's matrix elements; cryoSPARC's ctf/anisomag holds the deviation from I
+        target = 1.0 if name in ("rlnMagMat00", "rlnMagMat11") else 0.0
+        return bool(np.any(np.abs(x - target) > 1e-6))
+    return bool(np.any(x != 0))
+
+
+def ignored_optics(table: ParticleTable) -> list[str]:
+    """Optics in ``table``'s file that training ignores, e.g. ``'beam tilt (rlnBeamTiltX)'``.
+
+    Looks at the star particle and optics blocks or the .cs fields (also of a saved
+    .npz); a column counts only when its values are not trivial (non-zero tilt or
+    aberrations, a magnification matrix other than identity, a flag set to 1).
+    """
+    raw = table.raw
+    found = []
+    for what, star_cols, cs_fields, trivial in _IGNORED_OPTICS:
+        cols: list[str] = []
+        if isinstance(raw, pd.DataFrame):
+            frames = [raw] + ([table.raw_optics] if table.raw_optics is not None else [])
+            for c in star_cols:
+                if any(c in f.columns and _nontrivial(c, f[c].to_numpy(), trivial) for f in frames):
+                    cols.append(c)
+        elif isinstance(raw, np.ndarray) and raw.dtype.names:
+            cols = [
+                f for f in cs_fields if f in raw.dtype.names and _nontrivial(f, raw[f], trivial)
+            ]
+        if cols:
+            found.append(f"{what} ({', '.join(cols)})")
+    return found
+
+
+def _warn_ignored_optics(table: ParticleTable) -> None:
+    """Warn once per file about optics that training ignores."""
+    key = str(table.source_path)
+    if key in _warned_optics:
+        return
+    found = ignored_optics(table)
+    if found:
+        _warned_optics.add(key)
+        _log.warning(
+            "%s holds %s, which cryofield ignores: its CTF uses defocus, astigmatism, voltage, "
+            "Cs, amplitude contrast, phase shift and B-factor only, and expects images that "
+            "are neither phase-flipped nor CTF-premultiplied",
+            key,
+            "; ".join(found),
+        )
+
+
+def common_pixel_size(
+    apix_A: np.ndarray, optics_group: np.ndarray | None, source: object, rtol: float = 1e-4
+) -> float:
+    """The one pixel size of a set of images; refuses several (naming the optics groups).
+
+    Training and reconstruction use one pixel size for all images. Particles whose pixel
+    sizes differ by more than ``rtol`` are refused rather than averaged.
+
+    Raises
+    ------
+    InputFileError
+        Pixel sizes differ, e.g. ``group 1: 1.25 A, group 3: 1.035 A``.
+    """
+    apix = np.asarray(apix_A, dtype=np.float64).reshape(-1)
+    if not apix.size:
+        raise InputFileError(source, "no particles")
+    lo, hi = float(apix.min()), float(apix.max())
+    if hi - lo <= rtol * hi:
+        return float(apix[0])
+    groups = np.zeros(len(apix), np.int64) if optics_group is None else np.asarray(optics_group)
+    parts = []
+    for g in np.unique(groups):
+        vals = "/".join(f"{v:.6g}" for v in np.unique(apix[groups == g]))
+        parts.append(f"group {int(g)}: {vals} A")
+    raise InputFileError(
+        source,
+        f"particles have different pixel sizes ({', '.join(parts)}); cryofield uses one pixel "
+        "size for all images and will not average them: train on one optics group at a time "
+        "(select its particles with --ind) or resample the images to one pixel size",
+    )
+
+
 def load_particle_table(
     path: str | os.PathLike[str],
     datadir: str | os.PathLike[str] | None = None,
@@ -433,6 +555,10 @@ def load_particle_table(
         ``path``).
     ind
         Optional index filter (array or .npy/.txt/.pkl file) applied after reading.
+
+    Optics that training ignores (beam tilt, anisotropic magnification, Zernike terms,
+    phase-flipped or CTF-premultiplied images; :func:`ignored_optics`) are named in one
+    logged warning per file.
 
     Raises
     ------
@@ -461,6 +587,7 @@ def load_particle_table(
         raise InputFileError(
             path, f"unknown particle file type '{suffix}' (use .star, .cs, .mrcs, .txt or .npz)"
         )
+    _warn_ignored_optics(table)
     if ind is not None:
         table = table.subset(load_index(ind, len(table), path))
     return table

@@ -12,6 +12,21 @@ Writing keeps every original column, the block name and the optics block; floats
 written with the shortest representation that reads back to the same float64, so
 read -> write -> read is lossless. Poses are converted as documented in
 :mod:`cryofield.io.poses`.
+
+Link to the original particles (written by ``cryofield downsample``): every particle row
+of a downsampled star file holds
+
+- ``rlnImageOriginalName``: ``idx@path`` of the image it was cropped from (RELION's own
+  column for this); the path is relative to the star file's folder when the stack is
+  below it, else absolute;
+- ``rlnCryofieldOriginalImageSize`` (px) and ``rlnCryofieldOriginalPixelSize`` (A): the
+  box and pixel size of that image.
+
+The link is followed (:func:`original_table`) only when all three columns are present:
+RELION itself writes ``rlnImageOriginalName`` for other purposes (``relion_stack_create``,
+particle subtraction), and those files are written back as they are. A
+``rlnImageOriginalName`` that the input of ``downsample`` already had is kept in
+``rlnCryofieldPriorOriginalName`` and put back when the link is followed.
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +47,27 @@ from cryofield.io.metadata import ParticleTable, resolve_image_paths
 from cryofield.io.poses import internal_to_relion, relion_to_internal
 from cryofield.logs import get_logger
 
-__all__ = ["read_star", "read_star_table", "write_star"]
+__all__ = [
+    "LINK_COLUMNS",
+    "ORIGINAL_APIX",
+    "ORIGINAL_BOX",
+    "ORIGINAL_NAME",
+    "has_original_link",
+    "original_link_columns",
+    "original_table",
+    "read_star",
+    "read_star_table",
+    "write_star",
+]
 
 _log = get_logger("io")
+
+#: Columns of the link from a downsampled particle to its original image (module docstring).
+ORIGINAL_NAME = "rlnImageOriginalName"
+ORIGINAL_BOX = "rlnCryofieldOriginalImageSize"
+ORIGINAL_APIX = "rlnCryofieldOriginalPixelSize"
+PRIOR_ORIGINAL_NAME = "rlnCryofieldPriorOriginalName"
+LINK_COLUMNS = (ORIGINAL_NAME, ORIGINAL_BOX, ORIGINAL_APIX)
 
 #: CTF key -> (RELION column, required when a CTF is present, default). A missing
 #: amplitude contrast defaults to 0.1 with a warning, as in cryoDRGN's parse_ctf_star
@@ -171,7 +205,9 @@ def _ctf(cols: _Columns) -> dict[str, np.ndarray] | None:
     return ctf
 
 
-def _split_names(path: Path, names: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+def _split_names(
+    path: Path, names: pd.Series, column: str = "rlnImageName"
+) -> tuple[np.ndarray, np.ndarray]:
     """``idx@stack`` -> (0-based index, stack name); a name without ``@`` is frame 0."""
     idx = np.zeros(len(names), dtype=np.int64)
     stacks = np.empty(len(names), dtype=object)
@@ -184,15 +220,24 @@ def _split_names(path: Path, names: pd.Series) -> tuple[np.ndarray, np.ndarray]:
             k = int(head)
         except ValueError:
             raise InputFileError(
-                path, f"field rlnImageName: bad image number in '{name}'", row=i + 1
+                path, f"field {column}: bad image number in '{name}'", row=i + 1
             ) from None
         if k < 1:
             raise InputFileError(
-                path, f"field rlnImageName: image numbers start at 1, got '{name}'", row=i + 1
+                path, f"field {column}: image numbers start at 1, got '{name}'", row=i + 1
             )
         idx[i] = k - 1
         stacks[i] = tail
     return idx, stacks.astype(str)
+
+
+def _per_group(group: np.ndarray, values: np.ndarray, unit: str) -> str:
+    """``'group 1: 64 px, group 2: 128 px'``: the distinct values of each optics group."""
+    parts = []
+    for g in np.unique(group):
+        vals = "/".join(f"{v:.6g}" for v in np.unique(values[group == g]))
+        parts.append(f"group {int(g)}: {vals} {unit}")
+    return ", ".join(parts)
 
 
 def _box_from_stacks(paths: np.ndarray) -> tuple[int, float]:
@@ -225,7 +270,12 @@ def read_star_table(
     if "rlnImageSize" in cols:
         sizes = cols.get("rlnImageSize").astype(np.int64)
         if len(np.unique(sizes)) > 1:
-            raise InputFileError(path, f"several image sizes {sorted(set(sizes.tolist()))}")
+            raise InputFileError(
+                path,
+                f"optics groups have different image sizes ({_per_group(group, sizes, 'px')}); "
+                "cryofield needs one box: process each optics group separately (select its "
+                "particles with --ind) or re-extract them at one box size",
+            )
         box = int(sizes[0])
     apix = _apix(cols)
     if apix is None or box == 0:
@@ -261,12 +311,130 @@ def read_star_table(
         rotations=rotations,
         shifts_px=shifts,
         optics_group=group,
-        source_path=str(path),
+        source_path=os.path.abspath(path),
         source_format="star",
         raw=df,
         raw_optics=optics,
         raw_block=block,
     )
+
+
+# ------------------------------------------------------------- original particles
+def has_original_link(table: ParticleTable) -> bool:
+    """Whether ``table`` was read from a star file written by ``cryofield downsample``."""
+    raw = table.raw
+    return (
+        table.source_format == "star"
+        and isinstance(raw, pd.DataFrame)
+        and all(c in raw.columns for c in LINK_COLUMNS)
+    )
+
+
+def original_link_columns(table: ParticleTable, star_dir: Path) -> dict[str, list[object]]:
+    """Link columns for a star file, in ``star_dir``, of images cropped from ``table``'s.
+
+    A table that is itself downsampled links to *its* originals (so a chain of
+    downsamplings still points at the first stack). A foreign ``rlnImageOriginalName``
+    (not written by cryofield) is kept in ``rlnCryofieldPriorOriginalName``.
+    """
+    origin = original_table(table, check_files=False) or table
+    if not origin.box_px:
+        raise InputFileError(table.source_path, "the image size is unknown; cannot link")
+    cols: dict[str, list[object]] = {
+        ORIGINAL_NAME: _image_names(origin, star_dir),
+        ORIGINAL_BOX: [int(origin.box_px)] * len(origin),
+        ORIGINAL_APIX: origin.apix_A.tolist(),
+    }
+    raw = table.raw
+    if isinstance(raw, pd.DataFrame) and not has_original_link(table):
+        if ORIGINAL_NAME in raw.columns:
+            cols[PRIOR_ORIGINAL_NAME] = raw[ORIGINAL_NAME].astype(str).tolist()
+    return cols
+
+
+def original_table(table: ParticleTable, check_files: bool = True) -> ParticleTable | None:
+    """The original particles of a downsampled table, or None when it has no link.
+
+    The rows are those of ``table`` (same order, same columns) with ``rlnImageName`` set
+    back to ``rlnImageOriginalName``, the pixel size and box of the originals (optics
+    block, ``rlnMagnification`` of a RELION 3.0 file), origins in px rescaled, shifts in
+    the originals' pixels; the link columns are dropped. Relative names are looked up
+    from the folder of ``table.source_path`` (the downsampled star file).
+
+    Parameters
+    ----------
+    table
+        A table read from a star file written by ``cryofield downsample`` (or a subset, or
+        its saved .npz).
+    check_files
+        Check that every original stack exists, has the recorded box and holds the frames.
+
+    Raises
+    ------
+    InputFileError
+        A missing or mismatching original stack (named), or bad link columns.
+    """
+    if not has_original_link(table):
+        return None
+    path = Path(table.source_path)
+    df = table.raw.copy()
+    names = df[ORIGINAL_NAME].astype(str)
+    index, stacks = _split_names(path, names, ORIGINAL_NAME)
+    paths, _ = resolve_image_paths(stacks, path.parent, None)
+    boxes = _numeric(path, df[ORIGINAL_BOX], ORIGINAL_BOX).astype(np.int64)
+    if len(np.unique(boxes)) > 1:
+        raise InputFileError(path, f"several original box sizes {sorted(set(boxes.tolist()))}")
+    box = int(boxes[0])
+    apix = _numeric(path, df[ORIGINAL_APIX], ORIGINAL_APIX)
+    if check_files:
+        _check_original_stacks(path, paths, index, box)
+    df["rlnImageName"] = names.to_numpy()
+    if PRIOR_ORIGINAL_NAME in df.columns:  # back in its own column and place
+        df[ORIGINAL_NAME] = df.pop(PRIOR_ORIGINAL_NAME)
+        df.drop(columns=[ORIGINAL_BOX, ORIGINAL_APIX], inplace=True)
+    else:
+        df.drop(columns=list(LINK_COLUMNS), inplace=True)
+    optics = None if table.raw_optics is None else table.raw_optics.copy()
+    _rescale(df, optics, table, box, apix)
+    shifts = None
+    if table.shifts_px is not None:
+        shifts = table.shifts_px * (table.apix_A / apix)[:, None]
+    return replace(
+        table, image_paths=paths, image_index=index, apix_A=apix, box_px=box, shifts_px=shifts,
+        raw=df, raw_optics=optics,
+    )  # fmt: skip
+
+
+def _check_original_stacks(path: Path, paths: np.ndarray, index: np.ndarray, box: int) -> None:
+    """Every original stack exists, has images of ``box`` px and holds the named frames."""
+    from cryofield.io.mrc import read_mrc_header
+
+    stacks, first, inverse = np.unique(paths, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    last_frame = np.full(len(stacks), -1, dtype=np.int64)
+    np.maximum.at(last_frame, inverse, index)
+    for k, stack in enumerate(stacks):
+        if not Path(stack).is_file():
+            raise InputFileError(
+                path,
+                f"the original particles {stack} (from {ORIGINAL_NAME}, row {int(first[k]) + 1}) "
+                "are not found: put them back, or write the downsampled particles instead "
+                "(--write-downsampled)",
+            )
+        info = read_mrc_header(stack)
+        if info.shape[2] != box:
+            raise InputFileError(
+                path,
+                f"the original stack {stack} has {info.shape[2]} px images but "
+                f"{ORIGINAL_BOX} says {box} px",
+            )
+        if last_frame[k] >= info.shape[0]:
+            row = int(np.flatnonzero((inverse == k) & (index >= info.shape[0]))[0])
+            raise InputFileError(
+                path,
+                f"{ORIGINAL_NAME} of row {row + 1} names image {int(index[row]) + 1} "
+                f"of {stack}, which has {info.shape[0]} images",
+            )
 
 
 # ---------------------------------------------------------------------------- writing
@@ -378,7 +546,7 @@ def write_star(
     if box_px is not None and box_px != table.box_px:
         if not table.box_px:
             raise ValueError("the table's box size is unknown; cannot rescale")
-        _rescale(df, optics, table, box_px)
+        _rescale(df, optics, table, box_px, table.apix_A * (table.box_px / box_px))
     if rotations is not None or shifts_px is not None:
         _set_poses(df, optics, table, rotations, shifts_px)
     for name, values in (extra_columns or {}).items():
@@ -424,21 +592,40 @@ def _set_poses(
 
 
 def _rescale(
-    df: pd.DataFrame, optics: pd.DataFrame | None, table: ParticleTable, box_px: int
+    df: pd.DataFrame,
+    optics: pd.DataFrame | None,
+    table: ParticleTable,
+    box_px: int,
+    apix_new: np.ndarray,
 ) -> None:
-    """Update pixel size, box and px origins in place for images resampled to ``box_px``."""
-    ratio = table.box_px / box_px  # old px per new px
+    """Update pixel size, box and px origins in place for images resampled to ``box_px``.
+
+    ``apix_new`` is the new pixel size of each particle; origins in px are multiplied by
+    ``table.apix_A / apix_new``, origins in A are kept. Used in both directions: by
+    ``downsample`` (Fourier crop) and to restore the original particles of a downsampled
+    file (:func:`original_table`).
+    """
+    apix_new = np.asarray(apix_new, dtype=np.float64)
+    px_scale = table.apix_A / apix_new  # new px per old px
     if "rlnOriginX" in df.columns and "rlnOriginY" in df.columns:
-        df["rlnOriginX"] = pd.to_numeric(df["rlnOriginX"]) / ratio
-        df["rlnOriginY"] = pd.to_numeric(df["rlnOriginY"]) / ratio
+        df["rlnOriginX"] = pd.to_numeric(df["rlnOriginX"]).to_numpy() * px_scale
+        df["rlnOriginY"] = pd.to_numeric(df["rlnOriginY"]).to_numpy() * px_scale
     if optics is not None:
-        if "rlnImagePixelSize" in optics.columns:
-            optics["rlnImagePixelSize"] = pd.to_numeric(optics["rlnImagePixelSize"]) * ratio
-        else:  # the pixel size came from the particles or the stacks: write it per group
-            first = {g: i for i, g in reversed(list(enumerate(table.optics_group)))}
-            optics["rlnImagePixelSize"] = [
-                table.apix_A[first.get(int(g), 0)] * ratio for g in optics["rlnOpticsGroup"]
-            ]
+        first = {int(g): i for i, g in reversed(list(enumerate(table.optics_group)))}
+        ratio = table.box_px / box_px if table.box_px else 1.0
+        old = (
+            pd.to_numeric(optics["rlnImagePixelSize"]).to_numpy()
+            if "rlnImagePixelSize" in optics.columns
+            else None
+        )
+        values = []
+        for k, g in enumerate(pd.to_numeric(optics["rlnOpticsGroup"]).to_numpy()):
+            i = first.get(int(g))
+            if i is not None:
+                values.append(float(apix_new[i]))
+            else:  # a group without particles in this table: same box ratio
+                values.append(float(old[k] * ratio) if old is not None else float(apix_new[0]))
+        optics["rlnImagePixelSize"] = values
         optics["rlnImageSize"] = int(box_px)
         df.drop(columns=["rlnImagePixelSize", "rlnImageSize"], errors="ignore", inplace=True)
         return
@@ -447,8 +634,8 @@ def _rescale(
         and "rlnDetectorPixelSize" in df.columns
         and ("rlnImagePixelSize" not in df.columns)
     ):
-        df["rlnMagnification"] = pd.to_numeric(df["rlnMagnification"]) / ratio
+        df["rlnMagnification"] = pd.to_numeric(df["rlnMagnification"]).to_numpy() * px_scale
     else:
-        df["rlnImagePixelSize"] = table.apix_A * ratio
+        df["rlnImagePixelSize"] = apix_new
     if "rlnImageSize" in df.columns:
         df["rlnImageSize"] = int(box_px)

@@ -35,6 +35,7 @@ __all__ = [
     "BASE_NSIDE",
     "base_grid",
     "children",
+    "direction_pixels",
     "grid_quats",
     "grid_rotations",
     "grid_size",
@@ -65,6 +66,34 @@ def _directions(level: int) -> tuple[np.ndarray, np.ndarray]:
     n_dirs, _ = grid_size(level)
     theta, phi = healpy.pix2ang(BASE_NSIDE * 2**level, np.arange(n_dirs), nest=True)
     return np.asarray(theta), np.asarray(phi)
+
+
+def direction_pixels(vectors: np.ndarray | torch.Tensor, level: int = 0) -> np.ndarray:
+    """HEALPix pixel (nested) of the grid's directions at ``level`` holding each vector.
+
+    The pixels are the viewing directions of :func:`grid_rotations` (equal-area cells of
+    the sphere, ``12 * nside^2`` of them).
+
+    Parameters
+    ----------
+    vectors
+        ``(..., 3)`` directions ``(x, y, z)``; need not be normalised (not zero).
+    level
+        Grid level (``nside = 4 * 2^level``).
+
+    Returns
+    -------
+    np.ndarray
+        ``(...)`` int64 pixel ids in ``[0, 12 nside^2)``.
+    """
+    grid_size(level)  # validates the level
+    if isinstance(vectors, torch.Tensor):
+        v = vectors.detach().cpu().double().numpy()
+    else:
+        v = np.asarray(vectors, np.float64)
+    flat = v.reshape(-1, 3)
+    pix = healpy.vec2pix(BASE_NSIDE * 2**level, flat[:, 0], flat[:, 1], flat[:, 2], nest=True)
+    return np.asarray(pix, np.int64).reshape(v.shape[:-1])
 
 
 def _euler(level: int, ids: torch.Tensor) -> torch.Tensor:
