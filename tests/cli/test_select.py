@@ -319,3 +319,33 @@ def test_real_training_on_downsampled_particles_exports_the_originals(
     assert final.box_px == D_SIM
     np.testing.assert_array_equal(final.image_paths, back.image_paths)
     np.testing.assert_allclose(final.shifts_px, back.shifts_px, atol=1e-3)
+
+
+def test_select_drop_junk_leaves_out_analyze_junk(chain, tmp_path, capsys):
+    junk_file = chain.out / "analyze.2" / "junk.npz"
+    assert junk_file.is_file()
+    saved = junk_file.read_bytes()
+    n = len(chain.src)
+    junk = np.zeros(n, dtype=bool)
+    junk[::5] = True  # a known mask in the run's particle order
+    try:
+        np.savez(junk_file, junk=junk, junk_score=junk.astype(np.float32))
+        out = tmp_path / "clean.star"
+        assert main(["select", str(chain.out), "--drop-junk", "-o", str(out)]) == 0
+        kept = np.load(tmp_path / "clean_indices.npy")
+        assert np.array_equal(kept, np.sort(chain.train_ind[~junk]))
+        # with clusters: the cluster minus its junk
+        out2 = tmp_path / "c0.star"
+        assert (
+            main(["select", str(chain.out), "--clusters", "0", "--drop-junk", "-o", str(out2)]) == 0
+        )
+        kept2 = np.load(tmp_path / "c0_indices.npy")
+        want = chain.train_ind[(chain.labels == 0) & ~junk]
+        assert np.array_equal(np.sort(kept2), np.sort(want))
+    finally:
+        junk_file.write_bytes(saved)
+    # an epoch that analyze did not run: a clear error
+    assert main(["select", str(chain.out), "--drop-junk", "--epoch", "1",
+                 "-o", str(tmp_path / "x.star")]) == 2  # fmt: skip
+    assert "run 'cryofield analyze" in capsys.readouterr().err
+    assert main(["select", str(chain.out), "-o", str(tmp_path / "y.star")]) == 2

@@ -88,3 +88,32 @@ def test_refinement_keeps_true_poses(one_thread):
         drift[soft] = float(err.median())
         assert np.isfinite(res.history[0]["fsc0143_A"])
     assert drift[True] < 1.5 and drift[True] < 0.6 * drift[False], drift
+
+
+def test_global_check_rescues_images_in_a_wrong_basin(one_thread):
+    from cryofield.inference.pose_search import SearchSettings
+
+    D, n = 32, 300
+    vol = blob_volume(D, n_blobs=10, seed=1, width_px=1.0)
+    data = make_dataset([vol], n, snr=5.0, shift_px=1.0, apix_A=4.0, seed=5)
+    pts = FrequencyPoints.build(D)
+    batches = BatchMaker(ArraySource(data.images, data.apix_A), data.ctf, pts, window=False)
+    batches.estimate_scale(200, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(n, 3, generator=g)
+    size = torch.full((n, 1), math.radians(1.0))
+    size[: n // 10] = math.radians(90.0)  # 10% of the images far off: a local search cannot
+    R0 = data.rotations @ so3_exp(w / w.norm(dim=-1, keepdim=True) * size)
+    search = SearchSettings(base_nside=2, base_psi=12, levels=3, n_keep=4, t_extent_px=2.0,
+                            t_ngrid=5, radius_lo_px=6.0, radius_hi_px=10.0)  # fmt: skip
+    errs = {}
+    for name, gs in (("local", None), ("global", search)):
+        res = refine_poses_gold_standard(
+            batches, R0, data.shifts_px, RefineSettings(max_iters=2, chunk=100, global_search=gs)
+        )
+        e = torch.rad2deg(geodesic_distance_rad(res.rotations, data.rotations))
+        errs[name] = float((e[: n // 10] > 10).float().mean())
+        if gs is not None:
+            assert 0 < res.history[0]["rescued_fraction"] <= 1
+    assert errs["local"] > 0.8  # the far-off images stay far off without the global check
+    assert errs["global"] < 0.2, errs

@@ -229,8 +229,12 @@ def select_particles(
     n_clusters: int | None = None,
     invert: bool = False,
     strict_ind: bool = True,
+    drop_junk: bool = False,
 ) -> RunSelection:
     """Choose particles of a run by clusters and/or input indices (``--invert``: the others).
+
+    ``drop_junk`` then removes the particles that ``analyze`` flagged as junk
+    (``analyze.EPOCH/junk.npz``, key ``junk``, in the run's particle order).
 
     ``ind`` holds rows of the training input file (the values of ``particle_index``, e.g.
     ``analyze``'s ``junk_indices.npy`` or a ``select`` index file). Indices that are not
@@ -267,6 +271,17 @@ def select_particles(
         chosen &= np.isin(index, wanted)
     if invert:
         chosen = ~chosen
+    if drop_junk:
+        path = run.path / f"analyze.{ep}" / "junk.npz"
+        if not path.is_file():
+            raise CryofieldError(f"{path}: no junk scores; run 'cryofield analyze {run.path} "
+                                 f"--epoch {ep}' first")  # fmt: skip
+        with np.load(path, allow_pickle=False) as z:
+            junk = np.asarray(z["junk"], dtype=bool)
+        if junk.shape != chosen.shape:
+            raise CryofieldError(f"{path}: {junk.size} junk flags for {chosen.size} particles")
+        print(f"dropping {int((chosen & junk).sum())} junk particles ({path})")
+        chosen &= ~junk
     rows = np.flatnonzero(chosen)
     if rows.size == 0:
         raise CryofieldError("the selection is empty: nothing to write")

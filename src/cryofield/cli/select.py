@@ -19,6 +19,7 @@ examples:
   cryofield analyze out/ --ksample 10
   cryofield select out/ --clusters 1,3 -o good.star -o good.cs
   cryofield select out/ --ind out/analyze.20/junk_indices.npy --invert -o clean.star
+  cryofield select out/ --drop-junk -o clean.star
   cryofield select out_64px/ --clusters 0 --epoch 20 -o state0_full_res.star
 """
 
@@ -42,10 +43,15 @@ from cryofield.errors import CryofieldError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cryofield select``."""
     parser.add_argument("outdir", help="output folder of 'cryofield train'")
-    src = parser.add_mutually_exclusive_group(required=True)
+    src = parser.add_mutually_exclusive_group()
     src.add_argument("--clusters", help="comma-separated k-means cluster numbers, e.g. 1,3")
     src.add_argument("--ind", help=".npy/.txt indices: rows of the training input file")
     parser.add_argument("--invert", action="store_true", help="keep the particles NOT chosen")
+    parser.add_argument(
+        "--drop-junk", action="store_true",
+        help="leave out the particles analyze flagged as junk (analyze.EPOCH/junk.npz); alone: "
+        "every particle that is not junk",
+    )  # fmt: skip
     parser.add_argument(
         "-o",
         "--out",
@@ -67,10 +73,13 @@ def run(args: argparse.Namespace) -> int:
     for o in outs:
         if o.suffix.lower() not in (".star", ".cs"):
             raise CryofieldError(f"{o}: output must end in .star or .cs")
+    if args.clusters is None and args.ind is None and not args.drop_junk:
+        raise CryofieldError("give --clusters, --ind or --drop-junk")
     clusters = parse_clusters(args.clusters) if args.clusters is not None else None
     sel = select_particles(
         args.outdir, epoch=args.epoch, ind=args.ind, clusters=clusters,
         n_clusters=args.n_clusters, invert=args.invert, strict_ind=False,
+        drop_junk=args.drop_junk,
     )  # fmt: skip
     for o in outs:
         write_selection(sel, o, downsampled=args.write_downsampled)

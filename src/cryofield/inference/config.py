@@ -71,6 +71,7 @@ class TrainConfig:
     # gold-standard refinement against back-projected half maps (homogeneous runs)
     refine_iters: int = 4
     refine_prior_deg: float = 1.0
+    refine_global: bool = True
     lr_latent: float = 1e-2
     latent_l2: float = 0.0
     latent_init_std: float = 0.1

@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from cryofield.inference.data import BatchMaker
-from cryofield.inference.pose_search import local_refine_poses
+from cryofield.inference.pose_search import SearchSettings, local_refine_poses, search_poses
 from cryofield.logs import get_logger
 from cryofield.physics.backproject import FourierBackprojector
 from cryofield.physics.fourier import fft3_centered
@@ -62,6 +62,10 @@ class RefineSettings:
     radius_max_px: float | None = None
     chunk: int = 256
     soft: bool = True
+    #: the first iteration also searches every image globally against its half map and
+    #: keeps the global pose where it explains the image better (images the search left
+    #: in a wrong basin, which a local search cannot leave); None: no global search
+    global_search: SearchSettings | None = None
     prior_deg: float | None = 1.0
 
 
@@ -220,6 +224,9 @@ def refine_poses_gold_standard(
         weights = halfmap_weights(curve)
         radius = float(min(rmax, res_px + s.margin_px))
         grids = [reference_grid(h, weights, radius) for h in (h1, h2)]
+        rescued = None
+        if it == 1 and s.global_search is not None:
+            R, t, rescued = _global_rescue(batches, R, t, grids, s.global_search, s.chunk)
         R_new, t_new = R.clone(), t.clone()
         bar = tqdm(total=n, desc=f"refine {it}/{s.max_iters}", unit="img", leave=False,
                    disable=None)  # fmt: skip
@@ -246,6 +253,8 @@ def refine_poses_gold_standard(
             iteration=float(it), fsc0143_px=float(res_px), fsc0143_A=float(res_A),
             radius_px=radius, moved_fraction=moved, median_moved_deg=float(ang.median()),
         )  # fmt: skip
+        if rescued is not None:
+            rec["rescued_fraction"] = rescued
         history.append(rec)
         log.info(
             "refine %d: half maps FSC 0.143 at %.1f A (shell %.1f), scored to %.1f px; "
@@ -258,3 +267,42 @@ def refine_poses_gold_standard(
         if it > 1 and gain < s.min_gain and moved < s.settle_fraction:
             break
     return RefineResult(R, t, history)
+
+
+def _global_rescue(
+    batches: BatchMaker,
+    R: torch.Tensor,
+    t: torch.Tensor,
+    grids: list[tuple[torch.Tensor, int]],
+    settings: SearchSettings,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Global search of every image against its half's reference; an image takes the
+    found pose where its error at the search's last radius is lower than at its current
+    pose. Returns the poses and the fraction of images that took the found pose."""
+    n = R.shape[0]
+    R, t = R.clone(), t.clone()
+    rescued = 0
+    bar = tqdm(total=n, desc="refine: global check", unit="img", leave=False, disable=None)
+    for b0 in range(0, n, chunk):
+        idx = np.arange(b0, min(n, b0 + chunk))
+        xft, ctf = batches.images_ft(idx), batches.ctf(idx)
+        for h in (0, 1):
+            sel = np.flatnonzero(idx % 2 == h)
+            if sel.size == 0:
+                continue
+            rows = torch.as_tensor(idx[sel], device=R.device)
+            grid, Dg = grids[h]
+            found = search_poses(grid, Dg, xft[sel], ctf[sel], batches.points, settings)
+            # the current pose's error at the same radius (a local search that cannot move)
+            cur = local_refine_poses(grid, Dg, xft[sel], ctf[sel], batches.points, R[rows],
+                                     t[rows], settings.radius_hi_px, step_deg=1e-6,
+                                     t_step_px=0.0, levels=1)[2]  # fmt: skip
+            better = found.error < cur
+            R[rows[better]] = found.rotations[better]
+            t[rows[better]] = found.shifts_px[better]
+            rescued += int(better.sum())
+        bar.update(len(idx))
+    bar.close()
+    log.info("refine: the global search found a better pose for %d of %d images", rescued, n)
+    return R, t, rescued / max(n, 1)

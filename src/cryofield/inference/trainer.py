@@ -502,9 +502,13 @@ class Trainer:
         from cryofield.inference.refine import RefineSettings, refine_poses_gold_standard
 
         c = self.cfg
+        assert c.radius_start_px is not None and c.radius_search_px is not None
+        last = StepPlan("hps", c.radius_search_px, (c.radius_start_px + c.radius_search_px) / 2,
+                        c.radius_search_px)  # fmt: skip
         settings = RefineSettings(
             max_iters=c.refine_iters, step_deg=c.local_step_deg, t_step_px=c.local_t_step_px,
             levels=c.local_levels, prior_deg=c.refine_prior_deg, radius_max_px=c.radius_max_px,
+            global_search=_search_settings(c, last) if c.refine_global else None,
         )  # fmt: skip
         res = refine_poses_gold_standard(self.batches, R0, tr0, settings)
         self.poses.set(torch.arange(self.N, device=self.device), res.rotations, res.shifts_px)
