@@ -10,7 +10,13 @@ maps its rows onto them. Reported (JSON-ready dict):
   latent) rigidly aligned to the true map (:func:`align.align_volume`, seeded with the
   pose alignment), then FSC, resolution at FSC 0.5 / 0.143 and FSC-AUC (CryoBench).
 * ``clustering``: k-means with K = number of true states vs the labels (ARI, NMI,
-  accuracy after matching), junk particles excluded.
+  accuracy after matching), junk particles excluded; with ``ceiling_ari`` (below) and
+  ``ari_gap = ceiling_ari - ari``.
+* ``ceiling``: the information limit of the state assignment
+  (:func:`ceiling.state_ceiling`: each image assigned to the true map that explains it
+  best at its true pose, shift and CTF; ARI against the labels, on at most
+  ``ceiling_max_images`` images), or ``{"skipped": reason}`` (continuous or homogeneous
+  truth, images not found, ``ceiling_max_images=0``).
 * ``junk``: precision / recall of :func:`junk.estimate_junk_combined` (the junk mask of
   ``analyze``: latents and, when the run wrote them, residuals) when the truth has junk.
 * ``latent_vs_coord``: Spearman correlation of PC1..3 with a continuous coordinate.
@@ -125,8 +131,14 @@ def evaluate_run(
     truth_path: str | Path,
     volumes: list[str] | None = None,
     epoch: int | None = None,
+    ceiling_max_images: int | None = 5000,
+    ceiling_radius_px: float | None = None,
 ) -> dict[str, Any]:
-    """Score a run against the truth; see the module docstring for the fields."""
+    """Score a run against the truth; see the module docstring for the fields.
+
+    ``ceiling_max_images`` (None: all, 0: no ceiling) and ``ceiling_radius_px`` (default
+    Nyquist) bound the cost of the state ceiling (:func:`ceiling.state_ceiling`).
+    """
     from cryofield.analysis.report import resolve_epoch
     from cryofield.inference.rundir import RunDir
 
@@ -204,6 +216,13 @@ def evaluate_run(
                 "nmi": metrics.normalized_mutual_info(labels[good], km.labels),
                 "accuracy": metrics.cluster_accuracy(labels[good], km.labels),
             }
+    res["ceiling"] = _ceiling(
+        truth_path, truth, run, index, volumes, ceiling_max_images, ceiling_radius_px
+    )
+    if "ari" in res["ceiling"] and "clustering" in res:
+        c = res["clustering"]
+        c["ceiling_ari"] = res["ceiling"]["ari"]
+        c["ari_gap"] = c["ceiling_ari"] - c["ari"]
     residual = None
     if junk.any() and not junk.all():
         from cryofield.analysis.junk import load_residuals
@@ -230,6 +249,45 @@ def evaluate_run(
         if np.isfinite(coord).sum() >= 3:
             res["latent_vs_coord_spearman"] = metrics.spearman_latent_vs_coord(z, coord)
     return res
+
+
+def _ceiling(
+    truth_path: Path,
+    truth: dict,
+    run: Any,
+    index: np.ndarray,
+    volumes: list[str] | None,
+    max_images: int | None,
+    radius_px: float | None,
+) -> dict[str, Any]:
+    """The state ceiling on the run's particles (its images, else the dataset's)."""
+    from cryofield.analysis.ceiling import skip_reason, state_ceiling
+    from cryofield.errors import CryofieldError
+    from cryofield.io.metadata import load_particle_table
+
+    reason = skip_reason(truth, index)
+    if reason is None and max_images == 0:
+        reason = "not computed (ceiling_max_images = 0)"
+    if reason is not None:
+        return {"skipped": reason}
+    errors = []
+    for where in ("run", "dataset"):
+        try:
+            if where == "run":
+                table = run.table()
+            else:
+                table = load_particle_table(truth_path.parent / "particles.star").subset(index)
+            if len(table) != len(index):
+                raise CryofieldError(f"{len(table)} particles for {len(index)} poses")
+            # volumes=[] turns the map scores off, not the ceiling: use the truth's maps
+            res = state_ceiling(
+                truth_path, truth, table, index, volumes or None, max_images, radius_px
+            )
+            return {**res, "images_from": where} if "ari" in res else res
+        except CryofieldError as err:
+            errors.append(f"{where} particles: {err}")
+            log.warning("state ceiling: %s particles unusable (%s)", where, err)
+    return {"skipped": "; ".join(errors)}
 
 
 def format_table(res: dict[str, Any]) -> str:
@@ -279,6 +337,22 @@ def format_table(res: dict[str, Any]) -> str:
                 f"{c['ari']:.3f} / {c['nmi']:.3f} / {c['accuracy']:.3f}",
             )
         )
+    ce = res.get("ceiling")
+    if ce is not None:
+        if "ari" in ce:
+            sub = f"{ce['n_images']} of {ce['n_eligible']} images" + (
+                f" (random, seed {ce['seed']})" if ce["subsampled"] else ""
+            )
+            val = (
+                f"{ce['ari']:.3f} ({sub}, r <= {ce['radius_px']:.0f} px = "
+                f"{ce['resolution_A']:.1f} A)"
+            )
+            if "clustering" in res:
+                c = res["clustering"]
+                val += f"; learned {c['ari']:.3f}, gap {c['ari_gap']:.3f}"
+            rows.append(("state ceiling ARI (true maps)", val))
+        else:
+            rows.append(("state ceiling ARI", f"skipped: {ce['skipped']}"))
     if "junk" in res:
         j = res["junk"]
         rows.append(("junk precision / recall", f"{j['precision']:.3f} / {j['recall']:.3f}"))
