@@ -1,9 +1,11 @@
-"""Acceptance runs of issue 4 (slow: ~20 min each on 2 busy CPU cores).
+"""Acceptance runs (slow: ~15-20 min each on 2 CPU cores).
 
-Runs ``benchmarks/bench_train.py``'s experiments with its defaults and checks the issue's
-thresholds: demo-homo ab initio (poses, consensus map resolution vs the true-pose
-reconstruction) and the heterogeneous presets in known-pose mode (k-means ARI, Spearman
-of a principal component of z with the true coordinate).
+Runs ``benchmarks/bench_train.py``'s experiments, which train with ``cryofield train``'s
+defaults, and checks the thresholds of issues 4 and 17: demo-homo ab initio (poses,
+consensus map resolution vs the true-pose reconstruction), refinement started at the true
+poses (it must keep them), the quick demo (a small box with the defaults finds the
+poses), and the heterogeneous presets in known-pose mode (k-means ARI, Spearman of a
+principal component of z with the true coordinate).
 """
 
 from __future__ import annotations
@@ -33,15 +35,38 @@ def homo_result(tmp_path_factory):
 
 @pytest.mark.slow
 def test_homogeneous_pose_accuracy(homo_result):
-    pe = homo_result["pose_errors"]
-    assert pe["out_of_plane_median_deg"] <= 3.0
-    assert pe["in_plane_median_deg"] <= 3.0
-    assert pe["trans_median_px"] <= 0.5
+    pe = homo_result["pose_errors"]  # measured 1.46 / 2.13 deg, 0.54 deg, 0.10 px
+    assert pe["out_of_plane_median_deg"] <= 1.6
+    assert pe["out_of_plane_mean_deg"] <= 2.4
+    assert pe["in_plane_median_deg"] <= 1.0
+    assert pe["trans_median_px"] <= 0.3
 
 
 @pytest.mark.slow
 def test_homogeneous_map_resolution(homo_result):
-    assert homo_result["resolution_ratio"] <= 1.2
+    assert homo_result["resolution_ratio"] <= 1.05  # measured 1.019
+
+
+@pytest.mark.slow
+def test_refinement_from_the_true_poses_keeps_them(tmp_path):
+    bench = _bench()
+    res = bench.run_homo(bench.parse_args(["--threads", "1", "--known-poses"]), tmp_path)
+    pe = res["pose_errors"]  # measured: drift 0.79 deg out-of-plane, map 1.015x
+    assert pe["out_of_plane_median_deg"] <= 1.0
+    assert res["resolution_ratio"] <= 1.03
+
+
+@pytest.mark.slow
+def test_quick_demo_finds_poses_with_the_defaults(tmp_path):
+    import json
+
+    from cryofield.cli.main import main
+
+    assert main(["demo", "-o", str(tmp_path), "--quick"]) == 0
+    res = json.loads(next((tmp_path / "train").glob("evaluate.*.json")).read_text())
+    pe = res["poses"]
+    assert pe["out_of_plane_median_deg"] <= 3.0
+    assert json.loads((tmp_path / "train" / "verdict.json").read_text())["converged"]
 
 
 @pytest.mark.slow
@@ -54,3 +79,22 @@ def test_heterogeneous_known_pose_latents(preset, tmp_path):
         assert res["ari"] >= 0.9
     else:
         assert res["spearman_abs_best_pc"] >= 0.9
+
+
+@pytest.mark.slow
+def test_too_few_images_is_reported_as_not_converged(tmp_path, capsys):
+    """300 noisy 32-px images cannot give poses: the run must say so (issue 18)."""
+    import json
+
+    from cryofield.cli.main import main
+    from cryofield.simulate.config import preset_config
+    from cryofield.simulate.dataset import simulate_dataset
+
+    data = simulate_dataset(
+        preset_config("demo-homo", n_particles=300, D=32, apix_A=8.0, snr=0.1), tmp_path / "d"
+    )
+    out = tmp_path / "run"
+    assert main(["train", str(data / "particles.star"), "-o", str(out)]) == 0
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["converged"] is False and verdict["reasons"]
+    assert "did not converge" in capsys.readouterr().err

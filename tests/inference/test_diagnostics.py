@@ -243,7 +243,7 @@ def test_verdict_partial_information() -> None:
     assert "no check could be made" in v.headline
     # a moderately unsettled search passes with a note
     hist = _history(True, 51)
-    hist[-2]["pose_change"] = {**hist[-2]["pose_change"], "frac_moved": 0.3}
+    hist[-2]["pose_change"] = {**hist[-2]["pose_change"], "frac_moved": 0.12}
     v = dg.verdict(hist, {}, n_images=N, D=D)
     assert v.converged and "more search epochs may help" in v.checks[0]["message"]
 

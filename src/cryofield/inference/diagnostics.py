@@ -57,9 +57,9 @@ __all__ = [
 
 #: a search epoch that moves more than this fraction of images by more than the step
 #: (the coarse grid spacing) has not converged
-POSE_MOVED_MAX_FRACTION = 0.5
+POSE_MOVED_MAX_FRACTION = 0.15
 #: below this fraction of images moved, poses count as settled (between: a note)
-POSE_MOVED_OK_FRACTION = 0.2
+POSE_MOVED_OK_FRACTION = 0.1
 #: occupied direction cells over the number ``N`` uniform draws would occupy: below this
 #: the views collapsed onto a few directions
 MIN_OCCUPANCY_RATIO = 0.15
@@ -477,13 +477,16 @@ def verdict(
     Rules (each check is skipped when its input is missing)
     -------------------------------------------------------
     1. **Pose stability**: the last search epoch (``phase == "hps"``) with a
-       ``pose_change`` moved at most ``POSE_MOVED_MAX_FRACTION`` (50 %) of the images by
+       ``pose_change`` moved at most ``POSE_MOVED_MAX_FRACTION`` (15 %) of the images by
        more than the step. A search that finds the same poses again (within the coarse
-       grid spacing) is converged; one that keeps moving most images is not. (Symmetric
+       grid spacing) is converged; one that keeps moving many images is not. (Symmetric
        particles can jump between equivalent poses: see the advice.) Measured on a tiny
        run (D=32, 320 images, 15 deg step): noise-free projections, 66 / 31 / 13 / 6 %
        moved in search epochs 2-5 (median 2 deg in the last); pure-noise images 80 / 56
-       / 62 / 69 % (median 59 deg).
+       / 62 / 69 % (median 59 deg). With the defaults at SNR 0.1: demo-homo (5000
+       images, D=64; poses found, median error 1.9 deg) 9.3 % in its last search epoch;
+       1000 images at D=32 (poses not found, median error 54 deg, yet a self-consistent
+       map) 20-25 % over its last ten search epochs.
     2. **View coverage** (only when poses were searched, i.e. some phase is ``"hps"`` or
        there is no history): not collapsed (:func:`view_coverage`: two antipodal blobs,
        or far fewer occupied directions than uniform views would occupy).

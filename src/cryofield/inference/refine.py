@@ -30,6 +30,7 @@ the same units.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -228,24 +229,13 @@ def refine_poses_gold_standard(
         if it == 1 and s.global_search is not None:
             R, t, rescued = _global_rescue(batches, R, t, grids, s.global_search, s.chunk)
         R_new, t_new = R.clone(), t.clone()
-        bar = tqdm(total=n, desc=f"refine {it}/{s.max_iters}", unit="img", leave=False,
-                   disable=None)  # fmt: skip
-        for b0 in range(0, n, s.chunk):
-            idx = np.arange(b0, min(n, b0 + s.chunk))
-            xft, ctf = batches.images_ft(idx), batches.ctf(idx)
-            for h in (0, 1):
-                sel = np.flatnonzero(idx % 2 == h)
-                if sel.size == 0:
-                    continue
-                rows = torch.as_tensor(idx[sel], device=R.device)
-                grid, Dg = grids[h]
-                R_new[rows], t_new[rows] = local_refine_poses(
-                    grid, Dg, xft[sel], ctf[sel], batches.points, R[rows], t[rows], radius,
-                    step_deg=s.step_deg, t_step_px=s.t_step_px, levels=s.levels,
-                    iters_per_level=1, soft=s.soft, prior_deg=s.prior_deg,
-                )[:2]  # fmt: skip
-            bar.update(len(idx))
-        bar.close()
+        for h, rows, xft, ctf in _half_batches(batches, n, s.chunk, f"refine {it}"):
+            grid, Dg = grids[h]
+            R_new[rows], t_new[rows] = local_refine_poses(
+                grid, Dg, xft, ctf, batches.points, R[rows], t[rows], radius,
+                step_deg=s.step_deg, t_step_px=s.t_step_px, levels=s.levels,
+                iters_per_level=1, soft=s.soft, prior_deg=s.prior_deg,
+            )[:2]  # fmt: skip
         ang = torch.rad2deg(geodesic_distance_rad(R, R_new))
         dt = (t_new - t).norm(dim=-1)
         moved = float(((ang > last_step * 1.01) | (dt > last_t * 1.01)).float().mean())
@@ -283,26 +273,36 @@ def _global_rescue(
     n = R.shape[0]
     R, t = R.clone(), t.clone()
     rescued = 0
-    bar = tqdm(total=n, desc="refine: global check", unit="img", leave=False, disable=None)
-    for b0 in range(0, n, chunk):
-        idx = np.arange(b0, min(n, b0 + chunk))
-        xft, ctf = batches.images_ft(idx), batches.ctf(idx)
-        for h in (0, 1):
-            sel = np.flatnonzero(idx % 2 == h)
-            if sel.size == 0:
-                continue
-            rows = torch.as_tensor(idx[sel], device=R.device)
-            grid, Dg = grids[h]
-            found = search_poses(grid, Dg, xft[sel], ctf[sel], batches.points, settings)
-            # the current pose's error at the same radius (a local search that cannot move)
-            cur = local_refine_poses(grid, Dg, xft[sel], ctf[sel], batches.points, R[rows],
-                                     t[rows], settings.radius_hi_px, step_deg=1e-6,
-                                     t_step_px=0.0, levels=1)[2]  # fmt: skip
-            better = found.error < cur
-            R[rows[better]] = found.rotations[better]
-            t[rows[better]] = found.shifts_px[better]
-            rescued += int(better.sum())
-        bar.update(len(idx))
-    bar.close()
+    for h, rows, xft, ctf in _half_batches(batches, n, chunk, "refine: global check"):
+        grid, Dg = grids[h]
+        found = search_poses(grid, Dg, xft, ctf, batches.points, settings)
+        # the current pose's error at the same radius (a local search that cannot move)
+        cur = local_refine_poses(grid, Dg, xft, ctf, batches.points, R[rows], t[rows],
+                                 settings.radius_hi_px, step_deg=1e-6, t_step_px=0.0,
+                                 levels=1)[2]  # fmt: skip
+        better = found.error < cur
+        R[rows[better]] = found.rotations[better]
+        t[rows[better]] = found.shifts_px[better]
+        rescued += int(better.sum())
     log.info("refine: the global search found a better pose for %d of %d images", rescued, n)
     return R, t, rescued / max(n, 1)
+
+
+def _half_batches(
+    batches: BatchMaker, n: int, chunk: int, desc: str
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Chunks of the ``n`` images split by half set (even / odd index), with progress:
+    ``(half, rows (b,), images_ft (b, M), ctf (b, M))``."""
+    bar = tqdm(total=n, desc=desc, unit="img", leave=False, disable=None)
+    try:
+        for b0 in range(0, n, chunk):
+            idx = np.arange(b0, min(n, b0 + chunk))
+            xft, ctf = batches.images_ft(idx), batches.ctf(idx)
+            for h in (0, 1):
+                sel = np.flatnonzero(idx % 2 == h)
+                if sel.size:
+                    rows = torch.as_tensor(idx[sel], device=batches.device)
+                    yield h, rows, xft[sel], ctf[sel]
+            bar.update(len(idx))
+    finally:
+        bar.close()

@@ -485,14 +485,16 @@ class Trainer:
         """How far the poses moved this epoch (:func:`~cryofield.inference.diagnostics.
         pose_change` with the search's coarse steps: an image that moved farther landed
         in another basin)."""
-        from cryofield.inference.diagnostics import pose_change
+        from cryofield.inference.diagnostics import pose_change, view_coverage
 
         c = self.cfg
         R, t = self.poses.all()
         t_step = 2 * float(c.t_extent_px or 0.0) / max(c.t_ngrid - 1, 1) or 1.0
         pc = pose_change(R0.cpu(), t0.cpu(), R.cpu(), t.cpu(), step_deg=360.0 / c.base_psi,
                          t_step_px=t_step)  # fmt: skip
-        return {"pose_change": pc}
+        vc = view_coverage(R.cpu(), seed=c.seed)
+        keep = ("occupancy_ratio", "entropy_ratio", "antipodal_pair_fraction", "collapsed")
+        return {"pose_change": pc, "view_coverage": {k: vc[k] for k in keep if k in vc}}
 
     def _refine_epoch(
         self, epoch: int, t0: float, R0: torch.Tensor, tr0: torch.Tensor
