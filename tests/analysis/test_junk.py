@@ -135,3 +135,18 @@ def test_robust_z_and_load_residuals(tmp_path) -> None:
     np.savez(tmp_path / "residuals.npz", residual=np.arange(4, dtype=np.float32))
     np.testing.assert_array_equal(load_residuals(tmp_path, 4), np.arange(4))
     assert load_residuals(tmp_path, 5) is None  # wrong length: ignored
+
+
+def test_residuals_are_relative_to_the_image_power(tmp_path):
+    """With ``power`` saved, the junk residual is the unexplained share of each image: a
+    particle with strong signal and a large absolute residual is not junk, a pure-noise
+    image that the model cannot explain at all is."""
+    from cryofield.analysis.junk import load_residuals
+
+    residual = np.array([2.0, 1.0, 0.5], dtype=np.float32)
+    power = np.array([4.0, 1.0, 0.0], dtype=np.float32)
+    np.savez(tmp_path / "residuals.npz", residual=residual, power=power)
+    r = load_residuals(tmp_path, 3)
+    assert r[0] == pytest.approx(0.5) and r[1] == pytest.approx(1.0) and np.isnan(r[2])
+    np.savez(tmp_path / "residuals.npz", residual=residual)  # older runs: the raw residual
+    assert np.allclose(load_residuals(tmp_path, 3), residual)

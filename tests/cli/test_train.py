@@ -40,7 +40,7 @@ def test_train_star_then_resume_and_cs_gives_same_result(tiny_dataset, tmp_path)
         assert main(["train", str(tiny_dataset / "particles.star"), "-o", str(out), *_FAST]) == 0
         run = RunDir(out)
         assert run.epochs() == [1, 2]
-        for name in ("config.yaml", "run.log", "metrics.jsonl", "particles.npz"):
+        for name in ("config.yaml", "run.log", "metrics.jsonl", "particles.npz", "verdict.json"):
             assert (out / name).is_file(), name
         assert (out / "epoch_002" / "volume.mrc").is_file()
         from cryofield.io.metadata import load_particle_table

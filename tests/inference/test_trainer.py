@@ -29,15 +29,24 @@ def _trainer(data, outdir, **kw) -> Trainer:
 def test_ab_initio_on_tiny_box_finds_poses(tmp_path, one_thread):
     D, N = 32, 320
     data = make_dataset([blob_volume(D, 10)], N, snr=None, shift_px=1.5, seed=1)
-    tr = _trainer(data, tmp_path, epochs=5, hps_images=5 * N, radius_start_px=5.0,
+    tr = _trainer(data, tmp_path, epochs=7, hps_images=5 * N, radius_start_px=5.0,
                   radius_search_px=10.0, hidden=128, n_freqs=64)  # fmt: skip
     tr.fit()
     run = RunDir(tmp_path)
-    losses = [m["loss"] for m in run.metrics()]
+    metrics = run.metrics()
+    assert [m["phase"] for m in metrics] == ["hps"] * 5 + ["refine", "field"]
+    losses = [m["loss"] for m in metrics if m["phase"] == "hps"]
     assert losses[-1] < 0.3 * losses[0]
-    p = run.poses()
-    e = pose_errors(p["rotations"], data.rotations.numpy())
-    assert e["rot_median_deg"] < 10.0, e
+    e5 = pose_errors(run.poses(5)["rotations"], data.rotations.numpy())
+    e = pose_errors(run.poses()["rotations"], data.rotations.numpy())
+    assert e5["rot_median_deg"] < 10.0, e5
+    # the half-map refinement improves on the search (noiseless images)
+    assert e["rot_median_deg"] < e5["rot_median_deg"], (e5, e)
+    refine = metrics[5]["refine"]
+    assert refine and refine[0]["fsc0143_A"] > 0 and "moved_fraction" in refine[-1]
+    assert metrics[-1]["pose_change"]["frac_moved"] == 0.0  # field epochs keep the poses
+    with np.load(tmp_path / "epoch_007" / "residuals.npz") as f:
+        assert np.all(f["power"] > 0) and np.all(np.isfinite(f["residual"]))
 
 
 def test_known_pose_reconstruction_matches_truth(tmp_path, one_thread):

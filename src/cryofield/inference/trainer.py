@@ -231,6 +231,7 @@ class Trainer:
         self._local: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
         #: per-image loss at its last step (epoch_NNN/residuals.npz, for the junk score)
         self._residual = np.full(self.N, np.nan, dtype=np.float32)
+        self._power = np.full(self.N, np.nan, dtype=np.float32)  # mean |X|^2 on those points
         scale = self.batches.estimate_scale(cfg.norm_images, gen)
         self.field.output_scale.fill_(scale)
         self.field.set_envelope(self.batches.estimate_envelope(cfg.norm_images, gen))
@@ -420,6 +421,8 @@ class Trainer:
                 )
             loss = per_img.mean()
             self._residual[idx] = per_img.detach().float().cpu().numpy()
+            xa = xft[:, :n]
+            self._power[idx] = (xa.real**2 + xa.imag**2).mean(-1).float().cpu().numpy()
             total = loss
             if z is not None and self.cfg.latent_l2 > 0:
                 total = total + self.cfg.latent_l2 * (z**2).sum(-1).mean()
@@ -582,7 +585,7 @@ class Trainer:
                 particle_index=np.asarray(self.particle_index, dtype=np.int64),
             )  # fmt: skip
         with atomic_path(d / "residuals.npz") as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, residual=self._residual)
+            np.savez(fh, residual=self._residual, power=self._power)
         if self.latents is not None:
             with atomic_path(d / "latents.npz") as tmp, open(tmp, "wb") as fh:
                 np.savez(fh, z=self.latents.all().cpu().numpy().astype(np.float32))
