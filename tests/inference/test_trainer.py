@@ -45,6 +45,10 @@ def test_ab_initio_on_tiny_box_finds_poses(tmp_path, one_thread):
     refine = metrics[5]["refine"]
     assert refine and refine[0]["fsc0143_A"] > 0 and "moved_fraction" in refine[-1]
     assert metrics[-1]["pose_change"]["frac_moved"] == 0.0  # field epochs keep the poses
+    # per-epoch half-map FSC (noiseless images: the halves agree whatever the poses, so
+    # only its presence is checked here; tests/inference/test_refine_gold.py has numbers)
+    res = [m["halfmap_fsc0143_A"] for m in metrics]
+    assert np.all(np.isfinite(res)) and all(m["halfmap_images"] == N for m in metrics)
     with np.load(tmp_path / "epoch_007" / "residuals.npz") as f:
         assert np.all(f["power"] > 0) and np.all(np.isfinite(f["residual"]))
 

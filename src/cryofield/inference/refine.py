@@ -145,12 +145,18 @@ def reference_grid(
 
 
 def backproject_halves_batched(
-    batches: BatchMaker, rotations: torch.Tensor, shifts_px: torch.Tensor, chunk: int = 256
+    batches: BatchMaker,
+    rotations: torch.Tensor,
+    shifts_px: torch.Tensor,
+    chunk: int = 256,
+    rows: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Half maps (even / odd image index) of the training images at the given poses.
 
     The images are the training ones (contrast, window and ``1 / batches.scale``
-    applied), so the maps are in the units of the field's normalised images.
+    applied), so the maps are in the units of the field's normalised images. ``rows``
+    (``(n,)`` image indices; default all) back-projects a subset: ``rotations`` and
+    ``shifts_px`` then hold the poses of those rows, in that order.
 
     Returns
     -------
@@ -163,8 +169,10 @@ def backproject_halves_batched(
     n = rotations.shape[0]
     halves = [FourierBackprojector(D, device=batches.device) for _ in range(2)]
     full_idx = batches.points.flat_index
+    all_rows = np.arange(n) if rows is None else np.asarray(rows)
     for s in range(0, n, chunk):
-        idx = np.arange(s, min(n, s + chunk))
+        pos = np.arange(s, min(n, s + chunk))  # positions in rotations / shifts_px
+        idx = all_rows[pos]  # image indices
         # training images in real space: inverse of BatchMaker.images_ft's crop
         f = torch.zeros(len(idx), D * D, dtype=torch.complex64, device=batches.device)
         f[:, full_idx] = batches.images_ft(idx)
@@ -174,9 +182,9 @@ def backproject_halves_batched(
             sel = np.flatnonzero(idx % 2 == h)
             if sel.size == 0:
                 continue
-            rows = torch.as_tensor(idx[sel], device=rotations.device)
+            at = torch.as_tensor(pos[sel], device=rotations.device)
             bp.add_particles(
-                img[sel], rotations[rows], shifts_px[rows],
+                img[sel], rotations[at], shifts_px[at],
                 None if c is None else c.subset(torch.as_tensor(sel)), batches.apix_A,
             )  # fmt: skip
     return halves[0].volume(), halves[1].volume()

@@ -48,6 +48,9 @@ from cryofield.physics.ctf import CTFParams
 
 log = get_logger("train")
 
+#: images back-projected for the per-epoch half-map FSC of homogeneous runs
+DIAG_MAX_IMAGES = 20_000
+
 
 def slice_loss(
     field: HartleyField,
@@ -497,7 +500,32 @@ class Trainer:
                          t_step_px=t_step)  # fmt: skip
         vc = view_coverage(R.cpu(), seed=c.seed)
         keep = ("occupancy_ratio", "entropy_ratio", "antipodal_pair_fraction", "collapsed")
-        return {"pose_change": pc, "view_coverage": {k: vc[k] for k in keep if k in vc}}
+        out = {"pose_change": pc, "view_coverage": {k: vc[k] for k in keep if k in vc}}
+        out.update(self._epoch_map_check(R, t))
+        return out
+
+    @torch.no_grad()
+    def _epoch_map_check(self, R: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:
+        """Per-epoch convergence numbers beyond the poses. Homogeneous: the half-map FSC
+        of a back-projection at the current poses (at most ``DIAG_MAX_IMAGES`` images, a
+        fixed random subset, so the cost stays bounded at any N). Heterogeneous: the
+        structure of the latent space (:func:`~cryofield.inference.diagnostics.
+        latent_structure`)."""
+        from cryofield.inference.diagnostics import latent_structure
+
+        if self.latents is not None:
+            ls = latent_structure(self.latents.all().cpu(), seed=self.cfg.seed)
+            return {"latent_structure": {k: v for k, v in ls.items() if np.ndim(v) == 0}}
+        from cryofield.inference.refine import backproject_halves_batched
+        from cryofield.physics.fsc import fsc, resolution_at
+
+        rows = np.arange(self.N)
+        if self.N > DIAG_MAX_IMAGES:
+            gen = np.random.default_rng(self.cfg.seed)
+            rows = np.sort(gen.choice(self.N, DIAG_MAX_IMAGES, replace=False))
+        h1, h2 = backproject_halves_batched(self.batches, R[rows], t[rows], rows=rows)
+        res = resolution_at(fsc(h1, h2), 0.143, self.batches.apix_A)[1]
+        return {"halfmap_fsc0143_A": float(res), "halfmap_images": int(len(rows))}
 
     def _refine_epoch(
         self, epoch: int, t0: float, R0: torch.Tensor, tr0: torch.Tensor
