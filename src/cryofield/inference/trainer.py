@@ -525,7 +525,7 @@ class Trainer:
             rows = np.sort(gen.choice(self.N, DIAG_MAX_IMAGES, replace=False))
         h1, h2 = backproject_halves_batched(self.batches, R[rows], t[rows], rows=rows)
         res = resolution_at(fsc(h1, h2), 0.143, self.batches.apix_A)[1]
-        return {"halfmap_fsc0143_A": float(res), "halfmap_images": int(len(rows))}
+        return {"halfmap_fsc0143_A": float(res), "halfmap_images": len(rows)}
 
     def _refine_epoch(
         self, epoch: int, t0: float, R0: torch.Tensor, tr0: torch.Tensor
