@@ -58,7 +58,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "contrast": ("--contrast", "particle contrast; light-on-dark stacks (RELION/cryoSPARC) "
                  "are inverted to meet the CTF (auto: guessed from the images and logged)"),
     "window": ("--window", "real-space soft window on the images"),
-    "device": ("--device", "cpu, cuda or cuda:N"),
+    "device": ("--device", "auto (cuda when a GPU is seen, else cpu), cpu, cuda or cuda:N"),
     "amp": ("--amp", "bf16 autocast on CUDA"),
     "deterministic": ("--deterministic", "deterministic kernels"),
     "seed": ("--seed", "random seed"),

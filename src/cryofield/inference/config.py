@@ -29,6 +29,7 @@ class TrainConfig:
     are chosen by :meth:`resolved` from the data (box ``D``, pixel size, number of images
     ``N``) and the device, and the chosen values are logged and written to config.yaml:
 
+    - device: CUDA when torch sees a GPU, else CPU (``device: auto``);
     - sizes: ``hidden`` 128 on CPU, 256 on CUDA; ``batch_size`` 32 on CPU, 64 on CUDA;
       ``num_threads`` the CPU cores torch sees;
     - search radius (Fourier px of the training box): from ``search_start_res_A`` to
@@ -115,7 +116,7 @@ class TrainConfig:
     window: bool = True
     norm_images: int = 1000
     # runtime
-    device: str = "cpu"
+    device: str = "auto"  # auto: cuda when torch sees a GPU, else cpu
     amp: bool = True
     deterministic: bool = False
     seed: int = 0
@@ -161,6 +162,10 @@ class TrainConfig:
         """
         c = dataclasses.replace(self, D=int(D))
         nyq = D / 2 - 1
+        if c.device == "auto":
+            import torch
+
+            c.device = "cuda" if torch.cuda.is_available() else "cpu"
         cuda = c.device.startswith("cuda")
         if c.hidden is None:
             c.hidden = 256 if cuda else 128
@@ -242,7 +247,7 @@ class TrainConfig:
             (self.sgd_epochs >= 0, "sgd_epochs must be >= 0"),
             (self.field_images is None or self.field_images >= 1, "field_images must be >= 1"),
             (self.D is None or (self.D >= 8 and self.D % 2 == 0), f"D must be even >= 8: {self.D}"),
-            (self.device.split(":")[0] in ("cpu", "cuda"), f"bad device: {self.device}"),
+            (self.device.split(":")[0] in ("cpu", "cuda", "auto"), f"bad device: {self.device}"),
             (self.hps_images is None or self.hps_images >= 0, "hps_images must be >= 0"),
             (self.contrast in CONTRASTS, f"contrast must be one of {CONTRASTS}: {self.contrast}"),
             (self.search_levels >= 0 and self.n_keep >= 1, "search levels >= 0, n_keep >= 1"),
