@@ -58,6 +58,13 @@ __all__ = [
 #: a search epoch that moves more than this fraction of images by more than the step
 #: (the coarse grid spacing) has not converged
 POSE_MOVED_MAX_FRACTION = 0.15
+#: below SMALL_SET images the search sees the same few images every epoch and the field
+#: overfits them, so a wrong solution settles too: the limit is POSE_MOVED_MAX_SMALL_SET.
+#: Measured with the defaults at D=32: 300 images at SNR 0.1 (median error 20 deg, half
+#: maps agreeing to 24 A) 12-14% over its last search epochs; 1000 images at SNR 0.4
+#: (median error 2.2 deg) 2.8%; the same with 15% junk images (which keep moving) 7.7%.
+SMALL_SET = 2000
+POSE_MOVED_MAX_SMALL_SET = 0.08
 #: below this fraction of images moved, poses count as settled (between: a note)
 POSE_MOVED_OK_FRACTION = 0.1
 #: occupied direction cells over the number ``N`` uniform draws would occupy: below this
@@ -486,7 +493,10 @@ def verdict(
        / 62 / 69 % (median 59 deg). With the defaults at SNR 0.1: demo-homo (5000
        images, D=64; poses found, median error 1.9 deg) 9.3 % in its last search epoch;
        1000 images at D=32 (poses not found, median error 54 deg, yet a self-consistent
-       map) 20-25 % over its last ten search epochs.
+       map) 20-25 % over its last ten search epochs. Sets under ``SMALL_SET`` (2000)
+       images must settle below ``POSE_MOVED_MAX_SMALL_SET`` (8 %): 300 images at SNR 0.1
+       (median error 20 deg) settled at 12-14 %, 1000 good images at 2.8 % and 1000 with
+       15 % junk at 7.7 % (junk keeps moving: much junk in a small set can fail this).
     2. **View coverage** (only when poses were searched, i.e. some phase is ``"hps"`` or
        there is no history): not collapsed (:func:`view_coverage`: two antipodal blobs,
        or far fewer occupied directions than uniform views would occupy).
@@ -541,7 +551,10 @@ def verdict(
             f"{100 * frac:.0f}% of the images moved by more than {step:.3g} deg or "
             f"{float(pc['t_step_px']):.3g} px {where} (median {float(pc['median_deg']):.1f} deg)"
         )
-        ok = frac <= POSE_MOVED_MAX_FRACTION
+        limit = POSE_MOVED_MAX_FRACTION if n_images >= SMALL_SET else POSE_MOVED_MAX_SMALL_SET
+        ok = frac <= limit
+        if not ok and n_images < SMALL_SET:
+            msg += f" (a set of {n_images} images must settle below {100 * limit:.0f}%)"
         add(
             "pose stability",
             ok,
