@@ -21,6 +21,14 @@ from cryofield.physics.fourier import fft3_centered
 from cryofield.physics.rotation import geodesic_distance_rad
 
 
+def _batches(data) -> BatchMaker:
+    """Training images and CTFs of a synthetic set (no window, normalised)."""
+    pts = FrequencyPoints.build(data.images.shape[-1])
+    batches = BatchMaker(ArraySource(data.images, data.apix_A), data.ctf, pts, window=False)
+    batches.estimate_scale(200, torch.Generator().manual_seed(0))
+    return batches
+
+
 def test_halfmap_weights_follow_the_fsc_and_stop_at_0143():
     curve = torch.tensor([1.0, 0.99, 0.8, 0.5, 0.2, 0.1, 0.3, 0.0])
     w = halfmap_weights(curve)
@@ -49,9 +57,7 @@ def test_refinement_brings_perturbed_poses_back(one_thread):
     D, n = 32, 400
     vol = blob_volume(D, n_blobs=10, seed=1, width_px=1.0)
     data = make_dataset([vol], n, snr=20.0, shift_px=1.0, apix_A=4.0, seed=3)
-    pts = FrequencyPoints.build(D)
-    batches = BatchMaker(ArraySource(data.images, data.apix_A), data.ctf, pts, window=False)
-    batches.estimate_scale(200, torch.Generator().manual_seed(0))
+    batches = _batches(data)
     g = torch.Generator().manual_seed(7)
     w = torch.randn(n, 3, generator=g)
     w = w / w.norm(dim=-1, keepdim=True) * math.radians(3.0)  # every pose 3 deg off
@@ -75,9 +81,7 @@ def test_refinement_keeps_true_poses(one_thread):
     D, n = 32, 400
     vol = blob_volume(D, n_blobs=10, seed=1, width_px=1.5)
     data = make_dataset([vol], n, snr=0.3, shift_px=1.0, apix_A=4.0, seed=4)
-    pts = FrequencyPoints.build(D)
-    batches = BatchMaker(ArraySource(data.images, data.apix_A), data.ctf, pts, window=False)
-    batches.estimate_scale(200, torch.Generator().manual_seed(0))
+    batches = _batches(data)
     drift = {}
     for soft in (False, True):
         res = refine_poses_gold_standard(
@@ -96,9 +100,7 @@ def test_global_check_rescues_images_in_a_wrong_basin(one_thread):
     D, n = 32, 300
     vol = blob_volume(D, n_blobs=10, seed=1, width_px=1.0)
     data = make_dataset([vol], n, snr=5.0, shift_px=1.0, apix_A=4.0, seed=5)
-    pts = FrequencyPoints.build(D)
-    batches = BatchMaker(ArraySource(data.images, data.apix_A), data.ctf, pts, window=False)
-    batches.estimate_scale(200, torch.Generator().manual_seed(0))
+    batches = _batches(data)
     g = torch.Generator().manual_seed(8)
     w = torch.randn(n, 3, generator=g)
     size = torch.full((n, 1), math.radians(1.0))
