@@ -35,3 +35,22 @@ def setup_logging(outdir: str | Path | None = None, verbose: bool = False) -> lo
         logger.addHandler(file_handler)
     logger.propagate = False
     return logger
+
+
+def log_to_run_log(message: str, level: int = logging.ERROR) -> None:
+    """Write ``message`` to the ``run.log`` file(s) of the current command only (not to the
+    console): the one-line error that the command line prints ends up in the run's log."""
+    logger = get_logger()
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, None, None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def close_run_log() -> None:
+    """Close and remove the ``run.log`` handlers (the console handler stays)."""
+    logger = get_logger()
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.FileHandler):
+            logger.removeHandler(handler)
+            handler.close()

@@ -29,3 +29,26 @@ def test_analyze_help(capsys) -> None:
         main(["analyze", "--help"])
     out = capsys.readouterr().out
     assert "cryofield analyze out/" in out and "--ksample" in out
+
+
+def test_analyze_twice_at_once_is_refused(hom_run, capsys) -> None:
+    import json
+    import os
+    import platform
+
+    lock = hom_run.outdir / ".analyze.lock"
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": platform.node(),
+                                "started": "2024-05-01T10:00:00"}))  # fmt: skip
+    try:
+        assert main(["analyze", str(hom_run.outdir), "--no-volumes"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"pid {os.getppid()}" in err[0] and "in use" in err[0]
+    finally:
+        lock.unlink()
+    # a training run's lock does not stop analyze (intermediate epochs may be analysed)
+    (hom_run.outdir / ".lock").write_text(lock.name)
+    try:
+        assert main(["analyze", str(hom_run.outdir), "--no-volumes"]) == 0
+    finally:
+        (hom_run.outdir / ".lock").unlink()
+    assert not lock.exists()

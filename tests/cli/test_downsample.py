@@ -125,3 +125,13 @@ def test_help_has_an_example(capsys):
         main(["downsample", "--help"])
     out = capsys.readouterr().out
     assert "cryofield downsample particles.star -D 128" in out and "rlnImageOriginalName" in out
+
+
+def test_downsample_never_writes_its_input_stack(tmp_path, capsys):
+    stack = write_mrc(tmp_path / "p.mrcs", np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8),
+                      2.0)  # fmt: skip
+    before = stack.read_bytes()
+    assert main(["downsample", str(stack), "-D", "4", "-o", str(stack)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"refusing to write {stack}: it is an input" in err[0]
+    assert stack.read_bytes() == before

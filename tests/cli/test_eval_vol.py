@@ -61,3 +61,12 @@ def test_eval_vol_errors(het_run, hom_run, tmp_path, capsys) -> None:
     assert "row 2" in capsys.readouterr().err
     assert main(["eval-vol", str(het_run.outdir)]) == 2
     assert main(["eval-vol", str(hom_run.outdir), "--z", "1"]) == 2
+
+
+def test_eval_vol_never_writes_its_zfile(het_run, tmp_path, capsys) -> None:
+    zfile = tmp_path / "vol_z.txt"  # the name eval-vol gives its own list of points
+    zfile.write_text("0.5 -1\n")
+    argv = ["eval-vol", str(het_run.outdir), "--zfile", str(zfile), "-o", str(tmp_path)]
+    assert main(argv) == 2
+    assert f"refusing to write {zfile}: it is an input" in capsys.readouterr().err
+    assert zfile.read_text() == "0.5 -1\n" and not (tmp_path / "vol_000.mrc").exists()

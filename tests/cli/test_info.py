@@ -86,3 +86,32 @@ def test_info_bad_file_exits_2_without_traceback(tmp_path):
         assert "Traceback" not in res.stderr
         err = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert len(err) == 1 and bad.name in err[0] and err[0].startswith("cryofield info: error:")
+
+
+def test_info_on_a_volume(tmp_path, capsys):
+    # a 64^3 map used to be reported as 64 particles
+    vol = np.zeros((64, 64, 64), np.float32)
+    vol[20:40, 20:40, 20:40] = 2.0
+    vol[0, 0, 0] = -1.0
+    path = write_mrc(tmp_path / "vol.mrc", vol, 1.5)
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "particles:" not in out
+    assert _field(out, "volume").startswith("64 x 64 x 64 voxels; not a particle stack")
+    assert _field(out, "box") == "64 px" and _field(out, "pixel size") == "1.5 A"
+    mean = float(vol.astype(np.float64).mean())
+    assert _field(out, "density") == f"min -1, max 2, mean {mean:.4g}"
+    assert main(["info", str(path), "--ind", str(tmp_path / "keep.npy")]) == 2
+    assert "a volume, not particles: --ind do not apply" in capsys.readouterr().err
+    # the same data named .mrcs is a stack of 64 images
+    stack = write_mrc(tmp_path / "vol.mrcs", vol, 1.5)
+    assert main(["info", str(stack)]) == 0
+    assert _field(capsys.readouterr().out, "particles") == "64"
+
+
+def test_info_on_interop_volume_and_ispg1_stack(interop_data, capsys):
+    assert main(["info", str(interop_data / "hand-vol.mrc")]) == 0
+    out = capsys.readouterr().out
+    assert _field(out, "box") == "64 px" and "particles:" not in out
+    assert main(["info", str(interop_data / "empiar_10076_7.mrc")]) == 0  # ISPG 1, 7 images
+    assert _field(capsys.readouterr().out, "particles") == "7"

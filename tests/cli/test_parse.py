@@ -45,3 +45,16 @@ def test_parse_fails_when_stacks_missing(interop_data, tmp_path, capsys):
     assert not (tmp_path / "a.npz").exists()
     assert main(["parse", str(cs), "--no-image-check", "-o", str(tmp_path / "a.npz")]) == 0
     assert len(load_particle_table(tmp_path / "a.npz")) == 2019
+
+
+def test_parse_never_writes_its_input(tmp_path, capsys):
+    from cryofield.io.mrc import write_mrc
+
+    stack = write_mrc(tmp_path / "p.mrcs", np.zeros((2, 8, 8), np.float32), 2.0)
+    table = tmp_path / "t.npz"
+    assert main(["parse", str(stack), "-o", str(table)]) == 0
+    before = table.read_bytes()
+    for inp, out in ((table, table), (stack, stack)):
+        assert main(["parse", str(inp), "-o", str(out)]) == 2
+        assert f"refusing to write {out}: it is an input" in capsys.readouterr().err
+    assert table.read_bytes() == before

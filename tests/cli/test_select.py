@@ -349,3 +349,51 @@ def test_select_drop_junk_leaves_out_analyze_junk(chain, tmp_path, capsys):
                  "-o", str(tmp_path / "x.star")]) == 2  # fmt: skip
     assert "run 'cryofield analyze" in capsys.readouterr().err
     assert main(["select", str(chain.out), "-o", str(tmp_path / "y.star")]) == 2
+
+
+def test_boolean_mask_selects_the_same_particles_as_indices(chain, tmp_path, capsys):
+    """A mask over the rows of the training input file (here the downsampled star of
+    len(keep) rows, trained with --ind) means its True rows, in select and export alike."""
+    n_input = len(load_particle_table(chain.small))
+    rows = chain.train_ind[[0, 7, 30, 100]]
+    mask = np.zeros(n_input, bool)
+    mask[rows] = True
+    np.save(tmp_path / "mask.npy", mask)
+    np.save(tmp_path / "ints.npy", rows)
+    for cmd in ("select", "export"):
+        got = {}
+        for name in ("mask", "ints"):
+            out = tmp_path / f"{cmd}_{name}.star"
+            assert main([cmd, str(chain.out), "--ind", str(tmp_path / f"{name}.npy"),
+                         "-o", str(out)]) == 0  # fmt: skip
+            got[name] = load_particle_table(out)
+        _assert_same_particles(got["mask"], got["ints"])
+        assert len(got["mask"]) == 4
+    np.testing.assert_array_equal(np.load(tmp_path / "select_mask_indices.npy"), rows)
+    # a mask of another length is an error naming the file
+    np.save(tmp_path / "short.npy", mask[:-1])
+    capsys.readouterr()
+    for cmd in ("select", "export"):
+        assert main([cmd, str(chain.out), "--ind", str(tmp_path / "short.npy"),
+                     "-o", str(tmp_path / "x.star")]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert "short.npy" in err and f"boolean mask of {n_input - 1} for {n_input}" in err
+
+
+def test_select_and_export_never_write_their_inputs(chain, tmp_path, capsys):
+    """-o at the run's input particle file, or an index file written over the --ind file."""
+    before = chain.small.read_bytes()
+    assert main(["select", str(chain.out), "--clusters", "0", "-o", str(chain.small)]) == 2
+    err = capsys.readouterr().err
+    assert f"refusing to write {chain.small}: it is an input of this command" in err
+    assert main(["export", str(chain.out), "-o", str(chain.small)]) == 2
+    assert "refusing to write" in capsys.readouterr().err
+    assert chain.small.read_bytes() == before
+    # select --ind X_indices.npy -o X.star would write its index file over the --ind file
+    ind = tmp_path / "junk_indices.npy"
+    np.save(ind, chain.train_ind[:5])
+    argv = ["select", str(chain.out), "--ind", str(ind), "-o", str(tmp_path / "junk.star")]
+    assert main(argv) == 2
+    assert f"refusing to write {ind}" in capsys.readouterr().err
+    assert not (tmp_path / "junk.star").exists()
+    np.testing.assert_array_equal(np.load(ind), chain.train_ind[:5])

@@ -110,3 +110,13 @@ def test_user_errors(tmp_path: Path, capsys) -> None:
     assert "D must be even" in capsys.readouterr().err
     assert main(["simulate", "-o", str(tmp_path / "x"), "--volume", str(tmp_path / "no.mrc")]) == 2
     assert "no.mrc" in capsys.readouterr().err
+
+
+def test_simulate_never_writes_its_input_volume(tmp_path, capsys):
+    vol = tmp_path / "volumes" / "state_00.mrc"  # a name simulate writes (and cleans up)
+    vol.parent.mkdir()
+    write_mrc(vol, protein_like(16, seed=1), 4.0)
+    before = vol.read_bytes()
+    assert main(["simulate", "-o", str(tmp_path), "--volume", str(vol), "-n", "8"]) == 2
+    assert f"refusing to write {vol}: it is an input" in capsys.readouterr().err
+    assert vol.read_bytes() == before and not (tmp_path / "particles.star").exists()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -53,6 +58,9 @@ def test_train_star_then_resume_and_cs_gives_same_result(tiny_dataset, tmp_path)
         assert run.config()["D"] == 32 and len(run.table()) == 48
         p = run.poses()
         assert p["rotations"].shape == (48, 3, 3) and p["shifts_A"].shape == (48, 2)
+        # the divergence reference (loss of the first step) is kept for --resume
+        st = torch.load(out / "epoch_002" / "state.pt", weights_only=True)
+        assert 0 < st["loss_start"] < 100 and not (out / ".lock").exists()
         # refusing to overwrite, then resuming to a third epoch
         assert main(["train", str(tiny_dataset / "particles.star"), "-o", str(out)]) == 2
         assert main(["train", "--resume", str(out), "--epochs", "3"]) == 0
@@ -118,3 +126,150 @@ def test_config_file_sets_keys_and_resume_refuses_flags_it_would_ignore(tiny_dat
     bad.write_text("hiden: 3\n")
     assert main(["train", str(tiny_dataset / "particles.star"), "-o", str(tmp_path / "r2"),
                  "--config", str(bad)]) == 2  # fmt: skip
+
+
+# ------------------------------------------------------------------ reliability
+def _err_line(capsys) -> str:
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if "error:" in ln]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_train_never_writes_its_inputs(tiny_dataset, tmp_path, capsys):
+    """particles.star (a run's output name) in -o, as the input, a hard link or --config."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    before = (data / "particles.star").read_bytes()
+    assert main(["train", str(data / "particles.star"), "-o", str(data), *_FAST]) == 2
+    line = _err_line(capsys)
+    assert f"refusing to write {data / 'particles.star'}: it is an input" in line
+    assert (data / "particles.star").read_bytes() == before
+    assert not (data / "run.log").exists() and not (data / "config.yaml").exists()
+    # a hard link of the input under the output's name
+    other = tmp_path / "other"
+    other.mkdir()
+    os.link(data / "particles.star", other / "particles.star")
+    assert main(["train", str(data / "particles.star"), "-o", str(other), *_FAST]) == 2
+    assert "refusing to write" in _err_line(capsys)
+    # the --config file is the run's config.yaml-to-be
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    (cfg_dir / "config.yaml").write_text("hidden: 16\n")
+    assert main(["train", str(data / "particles.star"), "-o", str(cfg_dir), "--config",
+                 str(cfg_dir / "config.yaml"), *_FAST]) == 2  # fmt: skip
+    assert "config.yaml: it is an input" in _err_line(capsys)
+    assert (cfg_dir / "config.yaml").read_text() == "hidden: 16\n"
+
+
+def test_diverging_training_stops_with_exit_2(tiny_dataset, tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    argv = ["train", str(tiny_dataset / "particles.star"), "-o", str(out), *_FAST]
+    assert main([*argv, "--lr-field", "100"]) == 2
+    line = _err_line(capsys)
+    assert "training diverged" in line and "epoch 1, batch 1" in line and "--lr-field" in line
+    assert line in (out / "run.log").read_text()
+    assert not list(out.glob("epoch_*")) and not (out / ".lock").exists()
+    for name in ("particles.star", "consensus.mrc", "verdict.json"):
+        assert not (out / name).exists(), name
+
+
+def test_too_little_disk_space_is_refused(tiny_dataset, tmp_path, capsys, monkeypatch):
+    import cryofield.inference.trainer as trainer
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(trainer.shutil, "disk_usage", lambda p: usage._replace(free=50_000))
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_dataset / "particles.star"), "-o", str(out), *_FAST]) == 2
+    line = _err_line(capsys)
+    assert f"{out}: not enough free disk space: 2 epoch checkpoints" in line
+    assert "choose another -o" in line and not list(out.glob("epoch_*"))
+
+
+def test_full_disk_while_saving_is_one_line(tiny_dataset, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_dataset / "particles.star"), "-o", str(out), *_FAST]) == 2
+    line = _err_line(capsys)
+    assert line == (f"cryofield train: error: cannot write {out / 'epoch_001' / 'weights.pt'}: "
+                    "No space left on device; free some space or choose another output path "
+                    "(-o)")  # fmt: skip
+    assert line in (out / "run.log").read_text()
+    assert sorted(p.name for p in (out / "epoch_001").iterdir()) == []  # no temporary left
+    assert not (out / ".lock").exists()
+
+
+def _lock(folder, pid):
+    import platform
+
+    (folder / ".lock").write_text(json.dumps({"pid": pid, "host": platform.node(),
+                                              "started": "2024-05-01T10:00:00"}))  # fmt: skip
+
+
+def test_second_run_into_a_locked_folder_is_refused(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    _lock(out, os.getppid())  # a live process on this host holds it
+    assert main(["train", str(tiny_dataset / "particles.star"), "-o", str(out), *_FAST]) == 2
+    line = _err_line(capsys)
+    assert f"in use by another cryofield run (pid {os.getppid()} on host" in line
+    assert "started 2024-05-01T10:00:00" in line
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written, lock kept
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    fast = [*_FAST[:1], "1", *_FAST[2:]]
+    assert main(["train", str(tiny_dataset / "particles.star"), "-o", str(out), *fast]) == 0
+    return out
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_resume_of_damaged_run_files_is_one_line(one_epoch_run, tmp_path, capsys):
+    def copy(name):
+        dst = tmp_path / name
+        shutil.copytree(one_epoch_run, dst)
+        return dst
+
+    run = copy("yaml")
+    (run / "config.yaml").write_text("zdim: [0\nD: 32\n")
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
+    line = _err_line(capsys)
+    assert f"{run / 'config.yaml'}: not valid YAML" in line and "start a new run" in line
+    assert not (run / ".lock").exists()
+    for damage in ("truncated", "foreign", "malicious"):
+        run = copy(damage)
+        state = run / "epoch_001" / "state.pt"
+        if damage == "truncated":
+            state.write_bytes(state.read_bytes()[:1000])
+        elif damage == "foreign":
+            torch.save({"epoch": 1}, state)
+        else:
+            state.write_bytes(pickle.dumps({"x": _Evil()}))
+        assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
+        line = _err_line(capsys)
+        assert f"{state}: cannot be read" in line, line
+        assert f"delete {run / 'epoch_001'}" in line and "start a new run" in line
+    run = copy("locked")
+    _lock(run, os.getppid())
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
+    assert "in use by another cryofield run" in _err_line(capsys)
+
+
+def test_export_of_truncated_poses_is_one_line(one_epoch_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch_run, run)
+    poses = run / "epoch_001" / "poses.npz"
+    poses.write_bytes(poses.read_bytes()[:200])
+    assert main(["export", str(run), "-o", str(tmp_path / "x.star")]) == 2
+    line = _err_line(capsys)
+    assert str(poses) in line and f"delete {run / 'epoch_001'}" in line

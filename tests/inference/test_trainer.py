@@ -170,3 +170,33 @@ def test_latent_warmup_splits_the_search_into_consensus_then_per_state(tmp_path,
     assert [tr._wants_latent_init(e) for e in (7, 8)] == [True, True]
     with pytest.raises(CryofieldError, match="latent_warmup"):
         TrainConfig(latent_warmup=1.5).validate()
+
+
+def test_search_goes_on_while_poses_have_not_settled(tmp_path, one_thread):
+    """The search's stopping rule: pure-noise images never settle, so the search gets
+    search_extend x its planned epochs more, the radius still growing at the planned rate
+    up to the cap, and the longer plan is in config.yaml (a resumed run follows it)."""
+    D, N = 16, 48
+    data = make_dataset([blob_volume(D, 5, width_px=1.5)], N, snr=0.01, seed=6)
+    kw = dict(hps_images=2 * N, field_images=N, hidden=16, n_freqs=4, batch_size=12,
+              base_nside=1, base_psi=6, search_levels=1, radius_start_px=2.0,
+              radius_search_px=4.0, refine_iters=1, search_cap_res_A=1.0)  # fmt: skip
+    tr = _trainer(data, tmp_path / "a", **kw)
+    assert tr.cfg.epochs == 2 + 1 + 1
+    tr.fit()
+    run = RunDir(tmp_path / "a")
+    phases = [m["phase"] for m in run.metrics()]
+    assert phases == ["hps"] * 4 + ["refine", "field"], phases
+    radii = np.array([m["radius_px"] for m in run.metrics()[:4]])  # at each last batch
+    assert np.diff(radii) == pytest.approx([1.0, 1.0, 1.0]), radii  # 1 px / epoch as planned
+    saved = TrainConfig.load(tmp_path / "a" / "config.yaml")
+    # the cap: 3/4 of Nyquist (search_cap_res_A is below it here)
+    assert (saved.epochs, saved.hps_images, saved.radius_search_px) == (6, 4 * N, 6.0)
+    st = torch.load(tmp_path / "a" / "epoch_004" / "state.pt", weights_only=True)
+    assert st["search_extended"] == 2
+    # search_extend 0: the plan as it was
+    tr = _trainer(data, tmp_path / "b", **kw, search_extend=0.0)
+    tr.fit()
+    assert [m["phase"] for m in RunDir(tmp_path / "b").metrics()] == [
+        "hps", "hps", "refine", "field"
+    ]  # fmt: skip

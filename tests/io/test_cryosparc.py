@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import numpy as np
 import pytest
 
 from cryofield.errors import InputFileError
 from cryofield.io.cryosparc import read_cs, write_cs
 from cryofield.io.metadata import load_particle_table
+from cryofield.io.mrc import write_mrc
 
 
 def test_empiar_star_and_cs_give_same_ctf(interop_data):
@@ -86,7 +90,143 @@ def test_bad_cs_files(tmp_path):
     with pytest.raises(InputFileError, match=r"x\.cs: not a readable cryoSPARC"):
         load_particle_table(p)
     arr = np.zeros(3, dtype=[("blob/path", "S8"), ("blob/idx", "<u4"), ("ctf/df1_A", "<f4")])
+    arr["blob/path"] = b"a.mrcs"
     with open(tmp_path / "y.cs", "wb") as fh:
         np.save(fh, arr)
-    with pytest.raises(InputFileError, match=r"y\.cs: missing CTF field ctf/df2_A"):
+    with pytest.raises(
+        InputFileError,
+        match=r"y\.cs: missing CTF fields ctf/df2_A, ctf/df_angle_rad, ctf/accel_kv, "
+        r"ctf/cs_mm, ctf/amp_contrast \(the file has ctf/df1_A\)",
+    ):
         load_particle_table(tmp_path / "y.cs")
+
+
+# --------------------------------------------- pixel size, CTF block, bad fields
+@pytest.fixture
+def io_records(caplog):
+    """INFO and above of the ``cryofield.io`` logger (which may not propagate)."""
+    logger = logging.getLogger("cryofield.io")
+    logger.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.INFO)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.setLevel(old)
+    logger.removeHandler(caplog.handler)
+
+
+_CTF = {"ctf/df1_A": 15000.0, "ctf/df2_A": 14000.0, "ctf/df_angle_rad": 0.5,
+        "ctf/accel_kv": 300.0, "ctf/cs_mm": 2.7, "ctf/amp_contrast": 0.1}  # fmt: skip
+
+
+def _cs(path, n=3, stack="a.mrcs", **fields):
+    """A .cs file of ``n`` particles of ``stack`` with the given scalar fields."""
+    dtype = [("blob/path", "S16"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,))]
+    dtype += [(k, "<f4") for k in fields]
+    arr = np.zeros(n, dtype=dtype)
+    arr["blob/path"] = stack.encode()
+    arr["blob/idx"] = np.arange(n)
+    arr["blob/shape"] = 8
+    for k, v in fields.items():
+        arr[k] = v
+    with open(path, "wb") as fh:
+        np.save(fh, arr)
+    return path
+
+
+def _messages(caplog, level=logging.INFO) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= level)
+
+
+def test_pixel_size_from_the_stack_header(tmp_path, io_records):
+    write_mrc(tmp_path / "a.mrcs", np.ones((3, 8, 8), np.float32), apix_A=2.5)
+    cs = _cs(tmp_path / "no_psize.cs", **_CTF)  # no blob/psize_A: used to be 1 A/px
+    t = load_particle_table(cs)
+    np.testing.assert_array_equal(t.apix_A, 2.5)
+    assert "no blob/psize_A; using the pixel size of the MRC header of" in _messages(io_records)
+    assert "2.5 A" in _messages(io_records)
+
+
+def test_pixel_size_disagreeing_with_the_header_is_warned(tmp_path, io_records):
+    write_mrc(tmp_path / "a.mrcs", np.ones((3, 8, 8), np.float32), apix_A=2.5)
+    t = load_particle_table(_cs(tmp_path / "close.cs", **{**_CTF, "blob/psize_A": 2.51}))
+    assert _messages(io_records, logging.WARNING) == ""  # within 1 %
+    np.testing.assert_allclose(t.apix_A, 2.51, rtol=1e-6)
+    t = load_particle_table(_cs(tmp_path / "far.cs", **{**_CTF, "blob/psize_A": 2.0}))
+    np.testing.assert_array_equal(t.apix_A, 2.0)  # the metadata wins
+    assert re.search(r"far\.cs: blob/psize_A says 2 A but the MRC header of .*a\.mrcs says "
+                     r"2\.5 A \(25\.0% apart\); using 2 A from blob/psize_A",
+                     _messages(io_records, logging.WARNING))  # fmt: skip
+
+
+def test_no_pixel_size_anywhere_is_an_error(tmp_path):
+    cs = _cs(tmp_path / "x.cs", **_CTF)
+    with pytest.raises(
+        InputFileError,
+        match=r"x\.cs: no pixel size: the file has no "
+        r"blob/psize_A and its image stacks \(e\.g\. .*a\.mrcs\) are not found",
+    ):
+        load_particle_table(cs)
+    write_mrc(tmp_path / "a.mrcs", np.ones((3, 8, 8), np.float32), apix_A=0.0)
+    with pytest.raises(InputFileError, match=r"x\.cs: no pixel size: .* the MRC header of "
+                       r".*a\.mrcs has none"):  # fmt: skip
+        load_particle_table(cs)
+
+
+def test_partial_ctf_block_is_an_error(interop_data, tmp_path):
+    arr = read_cs(interop_data / "empiar_10076_7.cs")
+    keep = [f for f in arr.dtype.names if f not in ("ctf/df1_A", "ctf/accel_kv")]
+    with open(tmp_path / "partial.cs", "wb") as fh:
+        np.save(fh, arr[keep])
+    # used to train without CTF, silently
+    with pytest.raises(InputFileError, match=r"partial\.cs: missing CTF fields ctf/df1_A, "
+                       r"ctf/accel_kv \(the file has ctf/df2_A, ctf/df_angle_rad, ctf/cs_mm, "
+                       r"ctf/amp_contrast\)"):  # fmt: skip
+        load_particle_table(tmp_path / "partial.cs")
+
+
+def test_missing_ctf_block_is_warned(tmp_path, io_records):
+    write_mrc(tmp_path / "a.mrcs", np.ones((3, 8, 8), np.float32), apix_A=2.5)
+    t = load_particle_table(_cs(tmp_path / "noctf.cs", **{"blob/psize_A": 2.5}))
+    assert t.ctf is None
+    assert "noctf.cs: no CTF fields (ctf/df1_A, " in _messages(io_records, logging.WARNING)
+    assert "used without CTF correction" in _messages(io_records, logging.WARNING)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("ctf/accel_kv", 0.0, r"row 2: field ctf/accel_kv must be > 0, got 0"),
+        ("ctf/amp_contrast", 7.0, r"row 2: field ctf/amp_contrast must be between 0 and 1"),
+        ("blob/psize_A", -1.0, r"row 2: field blob/psize_A must be > 0, got -1"),
+        ("ctf/df1_A", np.nan, r"row 2: field ctf/df1_A is not a finite number"),
+    ],
+)
+def test_impossible_values_name_row_and_field(tmp_path, field, value, message):
+    fields = {**_CTF, "blob/psize_A": 2.5}
+    path = _cs(tmp_path / "v.cs", **fields)
+    arr = read_cs(path)
+    arr[field][1] = value
+    with open(path, "wb") as fh:
+        np.save(fh, arr)
+    with pytest.raises(InputFileError, match=rf"v\.cs, {message}"):
+        load_particle_table(path)
+
+
+def test_bad_blob_fields_are_refused(tmp_path):
+    path = _cs(tmp_path / "b.cs", **{**_CTF, "blob/psize_A": 2.5})
+    arr = read_cs(path)
+    bad = np.zeros(len(arr), dtype=[(n, "<i8" if n == "blob/idx" else arr.dtype.fields[n][0])
+                                    for n in arr.dtype.names])  # fmt: skip
+    for n in arr.dtype.names:
+        bad[n] = arr[n]
+    bad["blob/idx"][2] = -1  # used to read the last image of the stack
+    with open(path, "wb") as fh:
+        np.save(fh, bad)
+    with pytest.raises(InputFileError, match=r"b\.cs, row 3: field blob/idx must be an "
+                       r"integer >= 0, got -1"):  # fmt: skip
+        load_particle_table(path)
+    path.write_bytes(path.read_bytes()[:-7])  # truncated
+    with pytest.raises(InputFileError, match=r"b\.cs: not a readable cryoSPARC \.cs file: "
+                       r"truncated or not a valid \.npy file \(its header says"):  # fmt: skip
+        load_particle_table(path)

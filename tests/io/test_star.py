@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 from dataclasses import replace
 
@@ -11,6 +13,7 @@ import pytest
 
 from cryofield.errors import InputFileError
 from cryofield.io.metadata import load_particle_table
+from cryofield.io.mrc import write_mrc
 from cryofield.io.star import (
     has_original_link,
     original_link_columns,
@@ -314,3 +317,125 @@ def test_different_boxes_across_optics_groups_name_the_groups(interop_data, tmp_
         load_particle_table(path)
     msg = str(err.value)
     assert "group 1: 196 px" in msg and "group 2: 128 px" in msg, msg
+
+
+# ------------------------------------------- structure, pixel size and CTF checks
+_HEAD = ("data_particles\nloop_\n_rlnImageName #1\n_rlnDefocusU #2\n_rlnDefocusV #3\n"
+         "_rlnDefocusAngle #4\n_rlnVoltage #5\n_rlnSphericalAberration #6\n"
+         "_rlnAmplitudeContrast #7\n")  # fmt: skip
+_ROWS = "1@a.mrcs 10000 9000 10 300 2.7 0.1\n2@a.mrcs 11000 9500 20 300 2.7 0.1\n"
+
+
+@pytest.fixture
+def io_records(caplog):
+    """INFO and above of the ``cryofield.io`` logger (which may not propagate)."""
+    logger = logging.getLogger("cryofield.io")
+    logger.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.INFO)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.setLevel(old)
+    logger.removeHandler(caplog.handler)
+
+
+def _messages(caplog, level=logging.INFO) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= level)
+
+
+def test_missing_column_label_is_not_read_under_wrong_columns(tmp_path):
+    # one label deleted: the values of each row no longer match the columns
+    text = (_HEAD + _ROWS).replace("_rlnDefocusV #3\n", "")
+    p = _write(tmp_path / "d.star", text)
+    with pytest.raises(
+        InputFileError,
+        match=r"d\.star, row 1: line 9 has 7 values but "
+        r"data_particles has 6 columns \(_rlnImageName \.\. _rlnAmplitudeContrast\)",
+    ):
+        load_particle_table(p)
+    p = _write(tmp_path / "e.star", _HEAD + _ROWS + "3@a.mrcs 12000 9000 10 300 2.7 0.1 5\n")
+    with pytest.raises(InputFileError, match=r"e\.star, row 3: line 12 has 8 values"):
+        load_particle_table(p)
+
+
+def test_repeated_block_or_column_is_refused(tmp_path):
+    p = _write(tmp_path / "b.star", _HEAD + _ROWS + "\n" + _HEAD + _ROWS)
+    with pytest.raises(InputFileError, match=r"b\.star: line 13: block data_particles appears "
+                       "twice"):  # fmt: skip
+        load_particle_table(p)
+    text = (_HEAD + _ROWS).replace("_rlnVoltage #5\n", "_rlnDefocusU #5\n")
+    with pytest.raises(InputFileError, match=r"c\.star: line 7: column _rlnDefocusU appears "
+                       "twice in data_particles"):  # fmt: skip
+        load_particle_table(_write(tmp_path / "c.star", text))
+
+
+def test_pixel_size_from_the_stack_header(tmp_path, io_records):
+    write_mrc(tmp_path / "a.mrcs", np.ones((2, 8, 8), np.float32), apix_A=3.0)
+    t = load_particle_table(_write(tmp_path / "p.star", _HEAD + _ROWS))
+    np.testing.assert_array_equal(t.apix_A, 3.0)
+    assert t.box_px == 8
+    assert "p.star: no rlnImagePixelSize (or rlnDetectorPixelSize and rlnMagnification); " \
+        "using the pixel size of the MRC header of" in _messages(io_records)  # fmt: skip
+    text = _HEAD + "_rlnImagePixelSize #8\n" + _ROWS.replace("0.1\n", "0.1 2.0\n")
+    t = load_particle_table(_write(tmp_path / "q.star", text))
+    np.testing.assert_array_equal(t.apix_A, 2.0)
+    assert re.search(
+        r"q\.star: rlnImagePixelSize says 2 A but the MRC header of .*a\.mrcs says "
+        r"3 A \(50\.0% apart\); using 2 A",
+        _messages(io_records, logging.WARNING),
+    )
+
+
+def test_no_pixel_size_anywhere_is_an_error(tmp_path):
+    # used to assume 1 A/px with a warning
+    p = _write(tmp_path / "p.star", _HEAD + _ROWS)
+    with pytest.raises(
+        InputFileError,
+        match=r"p\.star: no pixel size: the file has no "
+        r"rlnImagePixelSize \(or rlnDetectorPixelSize and rlnMagnification\) and "
+        r"its image stacks \(e\.g\. .*a\.mrcs\) are not found \(use --datadir\)",
+    ):
+        load_particle_table(p)
+
+
+def test_ctf_block_partial_or_missing(tmp_path, io_records):
+    write_mrc(tmp_path / "a.mrcs", np.ones((2, 8, 8), np.float32), apix_A=3.0)
+    text = "data_\nloop_\n_rlnImageName\n_rlnDefocusAngle\n1@a.mrcs 10\n2@a.mrcs 20\n"
+    with pytest.raises(InputFileError, match=r"a1\.star: missing CTF columns rlnDefocusU, "
+                       r"rlnDefocusV, rlnVoltage, rlnSphericalAberration \(the file has "
+                       r"rlnDefocusAngle\)"):  # fmt: skip
+        load_particle_table(_write(tmp_path / "a1.star", text))
+    t = load_particle_table(_write(tmp_path / "a2.star", "data_\nloop_\n_rlnImageName\n1@a.mrcs\n"))
+    assert t.ctf is None
+    assert "a2.star: no CTF columns (rlnDefocusU, rlnDefocusV, rlnDefocusAngle): the images " \
+        "will be used without CTF correction" in _messages(io_records, logging.WARNING)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("_rlnVoltage", "0", r"row 2: field rlnVoltage must be > 0, got 0"),
+        ("_rlnAmplitudeContrast", "10", r"row 2: field rlnAmplitudeContrast must be between 0 "),
+        ("_rlnImagePixelSize", "-1", r"row 2: field rlnImagePixelSize must be > 0, got -1"),
+        ("_rlnOpticsGroup", "1.5", r"row 2: field rlnOpticsGroup must be a whole number"),
+        ("_rlnImageSize", "0", r"row 2: field rlnImageSize must be a whole number >= 1"),
+    ],
+)
+def test_impossible_values_name_row_and_field(tmp_path, column, value, message):
+    labels = _HEAD + "_rlnImagePixelSize #8\n_rlnOpticsGroup #9\n_rlnImageSize #10\n"
+    rows = [[*r.split(), "2.0", "1", "8"] for r in _ROWS.splitlines()]
+    k = [ln.split()[0] for ln in labels.splitlines() if ln.startswith("_")].index(column)
+    rows[1][k] = value
+    p = _write(tmp_path / "v.star", labels + "".join(" ".join(r) + "\n" for r in rows))
+    with pytest.raises(InputFileError, match=rf"v\.star, {message}"):
+        load_particle_table(p)
+
+
+def test_stale_lines_are_never_reused(tmp_path):
+    # starfile reads through linecache; a failed read must not leave old lines behind
+    p = _write(tmp_path / "s.star", _HEAD + "1@a.mrcs 1 2 3\n")
+    with pytest.raises(InputFileError):
+        load_particle_table(p)
+    p.write_text(_HEAD.replace("_rlnDefocusU #2\n", "") + "1@a.mrcs 9000 10 300 2.7 0.1 \n")
+    with pytest.raises(InputFileError, match="missing CTF column rlnDefocusU"):
+        load_particle_table(p)

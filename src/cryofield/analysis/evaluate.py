@@ -42,17 +42,11 @@ _REQUIRED = ("rotations",)
 
 def load_truth(path: str | Path) -> dict[str, np.ndarray]:
     """Read ``truth.npz`` (no pickles); raises InputFileError naming a missing key."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(path, "file not found")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            truth = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as err:
-        raise InputFileError(path, f"not a readable truth .npz ({err})") from None
-    for key in _REQUIRED:
-        if key not in truth:
-            raise InputFileError(path, f"missing key '{key}'")
+    from cryofield.io.arrays import load_npz
+
+    truth = load_npz(
+        path, _REQUIRED, "simulation truth file", "re-create it with 'cryofield simulate'"
+    )
     R = truth["rotations"]
     if R.ndim != 3 or R.shape[1:] != (3, 3):
         raise InputFileError(path, f"'rotations' must be (N, 3, 3), got {R.shape}")

@@ -345,13 +345,18 @@ def load_residuals(epoch_dir: str | Path, n: int) -> np.ndarray | None:
     if not path.is_file():
         log.info("%s: no residuals.npz (older run): junk from the latents only", epoch_dir)
         return None
+    from cryofield.errors import InputFileError
+    from cryofield.io.arrays import load_npz
+
     try:
-        with np.load(path, allow_pickle=False) as f:
-            r = np.asarray(f["residual"], np.float64).reshape(-1)
-            if "power" in f.files:  # relative residual: the share of the image unexplained
-                p = np.asarray(f["power"], np.float64).reshape(-1)
-                r = np.where(p > 0, r / np.where(p > 0, p, 1.0), np.nan)
-    except (OSError, KeyError, ValueError) as err:
+        f = load_npz(path, ("residual",), "residuals file")
+        r = np.asarray(f["residual"], np.float64).reshape(-1)
+        if "power" in f:  # relative residual: the share of the image unexplained
+            p = np.asarray(f["power"], np.float64).reshape(-1)
+            if p.shape != r.shape:
+                raise ValueError(f"{len(p)} power values for {len(r)} residuals")
+            r = np.where(p > 0, r / np.where(p > 0, p, 1.0), np.nan)
+    except (InputFileError, ValueError, TypeError) as err:
         log.warning("%s: unreadable (%s): junk without residuals", path, err)
         return None
     if len(r) != n:

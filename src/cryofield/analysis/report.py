@@ -71,16 +71,29 @@ def kmeans_for_run(run: Any, epoch: int, n_clusters: int | None = None) -> laten
     k = latent.default_n_clusters(len(z), n_clusters)
     saved = run.path / f"analyze.{epoch}" / "analysis.npz"
     if saved.is_file():
-        with np.load(saved, allow_pickle=False) as f:
-            if "kmeans_labels" in f.files and len(f["kmeans_centers"]) == k:
-                labels = f["kmeans_labels"]
-                if len(labels) == len(z):
-                    return latent.KMeansResult(
-                        labels=labels,
-                        centers=f["kmeans_centers"],
-                        nearest=f["kmeans_nearest"],
-                        counts=np.bincount(labels, minlength=k),
-                    )
+        from cryofield.errors import InputFileError
+        from cryofield.io.arrays import load_npz
+
+        try:
+            f = load_npz(saved, what="analysis file")
+        except InputFileError as err:  # the same seed gives the same clusters: recompute
+            log.warning("%s; k-means recomputed", err)
+            f = {}
+        keys = ("kmeans_labels", "kmeans_centers", "kmeans_nearest")
+        if all(key in f for key in keys) and len(f["kmeans_centers"]) == k:
+            labels = f["kmeans_labels"]
+            if (
+                labels.shape == (len(z),)
+                and labels.dtype.kind in "iu"
+                and (len(z) == 0 or 0 <= labels.min() <= labels.max() < k)
+            ):
+                return latent.KMeansResult(
+                    labels=labels,
+                    centers=f["kmeans_centers"],
+                    nearest=f["kmeans_nearest"],
+                    counts=np.bincount(labels, minlength=k),
+                )
+            log.warning("%s: k-means labels do not fit this run's latents; recomputed", saved)
     return latent.kmeans(z, k)
 
 

@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cryofield.analysis.report import analyze_run
     from cryofield.errors import CryofieldError
+    from cryofield.lock import folder_lock
     from cryofield.logs import setup_logging
 
     if args.n_clusters is not None and args.n_clusters < 1:
@@ -51,13 +52,15 @@ def run(args: argparse.Namespace) -> int:
     outdir = Path(args.outdir)
     if not outdir.is_dir():
         raise CryofieldError(f"{outdir}: not a training output folder (does not exist)")
-    setup_logging(outdir, verbose=args.verbose)
-    path = analyze_run(
-        outdir,
-        epoch=args.epoch,
-        n_clusters=args.n_clusters,
-        n_pcs=args.pcs,
-        volumes=not args.no_volumes,
-    )
+    # its own lock: analyze may run while the training goes on, but not twice at once
+    with folder_lock(outdir, "cryofield analyze", name=".analyze.lock"):
+        setup_logging(outdir, verbose=args.verbose)
+        path = analyze_run(
+            outdir,
+            epoch=args.epoch,
+            n_clusters=args.n_clusters,
+            n_pcs=args.pcs,
+            volumes=not args.no_volumes,
+        )
     print(f"report: {path}")
     return 0

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from cryofield.errors import CryofieldError, InputFileError
+from cryofield.io.atomic import refuse_overwrite
 from cryofield.io.metadata import ParticleTable, load_particle_table
 from cryofield.io.mrc import write_mrc
 from cryofield.io.particles import ParticleSource
@@ -73,13 +74,9 @@ def _attach_poses(table: ParticleTable, path: str) -> ParticleTable:
         return attach_legacy(table, pose_pkl=p)
     if p.suffix.lower() != ".npz":
         raise InputFileError(p, "poses must be a cryoDRGN .pkl or an .npz with 'rotations'")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as err:
-        raise InputFileError(p, f"cannot read poses ({err})") from None
-    if "rotations" not in data:
-        raise InputFileError(p, "missing field 'rotations'")
+    from cryofield.io.arrays import load_npz
+
+    data = load_npz(p, ("rotations",), "poses file")
     R = np.asarray(data["rotations"], dtype=np.float64)
     n = len(table)
     if len(R) != n and "particle_index" in data and len(data["particle_index"]) == len(R):
@@ -146,7 +143,11 @@ def run(args: argparse.Namespace) -> int:
         raise CryofieldError(f"{out}: the output map must end in .mrc")
     if args.chunk < 1:
         raise CryofieldError(f"--chunk must be positive, got {args.chunk}")
+    stem = out.with_suffix("")
+    outputs = [out, *([f"{stem}_half1.mrc", f"{stem}_half2.mrc"] if args.half_maps else [])]
+    refuse_overwrite(outputs, [args.particles, args.ind, args.ctf, args.poses])
     table = _load(args)
+    refuse_overwrite(outputs, np.unique(table.image_paths).tolist())
     use_ctf = table.ctf is not None and not args.no_ctf
     if table.ctf is None and not args.no_ctf:
         print("note: no CTF parameters found; reconstructing without CTF correction")
@@ -188,7 +189,6 @@ def run(args: argparse.Namespace) -> int:
     if args.half_maps:
         v1, v2 = halves[0].volume(args.wiener), halves[1].volume(args.wiener)
         vol = halves[0].merge(halves[1]).volume(args.wiener)
-        stem = out.with_suffix("")
         write_mrc(f"{stem}_half1.mrc", v1.numpy(), apix_out)
         write_mrc(f"{stem}_half2.mrc", v2.numpy(), apix_out)
         curve = fsc(v1, v2)

@@ -27,7 +27,9 @@ import numpy as np
 from tqdm import tqdm
 
 from cryofield.errors import CryofieldError
-from cryofield.io.metadata import load_index, load_particle_table
+from cryofield.io.atomic import refuse_overwrite
+from cryofield.io.indices import load_index
+from cryofield.io.metadata import load_particle_table
 from cryofield.io.mrc import MRCStackWriter
 from cryofield.io.particles import ParticleSource
 from cryofield.io.star import original_link_columns, write_star
@@ -53,9 +55,14 @@ def run(args: argparse.Namespace) -> int:
         raise CryofieldError(f"{out}: the output stack must end in .mrcs")
     if args.chunk < 1:
         raise CryofieldError(f"--chunk must be positive, got {args.chunk}")
+    refuse_overwrite([out, args.star], [args.particles, args.ind])
     table = load_particle_table(args.particles, datadir=args.datadir)
     if args.ind:
         table = table.subset(load_index(args.ind, len(table), args.particles))
+    star_path = args.star
+    if star_path is None and table.source_format in ("star", "cs"):
+        star_path = out.with_suffix(".star")
+    refuse_overwrite([out, star_path], [args.particles, *np.unique(table.image_paths)])
     source = ParticleSource(table, D=args.D)
     ratio = source.box_px / source.D
     apix_new = source.apix_A
@@ -78,9 +85,6 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {out}: {n} images, {source.box_px} -> {source.D} px, "
         f"{table.apix_A[0]:.4g} -> {table.apix_A[0] * ratio:.4g} A/px"
     )
-    star_path = args.star
-    if star_path is None and table.source_format in ("star", "cs"):
-        star_path = out.with_suffix(".star")
     if star_path is not None:
         star_path = Path(star_path)
         star_dir = star_path.resolve().parent

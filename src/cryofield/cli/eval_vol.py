@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from cryofield.analysis.report import resolve_epoch
     from cryofield.analysis.volumes import write_volume_series
     from cryofield.inference.rundir import RunDir
+    from cryofield.io.atomic import refuse_overwrite
     from cryofield.logs import setup_logging
 
     run_dir = RunDir(args.outdir)
@@ -85,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
             f"{run_dir.path}: heterogeneous run (zdim {zdim}): give --z or --zfile"
         )
     out = Path(args.out) if args.out else run_dir.path / f"eval_vol.{epoch}"
+    n_maps = 1 if z_points is None else len(z_points)
+    outputs = [out / f"{args.prefix}{i:03d}.mrc" for i in range(n_maps)]
+    refuse_overwrite([*outputs, out / f"{args.prefix}z.txt"],
+                     [args.zfile, run_dir.epoch_dir(epoch) / "weights.pt"])  # fmt: skip
     setup_logging()
     paths = write_volume_series(
         field,

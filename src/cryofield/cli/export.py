@@ -25,6 +25,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from cryofield.errors import CryofieldError
+from cryofield.io.atomic import refuse_overwrite
 from cryofield.logs import get_logger
 
 _log = get_logger("export")
@@ -165,10 +167,13 @@ def cluster_labels(run: Any, epoch: int, n_clusters: int | None, required: bool)
     saved = run.path / f"analyze.{epoch}" / "analysis.npz"
     k_saved = None
     if saved.is_file():
-        with np.load(saved, allow_pickle=False) as f:
-            if "kmeans_centers" in f.files and "kmeans_labels" in f.files:
-                if len(f["kmeans_labels"]) == len(z):
-                    k_saved = len(f["kmeans_centers"])
+        from cryofield.io.arrays import load_npz
+
+        f = load_npz(saved, what="analysis file", remedy=f"re-run 'cryofield analyze "
+                     f"{run.path} --epoch {epoch}'")  # fmt: skip
+        if "kmeans_centers" in f and "kmeans_labels" in f:
+            if len(f["kmeans_labels"]) == len(z):
+                k_saved = len(f["kmeans_centers"])
     if k_saved is not None:
         if n_clusters is not None and default_n_clusters(len(z), n_clusters) != k_saved:
             raise CryofieldError(
@@ -192,6 +197,55 @@ def cluster_labels(run: Any, epoch: int, n_clusters: int | None, required: bool)
         f"with K={n_clusters}"
     )
     return kmeans_for_run(run, epoch, n_clusters)
+
+
+def _is_mask(ind: str | Path | np.ndarray) -> bool:
+    """Whether ``--ind`` is a boolean mask (a bool array, or an index file holding one)."""
+    from cryofield.errors import InputFileError
+    from cryofield.io.indices import load_index_array
+
+    try:
+        return load_index_array(ind).dtype == np.bool_
+    except InputFileError:  # a damaged file: load_index says what is wrong
+        return False
+
+
+def input_rows(run: Any, index: np.ndarray, ind: object) -> int:
+    """Number of rows of the run's training input file (what a boolean ``--ind`` covers).
+
+    Without ``--ind`` in training, the run's table is that file; else the file is read.
+    """
+    from cryofield.io.metadata import load_particle_table
+
+    cfg = run.config()
+    n_run = max(len(index), int(index.max()) + 1 if len(index) else 0)
+    if not cfg.get("ind"):
+        return n_run
+    particles = cfg.get("particles")
+    try:
+        return len(load_particle_table(particles, datadir=cfg.get("datadir")))
+    except (CryofieldError, OSError, TypeError) as err:
+        raise CryofieldError(
+            f"{ind}: a boolean mask covers the rows of the training input file {particles}, "
+            f"which cannot be read to count them ({err}); give integer row indices instead"
+        ) from None
+
+
+def read_run_indices(
+    run: Any, ind: str | Path | np.ndarray, index: np.ndarray, strict: bool
+) -> np.ndarray:
+    """``--ind`` of select/export as rows of the training input file.
+
+    Integer indices are rows of that file; a boolean mask must have one entry per row (its
+    True rows are chosen). With ``strict``, an index beyond the run's particles is an
+    error; else the caller ignores indices that are not particles of the run.
+    """
+    from cryofield.io.indices import load_index
+
+    if _is_mask(ind):
+        return load_index(ind, input_rows(run, index, ind), f"{run.config().get('particles')}")
+    n_max = int(index.max()) + 1 if strict else np.iinfo(np.int64).max
+    return load_index(ind, n_max, f"{run.path} (its particle_index)")
 
 
 def parse_clusters(text: str) -> list[int]:
@@ -219,6 +273,8 @@ class RunSelection:
     index: np.ndarray
     rows: np.ndarray
     labels: np.ndarray | None
+    #: files read to make the selection: no output may be written over them
+    inputs: list[Path] = dataclasses.field(default_factory=list)
 
 
 def select_particles(
@@ -241,7 +297,6 @@ def select_particles(
     particles of the run are an error with ``strict_ind``, else ignored with a note.
     """
     from cryofield.inference.rundir import RunDir
-    from cryofield.io.metadata import load_index
 
     if n_clusters is not None and n_clusters < 1:
         raise CryofieldError(f"--ksample must be >= 1, got {n_clusters}")
@@ -260,8 +315,7 @@ def select_particles(
             raise CryofieldError(f"--clusters: {bad} out of range (clusters are 0..{K - 1})")
         chosen &= np.isin(km.labels, clusters)
     if ind is not None:
-        n_max = int(index.max()) + 1 if strict_ind else np.iinfo(np.int64).max
-        wanted = load_index(ind, n_max, f"{run.path} (its particle_index)")
+        wanted = read_run_indices(run, ind, index, strict_ind)
         missing = np.setdiff1d(wanted, index)
         if missing.size and strict_ind:
             raise CryofieldError(f"{ind}: {missing.size} indices (e.g. {int(missing[0])}) are not "
@@ -276,8 +330,10 @@ def select_particles(
         if not path.is_file():
             raise CryofieldError(f"{path}: no junk scores; run 'cryofield analyze {run.path} "
                                  f"--epoch {ep}' first")  # fmt: skip
-        with np.load(path, allow_pickle=False) as z:
-            junk = np.asarray(z["junk"], dtype=bool)
+        from cryofield.io.arrays import load_npz
+
+        remedy = f"re-run 'cryofield analyze {run.path} --epoch {ep}'"
+        junk = np.asarray(load_npz(path, ("junk",), "junk file", remedy)["junk"], dtype=bool)
         if junk.shape != chosen.shape:
             raise CryofieldError(f"{path}: {junk.size} junk flags for {chosen.size} particles")
         print(f"dropping {int((chosen & junk).sum())} junk particles ({path})")
@@ -285,7 +341,15 @@ def select_particles(
     rows = np.flatnonzero(chosen)
     if rows.size == 0:
         raise CryofieldError("the selection is empty: nothing to write")
-    return RunSelection(run, ep, table, poses, index, rows, None if km is None else km.labels)
+    inputs = [run.path / "config.yaml", run.path / "particles.npz"]
+    inputs += [Path(p) for p in (run.config().get("particles"), table.source_path) if p]
+    if isinstance(ind, (str, Path)):
+        inputs.append(Path(ind))
+    if drop_junk:
+        inputs.append(run.path / f"analyze.{ep}" / "junk.npz")
+    inputs += [p for p in [run.volume_path(ep)] if p is not None]
+    return RunSelection(run, ep, table, poses, index, rows, None if km is None else km.labels,
+                        inputs)  # fmt: skip
 
 
 def write_selection(
@@ -349,8 +413,15 @@ def export_run(
     if out.suffix.lower() not in (".star", ".cs"):
         raise CryofieldError(f"{out}: output must end in .star or .cs")
     sel = select_particles(outdir, epoch, ind, clusters, n_clusters)
+    refuse_overwrite([out, flipped_map_path(out)], sel.inputs)
     write_selection(sel, out, flip_hand=flip_hand, downsampled=downsampled)
     return out, int(sel.rows.size), sel.epoch
+
+
+def flipped_map_path(out: str | Path) -> Path:
+    """Where ``--flip-hand`` writes the mirrored map: ``<out stem>_flipped_hand.mrc``."""
+    out = Path(out)
+    return out.with_name(out.stem + "_flipped_hand.mrc")
 
 
 def _write_flipped_map(run: Any, epoch: int, out: Path) -> None:
@@ -365,7 +436,7 @@ def _write_flipped_map(run: Any, epoch: int, out: Path) -> None:
         )
         return
     vol, info = read_mrc(src, mmap=False)
-    dest = out.with_name(out.stem + "_flipped_hand.mrc")
+    dest = flipped_map_path(out)
     write_mrc(dest, flip_hand_volume(np.asarray(vol, dtype=np.float32)), info.apix_A)
     print(f"wrote the mirrored map of epoch {epoch} to {dest}")
 

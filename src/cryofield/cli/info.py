@@ -1,13 +1,16 @@
-"""Summarise a particle stack or metadata file.
+"""Summarise a particle stack or metadata file, or an MRC volume.
 
 Prints the particle count, box size, pixel size, optics groups (pixel size, voltage, Cs,
 amplitude contrast per group), the CTF and pose columns found, whether the image stacks
 were found, and a guess of the contrast (light-on-dark or dark-on-light) from the images.
+An MRC volume (a cube with a volume space group, or a .map; never a .mrcs) is reported as
+a volume: box, pixel size and min/max/mean density.
 
 examples:
   cryofield info particles.star --datadir /data/project
   cryofield info J24_particles.cs --ind keep.npy
   cryofield info stack.mrcs
+  cryofield info map.mrc
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cryofield.io.metadata import ParticleTable, load_index, load_particle_table
+from cryofield.errors import CryofieldError
+from cryofield.io.indices import load_index
+from cryofield.io.metadata import ParticleTable, load_particle_table
 from cryofield.io.star import ORIGINAL_APIX, ORIGINAL_BOX, ORIGINAL_NAME, has_original_link
 
 _STAR_CTF = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
@@ -129,8 +134,62 @@ def describe(table: ParticleTable, n_total: int | None = None) -> list[str]:
     return lines
 
 
+def describe_volume(path: str | Path) -> list[str] | None:
+    """The lines printed by ``cryofield info`` for an MRC volume; None when ``path`` is
+    not one (:func:`cryofield.io.mrc.is_volume`).
+
+    Density statistics are computed over every voxel (in slabs, float64); non-finite
+    voxels are counted and left out.
+    """
+    from cryofield.io.mrc import is_volume, read_mrc, read_mrc_header
+
+    path = Path(path)
+    if path.suffix.lower() not in (".mrc", ".map") or not path.is_file():
+        return None
+    info = read_mrc_header(path)
+    if not is_volume(path, info):
+        return None
+    data, _ = read_mrc(path)
+    nz, ny, nx = info.shape
+    total, count, bad = 0.0, 0, 0
+    lo, hi = np.inf, -np.inf
+    for z0 in range(0, nz, 16):
+        slab = np.asarray(data[z0 : z0 + 16], dtype=np.float64)
+        finite = np.isfinite(slab)
+        bad += int(slab.size - finite.sum())
+        vals = slab[finite]
+        if vals.size:
+            total += float(vals.sum())
+            count += vals.size
+            lo, hi = min(lo, float(vals.min())), max(hi, float(vals.max()))
+    apix = f"{info.apix_A:.4g} A" if info.apix_A > 0 else "unknown (not in the MRC header)"
+    density = (
+        f"min {lo:.4g}, max {hi:.4g}, mean {total / count:.4g}" if count else "no finite voxels"
+    )
+    if bad:
+        density += f" ({bad} NaN/infinite voxels)"
+    return [
+        f"file:           {path} (MRC volume, space group {info.space_group})",
+        f"volume:         {nz} x {ny} x {nx} voxels; not a particle stack (a stack of "
+        "images must be named .mrcs)",
+        f"box:            {nx} px",
+        f"pixel size:     {apix}",
+        f"density:        {density}",
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the summary; exit status 0, or 2 on a bad input file."""
+    volume = describe_volume(args.particles)
+    if volume is not None:
+        given = [f"--{k}" for k in ("ind", "ctf", "poses") if getattr(args, k, None)]
+        if given:
+            raise CryofieldError(
+                f"{args.particles}: a volume, not particles: {', '.join(given)} do not apply"
+            )
+        for line in volume:
+            print(line)
+        return 0
     table, n_total = load_table(args)
     for line in describe(table, n_total):
         print(line)

@@ -9,7 +9,9 @@ their command runs, so ``cryofield --help`` is fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 import traceback
 
@@ -77,16 +79,67 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     parser, module = build_command_parser(name)
     args = parser.parse_args(rest)
+    from cryofield.logs import close_run_log, log_to_run_log
+
+    close_run_log()  # only this command's run.log gets its messages
     try:
-        return int(module.run(args) or 0)
-    except CryofieldError as err:
+        status = int(module.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe (cryofield info X | head -1) shows up here
+        return status
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+    except (CryofieldError, OSError) as err:
         if args.debug:
             traceback.print_exc()
-        print(f"cryofield {name}: error: {err}", file=sys.stderr)
+        msg = str(err) if isinstance(err, CryofieldError) else os_error_message(err)
+        line = f"cryofield {name}: error: {msg}"
+        log_to_run_log(line)
+        print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        log_to_run_log(f"cryofield {name}: interrupted")
         print(f"cryofield {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        log_to_run_log(f"cryofield {name}: crashed:\n{traceback.format_exc()}")
+        raise
+    finally:
+        close_run_log()
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout went away: send what is left to /dev/null, so that the
+    interpreter's final flush does not fail again (the recipe of the Python docs)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (tests)
+        pass
+
+
+#: errno -> (what to say, what to do)
+_OS_ADVICE: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("cannot write", "free some space or choose another output path (-o)"),
+    errno.EDQUOT: ("cannot write", "free some space or choose another output path (-o)"),
+    errno.EROFS: ("cannot write", "choose another output path (-o)"),
+    errno.EACCES: ("cannot access", "check its permissions or choose another path"),
+    errno.EPERM: ("cannot access", "check its permissions or choose another path"),
+    errno.EMFILE: ("cannot open", "too many open files: raise 'ulimit -n'"),
+}
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for an operating-system error: the file, the reason, what to do."""
+    reason = err.strerror or (os.strerror(err.errno) if err.errno else None) or str(err)
+    path = err.filename if err.filename is not None else None
+    if err.filename2 is not None:
+        path = f"{path} -> {err.filename2}"
+    if err.errno in _OS_ADVICE:
+        verb, advice = _OS_ADVICE[err.errno]
+        where = f" {path}" if path is not None else ""
+        return f"{verb}{where}: {reason}; {advice}"
+    return f"{path}: {reason}" if path is not None else reason
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
 from cryofield.cli.info import add_table_arguments, describe, load_table
 
 
@@ -33,7 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Read, check, and save the table; exit status 0, or 2 on a bad input."""
+    from cryofield.io.atomic import refuse_overwrite
+
+    inputs = [args.particles, args.ind, args.ctf, args.poses]
+    refuse_overwrite([args.output], inputs)
     table, n_total = load_table(args)
+    refuse_overwrite([args.output], np.unique(table.image_paths).tolist())
     if not args.no_image_check:
         from cryofield.io.particles import ParticleSource
 

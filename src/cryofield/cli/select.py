@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``cryofield select``."""
-    from cryofield.io.atomic import atomic_path
+    from cryofield.io.atomic import atomic_path, refuse_overwrite
 
     outs = [Path(o) for o in args.out]
     for o in outs:
@@ -81,12 +81,13 @@ def run(args: argparse.Namespace) -> int:
         n_clusters=args.n_clusters, invert=args.invert, strict_ind=False,
         drop_junk=args.drop_junk,
     )  # fmt: skip
-    for o in outs:
-        write_selection(sel, o, downsampled=args.write_downsampled)
-        print(f"wrote {sel.rows.size} particles (epoch {sel.epoch}) to {o}")
     ind_out = (
         Path(args.ind_out) if args.ind_out else outs[0].with_name(outs[0].stem + "_indices.npy")
     )
+    refuse_overwrite([*outs, ind_out], sel.inputs)
+    for o in outs:
+        write_selection(sel, o, downsampled=args.write_downsampled)
+        print(f"wrote {sel.rows.size} particles (epoch {sel.epoch}) to {o}")
     with atomic_path(ind_out) as tmp, open(tmp, "wb") as fh:
         np.save(fh, sel.index[sel.rows].astype(np.int64))
     print(f"wrote indices into the training input file to {ind_out}")

@@ -129,19 +129,28 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Simulate and print a summary."""
-    import numpy as np
 
+    from cryofield.io.atomic import refuse_overwrite
     from cryofield.logs import setup_logging
     from cryofield.simulate.dataset import simulate_dataset
 
     cfg = build_config(args)
     outdir = Path(args.outdir)
+    names = ("particles.mrcs", "particles.star", "particles.cs", "truth.npz", "simulation.yaml",
+             "run.log")  # fmt: skip
+    outputs = [outdir / n for n in names]
+    outputs += [*outdir.glob("volumes/state_*.mrc"), *outdir.glob("volumes/junk_*.mrc")]
+    inputs = [*(getattr(cfg, "volume_paths", None) or []), getattr(cfg, "atomic_path", None),
+              getattr(cfg, "rotations_path", None), args.config]  # fmt: skip
+    refuse_overwrite(outputs, inputs)
     setup_logging(outdir)
     simulate_dataset(cfg, outdir)
-    with np.load(outdir / "truth.npz", allow_pickle=False) as truth:
-        n_junk = int(truth["is_junk"].sum())
-        D, apix = int(truth["D"]), float(truth["apix_A"])
-        n_vol = len(truth["volume_paths"])
+    from cryofield.analysis.evaluate import load_truth
+
+    truth = load_truth(outdir / "truth.npz")
+    n_junk = int(truth["is_junk"].sum())
+    D, apix = int(truth["D"]), float(truth["apix_A"])
+    n_vol = len(truth["volume_paths"])
     print(
         f"wrote {cfg.n_particles} particles ({n_junk} junk), D={D}, {apix:.3f} A/px, "
         f"{n_vol} true volume(s), SNR {cfg.snr} to {outdir}/ "

@@ -10,6 +10,10 @@ images, CPU/GPU) and written, with the chosen values, to OUTDIR/config.yaml and 
 Settings without a flag are keys of that file: give them with --config FILE (a yaml file
 with any of config.yaml's keys); flags override the file.
 
+One run at a time uses OUTDIR (OUTDIR/.lock); no input file is ever written over. A run
+starts only when the disk holds its checkpoints, and stops with an error (exit 2) when the
+loss diverges (then lower --lr-field).
+
 examples:
   cryofield train particles.star -o run_homo
   cryofield train particles.star -o run_homo --config my_settings.yaml
@@ -52,6 +56,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "radius_start_px": ("--radius-start", "first search radius, px (default from 53 A)"),
     "radius_search_px": ("--radius-search", "last search radius, px (default from 20 A)"),
     "radius_max_px": ("--radius-max", "training radius after the search, px (Nyquist)"),
+    "search_extend": ("--search-extend", "most extra search, in planned search epochs, while "
+                      "the poses have not settled (default 1; 0 with --epochs)"),
     "poses_from_file": ("--poses-from-file", "use the poses of the particle file"),
     "refine_poses": ("--refine-poses", "refine the poses (default: yes ab initio, no with "
                      "--poses-from-file)"),
@@ -133,6 +139,6 @@ def run(args: argparse.Namespace) -> int:
         setattr(cfg, key, value)
     cfg.particles, cfg.outdir = str(args.particles), str(args.outdir)
     cfg.validate()
-    out = train(cfg)
+    out = train(cfg, inputs=[args.config])
     print(f"training output in {out}")
     return 0

@@ -93,6 +93,16 @@ class TrainConfig:
     radius_start_px: float | None = None
     radius_search_px: float | None = None
     radius_max_px: float | None = None
+    # the stopping rule of the search (homogeneous ab initio): while more images than the
+    # verdict's pose-stability limit changed basin in the last search epoch, search one
+    # more epoch, the radius still growing at the planned rate up to search_cap_res_A (and
+    # 3/4 of Nyquist), at most search_extend x the planned search epochs (0: never; None:
+    # 1, or 0 when the number of epochs is given: --epochs N means N epochs)
+    search_extend: float | None = None
+    search_cap_res_A: float = 10.0
+    # images over which the search radius grows from radius_start_px to radius_search_px
+    # (None: all the search images; set when the search is extended)
+    search_ramp_images: int | None = None
     het_search_groups: int = 8
     # global search epochs again after the gradient epochs, before local refinement (None:
     # 1 for heterogeneous ab initio runs, 0 otherwise)
@@ -138,8 +148,14 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         """Read a config.yaml."""
-        with open(path) as fh:
-            d = yaml.safe_load(fh)
+        try:
+            with open(path) as fh:
+                d = yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            first = str(err).strip().splitlines()
+            raise CryofieldError(
+                f"{path}: not valid YAML ({first[0] if first else type(err).__name__})"
+            ) from None
         if not isinstance(d, dict):
             raise CryofieldError(f"{path}: not a YAML mapping")
         return cls.from_dict(d)
@@ -191,6 +207,8 @@ class TrainConfig:
             c.latent_init_radius_px = min(D / 4.0, c.radius_search_px)
         if c.t_extent_px is None:
             c.t_extent_px = D / 10.0
+        if c.search_extend is None:
+            c.search_extend = 0.0 if c.epochs is not None else 1.0
         if n_images is not None:
             c.resolve_schedule(int(n_images))
         c.radius_start_px = float(min(c.radius_start_px, nyq))
@@ -249,6 +267,8 @@ class TrainConfig:
             (self.D is None or (self.D >= 8 and self.D % 2 == 0), f"D must be even >= 8: {self.D}"),
             (self.device.split(":")[0] in ("cpu", "cuda", "auto"), f"bad device: {self.device}"),
             (self.hps_images is None or self.hps_images >= 0, "hps_images must be >= 0"),
+            ((self.search_extend or 0) >= 0 and self.search_cap_res_A > 0,
+             "search_extend must be >= 0 and search_cap_res_A > 0"),
             (self.contrast in CONTRASTS, f"contrast must be one of {CONTRASTS}: {self.contrast}"),
             (self.search_levels >= 0 and self.n_keep >= 1, "search levels >= 0, n_keep >= 1"),
             (self.latent_init in LATENT_INITS, f"latent_init must be one of {LATENT_INITS}"),

@@ -50,6 +50,7 @@ __all__ = [
     "format_verdict",
     "latent_structure",
     "pose_change",
+    "pose_settle_limit",
     "verdict",
     "view_coverage",
     "write_verdict",
@@ -102,6 +103,13 @@ def _np(x: Any) -> np.ndarray:
 
 
 # --------------------------------------------------------------------- poses
+def pose_settle_limit(n_images: int) -> float:
+    """Largest fraction of images that may change basin in a search epoch for the poses
+    to count as settled: ``POSE_MOVED_MAX_FRACTION``, or ``POSE_MOVED_MAX_SMALL_SET`` for
+    sets under ``SMALL_SET`` images (the verdict's rule and the search's stopping rule)."""
+    return POSE_MOVED_MAX_FRACTION if n_images >= SMALL_SET else POSE_MOVED_MAX_SMALL_SET
+
+
 def pose_change(
     R_prev: Any,
     t_prev: Any | None,
@@ -551,7 +559,7 @@ def verdict(
             f"{100 * frac:.0f}% of the images moved by more than {step:.3g} deg or "
             f"{float(pc['t_step_px']):.3g} px {where} (median {float(pc['median_deg']):.1f} deg)"
         )
-        limit = POSE_MOVED_MAX_FRACTION if n_images >= SMALL_SET else POSE_MOVED_MAX_SMALL_SET
+        limit = pose_settle_limit(n_images)
         ok = frac <= limit
         if not ok and n_images < SMALL_SET:
             msg += f" (a set of {n_images} images must settle below {100 * limit:.0f}%)"

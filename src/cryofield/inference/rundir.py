@@ -13,6 +13,7 @@ Layout (see ``docs/dev/contracts.md``, section "Train output directory")::
     OUTDIR/epoch_NNN/latents.npz  z (N, zdim)     (heterogeneous only)
     OUTDIR/epoch_NNN/volume.mrc   rendered map    (homogeneous only)
     OUTDIR/epoch_NNN/DONE         written last; an epoch without it is incomplete
+    OUTDIR/.lock                  while a train runs (cryofield.lock)
 
 Epochs are numbered from 1; ``epoch_000`` does not exist.
 """
@@ -20,7 +21,11 @@ Epochs are numbered from 1; ``epoch_000`` does not exist.
 from __future__ import annotations
 
 import json
+import pickle
 import re
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +39,89 @@ if TYPE_CHECKING:
     from cryofield.model.field import HartleyField
 
 _EPOCH_RE = re.compile(r"^epoch_(\d{3,})$")
+
+#: files ``cryofield train`` writes at the top of its output folder (besides epoch_NNN/):
+#: none of them may be an input of the run (see :func:`cryofield.io.atomic.refuse_overwrite`)
+RUN_FILES = (
+    "config.yaml", "run.log", "metrics.jsonl", "particles.npz", "particles.star",
+    "verdict.json", "consensus.mrc", "consensus_half1.mrc", "consensus_half2.mrc",
+    "consensus_fsc.txt",
+)  # fmt: skip
+
+#: what a damaged npz / torch file raises when read (truncated, not a zip, wrong content)
+_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError,
+            pickle.UnpicklingError, RuntimeError)  # fmt: skip
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (torch's are paragraphs)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _reason(err: BaseException) -> str:
+    """Why a run file could not be read, short (torch's messages are paragraphs, and its
+    advice to load with ``weights_only=False`` must not be repeated)."""
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError):
+        return (
+            "it holds objects other than tensors and plain values; refused, as loading it "
+            "could run code"
+        )
+    if "zip archive" in text or "central directory" in text or isinstance(err, EOFError):
+        return "truncated, or not a torch checkpoint"
+    line = first_line(err)
+    return line if len(line) <= 120 else line[:117] + "..."
+
+
+def damaged(path: Path, err: BaseException) -> InputFileError:
+    """The error for a run file that exists but cannot be read."""
+    folder = path.parent
+    if _EPOCH_RE.match(folder.name):
+        what = (
+            f"the checkpoint {folder.name} is damaged (e.g. a crash or a full disk while "
+            f"writing it): delete {folder} to use the epoch before, or start a new run"
+        )
+    else:
+        what = "the file is damaged: restore it, or start a new run"
+    return InputFileError(path, f"cannot be read ({_reason(err)}); {what}")
+
+
+def _is_damage(err: BaseException) -> bool:
+    # numpy reports unreadable files as OSError without an errno; a real OS error has one
+    return isinstance(err, _DAMAGED) or (isinstance(err, OSError) and err.errno is None)
+
+
+def load_run_npz(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """All arrays of an npz file of a run (:func:`cryofield.io.arrays.load_npz`); a missing
+    or damaged file is an :class:`InputFileError` that says what to delete."""
+    from cryofield.io.arrays import load_npz
+
+    path = Path(path)
+    if _EPOCH_RE.match(path.parent.name):
+        remedy = (
+            f"the checkpoint {path.parent.name} is damaged (e.g. a crash or a full disk while "
+            f"writing it): delete {path.parent} to use the epoch before, or start a new run"
+        )
+    else:
+        remedy = "restore it, or start a new run"
+    return load_npz(path, required=required, what=f"run file ({path.name})", remedy=remedy)
+
+
+def load_run_torch(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; a damaged or foreign file (anything but
+    tensors and plain values) is an :class:`InputFileError` that says what to delete."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "missing (the run did not write it)")
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickles before failing
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        if _is_damage(err):
+            raise damaged(path, err) from err
+        raise
 
 
 def epoch_dirname(epoch: int) -> str:
@@ -98,8 +186,15 @@ class RunDir:
     def config(self) -> dict[str, Any]:
         """The resolved training configuration (``config.yaml``) as a dict."""
         path = self.path / "config.yaml"
-        with open(path) as fh:
-            cfg = yaml.safe_load(fh)
+        try:
+            with open(path) as fh:
+                cfg = yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            raise InputFileError(
+                path,
+                f"not valid YAML ({first_line(err)}); the run's settings are damaged: "
+                "restore config.yaml or start a new run",
+            ) from None
         if not isinstance(cfg, dict):
             raise InputFileError(path, "not a YAML mapping")
         return cfg
@@ -117,14 +212,30 @@ class RunDir:
         path = self.path / "particles.npz"
         if not path.is_file():
             raise CryofieldError(f"{path}: missing (the run did not finish its set-up)")
-        return ParticleTable.load_npz(path)
+        try:
+            return ParticleTable.load_npz(path)
+        except CryofieldError:
+            raise
+        except Exception as err:
+            if _is_damage(err):
+                raise damaged(path, err) from err
+            raise
 
     def metrics(self) -> list[dict[str, Any]]:
         """Per-epoch metrics (``metrics.jsonl``), in file order."""
         path = self.path / "metrics.jsonl"
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        out = []
+        for i, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                raise InputFileError(path, "not a JSON line (the file is damaged: delete the "
+                                     "line or restore the file)", row=i) from None  # fmt: skip
+        return out
 
     def poses(self, epoch: int | None = None) -> dict[str, np.ndarray]:
         """Poses of ``epoch`` (default: last complete).
@@ -136,16 +247,14 @@ class RunDir:
             ``particle_index (N,)`` (indices into the input table).
         """
         path = self.epoch_dir(self._resolve(epoch)) / "poses.npz"
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
+        return load_run_npz(path, required=("rotations", "particle_index"))
 
     def latents(self, epoch: int | None = None) -> np.ndarray | None:
         """Latents ``(N, zdim)`` of ``epoch``, or ``None`` for a homogeneous run."""
         path = self.epoch_dir(self._resolve(epoch)) / "latents.npz"
         if not path.is_file():
             return None
-        with np.load(path, allow_pickle=False) as f:
-            return f["z"]
+        return load_run_npz(path, required=("z",))["z"]
 
     def volume_path(self, epoch: int | None = None) -> Path | None:
         """Path of the rendered map of ``epoch`` (homogeneous runs), else ``None``."""
@@ -154,8 +263,7 @@ class RunDir:
 
     def weights(self, epoch: int | None = None) -> dict[str, Any]:
         """``{"state_dict", "hparams"}`` of ``epoch``, loaded with ``weights_only=True``."""
-        path = self.epoch_dir(self._resolve(epoch)) / "weights.pt"
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_run_torch(self.epoch_dir(self._resolve(epoch)) / "weights.pt")
 
     def load_field(self, epoch: int | None = None, device: str = "cpu") -> HartleyField:
         """The trained neural field of ``epoch`` (default: last complete), in eval mode."""

@@ -23,7 +23,8 @@ search raised the images within 10 deg from 89.6% to 95.1% (arm-open state 80% -
 and k-means ARI on the latents re-estimated at those poses from 0.85 to 0.95.
 
 Frequency marching: during the search phase the radius (Fourier px) grows linearly with the
-number of images seen, from ``radius_start_px`` to ``radius_search_px``; the search's level
+number of images seen, from ``radius_start_px`` to ``radius_search_px`` (over
+``search_ramp_images`` when set: an extended search keeps the planned rate); the search's level
 0 uses the midpoint between ``radius_start_px`` and the current radius (the coarse grid
 gains little from the highest frequencies, but the start radius alone ranks candidates
 poorly once the map has detail) and the last level the current radius. Gradient phases
@@ -118,6 +119,7 @@ class Schedule:
         assert c.radius_max_px is not None
         if phase != "hps":
             return StepPlan(phase, c.radius_max_px, c.radius_search_px, c.radius_search_px)
-        f = min(1.0, images_seen / max(self.hps_total, 1))
+        ramp = c.search_ramp_images if c.search_ramp_images else self.hps_total
+        f = min(1.0, images_seen / max(ramp, 1))
         hi = c.radius_start_px + (c.radius_search_px - c.radius_start_px) * f
         return StepPlan(phase, hi, (c.radius_start_px + hi) / 2, hi)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
 import platform
 import resource
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,9 +40,10 @@ from cryofield.inference.pose_search import (
     local_refine_poses,
     search_poses,
 )
-from cryofield.inference.rundir import RunDir, epoch_dirname
+from cryofield.inference.rundir import RUN_FILES, RunDir, epoch_dirname, load_run_torch
 from cryofield.inference.schedule import Schedule, StepPlan
-from cryofield.io.atomic import atomic_path, write_text_atomic
+from cryofield.io.atomic import atomic_path, refuse_overwrite, write_text_atomic
+from cryofield.lock import folder_lock
 from cryofield.logs import get_logger, setup_logging
 from cryofield.model.field import HartleyField, hartley_grid_to_fourier
 from cryofield.model.tables import LatentTable, PoseTable
@@ -50,6 +53,11 @@ log = get_logger("train")
 
 #: images back-projected for the per-epoch half-map FSC of homogeneous runs
 DIAG_MAX_IMAGES = 20_000
+
+#: training has diverged when the loss (median of the last few batches) exceeds this
+#: multiple of the loss at its first step. The loss is a data-fidelity term that starts
+#: near the image power and decreases; a healthy run stays within a few times its start.
+DIVERGENCE_FACTOR = 100.0
 
 
 def slice_loss(
@@ -196,6 +204,9 @@ class Trainer:
         particle_index: np.ndarray | None = None,
     ) -> None:
         assert cfg.D is not None
+        if cfg.epochs is None or cfg.hps_images is None or cfg.field_images is None:
+            cfg = dataclasses.replace(cfg)  # the plan for this N (the caller's stays as it is)
+            cfg.resolve_schedule(len(source))
         self.cfg = cfg
         self.outdir = Path(outdir)
         self.device = torch.device(cfg.device)
@@ -231,6 +242,9 @@ class Trainer:
         self.images_seen = 0
         self.rollbacks = 0
         self.latent_init_epoch = 0  # last epoch whose start set the latents by PCA
+        self.search_extended = 0  # search epochs added by the stopping rule so far
+        #: loss of the run's very first step (before any update): the divergence reference
+        self.loss_start: float | None = None
         self._local: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
         #: per-image loss at its last step (epoch_NNN/residuals.npz, for the junk score)
         self._residual = np.full(self.N, np.nan, dtype=np.float32)
@@ -253,6 +267,8 @@ class Trainer:
             "images_seen": self.images_seen,
             "rollbacks": self.rollbacks,
             "latent_init_epoch": self.latent_init_epoch,
+            "search_extended": self.search_extended,
+            "loss_start": self.loss_start,
             "scale": self.batches.scale,
             "field": self.field.state_dict(),
             "poses": self.poses.state_dict(),
@@ -269,6 +285,9 @@ class Trainer:
         self.images_seen = int(st["images_seen"])
         self.rollbacks = int(st.get("rollbacks", 0))
         self.latent_init_epoch = int(st.get("latent_init_epoch", 0))
+        self.search_extended = int(st.get("search_extended", 0))
+        start = st.get("loss_start")  # absent in older checkpoints: set by the next step
+        self.loss_start = None if start is None else float(start)
         self.batches.scale = float(st["scale"])
         self.field.load_state_dict(st["field"])
         self.poses.load_state_dict(st["poses"])
@@ -423,6 +442,8 @@ class Trainer:
                     self.field, R, t, z, xft[:, :n], ctf[:, :n], self.points.freqs[:n]
                 )
             loss = per_img.mean()
+            if self.loss_start is None and torch.isfinite(loss):
+                self.loss_start = float(loss.detach())
             self._residual[idx] = per_img.detach().float().cpu().numpy()
             xa = xft[:, :n]
             self._power[idx] = (xa.real**2 + xa.imag**2).mean(-1).float().cpu().numpy()
@@ -466,10 +487,7 @@ class Trainer:
                 idx = np.sort(perm[b0 : b0 + cfg.batch_size])
                 plan = self.schedule.plan(epoch, self.images_seen)
                 loss = self._step(idx, plan)
-                if not math.isfinite(loss) or (
-                    len(losses) > 10 and loss > 1e3 * float(np.median(losses))
-                ):
-                    raise FloatingPointError(f"loss {loss} at batch {b0 // cfg.batch_size}")
+                self._check_loss(loss, losses, epoch, b0 // cfg.batch_size)
                 losses.append(loss)
                 self.images_seen += len(idx)
                 bar.update(len(idx))
@@ -485,6 +503,26 @@ class Trainer:
             radius_px=float(plan.radius_train_px), images_s=self.N / dt, time_s=dt,
             **self._pose_change(R_before, t_before),
         )  # fmt: skip
+
+    def _check_loss(self, loss: float, losses: list[float], epoch: int, batch: int) -> None:
+        """Raise :class:`FloatingPointError` (the epoch is rolled back) when the loss is not
+        finite, has grown :data:`DIVERGENCE_FACTOR` times its value at the start of training
+        (median of this and the 4 batches before, so one odd batch does not count), or
+        jumps 1000-fold above this epoch's median."""
+        where = f"epoch {epoch}, batch {batch + 1}"
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss {loss} at {where}")
+        start = self.loss_start
+        recent = float(np.median([*losses[-4:], loss]))
+        if start is not None and start > 0 and recent > DIVERGENCE_FACTOR * start:
+            raise FloatingPointError(
+                f"loss {recent:.3g} at {where} is {recent / start:.3g} times the loss at the "
+                f"start of training ({start:.3g})"
+            )
+        if len(losses) > 10 and loss > 1e3 * float(np.median(losses)):
+            raise FloatingPointError(
+                f"loss {loss:.3g} at {where} is 1000 times this epoch's median"
+            )
 
     @torch.no_grad()
     def _pose_change(self, R0: torch.Tensor, t0: torch.Tensor) -> dict[str, Any]:
@@ -557,6 +595,7 @@ class Trainer:
         """Train from the current state up to ``cfg.epochs``; returns the output folder."""
         cfg = self.cfg
         self.outdir.mkdir(parents=True, exist_ok=True)
+        check_free_space(self.outdir, self.checkpoint_bytes(), cfg.epochs - self.epoch)
         write_text_atomic(self.outdir / "config.yaml", cfg.to_yaml())
         while self.epoch < cfg.epochs:
             epoch = self.epoch + 1
@@ -566,9 +605,12 @@ class Trainer:
             except FloatingPointError as err:
                 self.rollbacks += 1
                 if self.rollbacks > cfg.max_rollbacks:
+                    lr = self.opt_field.param_groups[0]["lr"]
                     raise CryofieldError(
-                        f"training diverged ({err}) after {cfg.max_rollbacks} roll-backs; "
-                        "lower the learning rates"
+                        f"training diverged: {err}, still after {cfg.max_rollbacks} roll-backs "
+                        f"that halved the learning rates (field {lr:.3g}); nothing was saved "
+                        f"for epoch {epoch}: start a new run with a lower --lr-field (it was "
+                        f"{cfg.lr_field:g}; default {TrainConfig.lr_field:g})"
                     ) from err
                 rb = self.rollbacks
                 self.load_state(snapshot)
@@ -581,6 +623,7 @@ class Trainer:
                 )
                 continue
             self.epoch = epoch
+            self._extend_search(epoch, metrics)
             self.save_epoch(metrics)
             log.info(
                 "epoch %d [%s] loss %.5g radius %.1f px, %.1f img/s, %.1f s; %.1f%% of poses "
@@ -592,7 +635,75 @@ class Trainer:
             )  # fmt: skip
         return self.outdir
 
+    def _extend_search(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """The search's stopping rule (homogeneous ab initio runs): after the last planned
+        search epoch, while more than :func:`~cryofield.inference.diagnostics.
+        pose_settle_limit` of the images changed basin in it, add one search epoch; the
+        radius keeps growing at the planned rate up to ``search_cap_res_A`` (and 3/4 of
+        Nyquist), at most ``search_extend`` times the planned search epochs. The longer
+        plan is written to config.yaml (a resumed run follows it).
+
+        Measured on an elongated particle (D=64, N=5000, SNR 0.1, semi-axes 90 x 24 x 24 A):
+        the rotation about the long axis carries ~20x less information at 20 A than any
+        rotation of the built-in protein, the planned six search epochs end with 19% of
+        the images still changing basin and 41 deg median error; searching on to 13 A
+        breaks the symmetry (docs/train.md).
+        """
+        from cryofield.inference.diagnostics import pose_settle_limit
+
+        c, sch = self.cfg, self.schedule
+        if c.zdim or c.poses_from_file or not c.search_extend or epoch != sch.hps_epochs:
+            return
+        frac = float(metrics["pose_change"]["frac_moved"])
+        limit = pose_settle_limit(self.N)
+        if frac <= limit:
+            return
+        planned = sch.hps_epochs - self.search_extended
+        if self.search_extended >= math.floor(c.search_extend * planned + 1e-9):
+            log.warning(
+                "poses have not settled after %d search epochs (%.1f%% changed basin, limit "
+                "%.0f%%); the search stops here (search_extend %g)",
+                sch.hps_epochs, 100 * frac, 100 * limit, c.search_extend,
+            )  # fmt: skip
+            return
+        assert c.radius_start_px is not None and c.radius_search_px is not None
+        assert c.epochs is not None
+        n = self.N
+        ramp = c.search_ramp_images or sch.hps_total
+        slope = (c.radius_search_px - c.radius_start_px) / max(ramp, 1)  # px per image
+        box_A = self.D * self.batches.apix_A
+        cap = min(box_A / c.search_cap_res_A, 0.75 * (self.D / 2), self.D / 2 - 1)
+        radius = max(c.radius_search_px, min(cap, c.radius_search_px + slope * n))
+        if slope > 0:
+            c.search_ramp_images = ramp + round((radius - c.radius_search_px) / slope)
+        c.radius_search_px = float(radius)
+        c.hps_images = sch.hps_total + n
+        c.epochs += 1
+        self.search_extended += 1
+        self.schedule = Schedule(c, n)
+        write_text_atomic(self.outdir / "config.yaml", c.to_yaml())
+        log.info(
+            "poses have not settled (%.1f%% of the images changed basin, limit %.0f%%): "
+            "searching one more epoch (%d of at most %d more), radius up to %.1f px (%.1f A)",
+            100 * frac, 100 * limit, self.search_extended,
+            math.floor(c.search_extend * planned + 1e-9), radius, box_A / radius,
+        )  # fmt: skip
+
     # ---------------------------------------------------------------- outputs
+    def checkpoint_bytes(self) -> int:
+        """Bytes one ``epoch_NNN`` folder takes (see :meth:`save_epoch`): weights.pt, state.pt
+        (field, pose and latent tables with their two Adam moments each), poses.npz,
+        residuals.npz, latents.npz or volume.mrc."""
+
+        def nbytes(module: torch.nn.Module) -> int:
+            return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+        field = nbytes(self.field)
+        tables = nbytes(self.poses) + (nbytes(self.latents) if self.latents is not None else 0)
+        per_image = (9 + 2 + 2 + 2) * 4 + 8 + (self.cfg.zdim * 4 if self.latents else 0)
+        volume = 0 if self.latents is not None else self.D**3 * 4 + 1024
+        return 4 * field + 3 * tables + self.N * per_image + volume + 64 * 1024
+
     def save_epoch(self, metrics: dict[str, Any]) -> Path:
         """Write ``OUTDIR/epoch_NNN`` (DONE last) and append to metrics.jsonl."""
         from cryofield.io.mrc import write_mrc
@@ -619,6 +730,12 @@ class Trainer:
                 np.savez(fh, z=self.latents.all().cpu().numpy().astype(np.float32))
         else:
             vol = self.field.render_volume()
+            if not torch.isfinite(vol).all():
+                raise CryofieldError(
+                    f"training diverged: the map of epoch {self.epoch} is not finite; nothing "
+                    "was saved for it: start a new run with a lower --lr-field (it was "
+                    f"{self.cfg.lr_field:g})"
+                )
             write_mrc(d / "volume.mrc", vol.numpy(), self.batches.apix_A)
         mpath = self.outdir / "metrics.jsonl"
         lines = [ln for ln in (mpath.read_text().splitlines() if mpath.exists() else []) if ln]
@@ -630,6 +747,29 @@ class Trainer:
 
 
 # -------------------------------------------------------------------- entry points
+def check_free_space(outdir: Path, per_epoch: int, n_epochs: int) -> None:
+    """Refuse to start when ``outdir``'s disk cannot hold ``n_epochs`` checkpoints of
+    ``per_epoch`` bytes (every epoch folder is kept)."""
+    if n_epochs <= 0:
+        return
+    need = per_epoch * n_epochs
+    free = shutil.disk_usage(outdir).free
+    if free < need:
+        raise CryofieldError(
+            f"{outdir}: not enough free disk space: {n_epochs} epoch checkpoints of about "
+            f"{_size(per_epoch)} need {_size(need)} and {_size(free)} are free; free some space, "
+            "choose another -o, or train fewer --epochs"
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 def _log_environment(cfg: TrainConfig, n: int, D: int, apix: float) -> None:
     log.info("cryofield train: %d images, D=%d, apix %.3f A, zdim %d", n, D, apix, cfg.zdim)
     log.info("device %s, torch %s, threads %d, host %s", cfg.device, torch.__version__,
@@ -750,20 +890,32 @@ def build_trainer(cfg: TrainConfig, table: Any, source: ImageSource) -> Trainer:
     return Trainer(cfg, source, ctf, cfg.outdir, init, index)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run ``cryofield train`` with ``cfg``; returns the output folder."""
+def run_outputs(outdir: str | Path) -> list[Path]:
+    """The files ``cryofield train`` writes at the top of ``outdir``."""
+    return [Path(outdir) / name for name in RUN_FILES]
+
+
+def train(cfg: TrainConfig, inputs: list[str | Path | None] | None = None) -> Path:
+    """Run ``cryofield train`` with ``cfg``; returns the output folder.
+
+    ``inputs``: further files the command read (``--config``) that must not be written
+    over; the particle file, ``--ind`` and the image stacks are checked too.
+    """
     if not cfg.outdir:
         raise CryofieldError("no output folder (-o)")
     out = Path(cfg.outdir)
+    refuse_overwrite(run_outputs(out), [cfg.particles, cfg.ind, *(inputs or [])])
     if out.exists() and any(out.glob("epoch_*/DONE")):
         raise CryofieldError(f"{out}: already holds a run; use --resume {out} or a new -o")
-    setup_logging(out)
-    with _runtime(cfg):
-        return _train_new(cfg, out)
+    with folder_lock(out, "cryofield train"):
+        setup_logging(out)
+        with _runtime(cfg):
+            return _train_new(cfg, out)
 
 
 def _train_new(cfg: TrainConfig, out: Path) -> Path:
     table, source = _load_inputs(cfg)
+    refuse_overwrite(run_outputs(out), np.unique(table.image_paths).tolist())
     trainer = build_trainer(cfg, table, source)
     table.save_npz(out / "particles.npz")
     _log_environment(trainer.cfg, trainer.N, trainer.D, trainer.batches.apix_A)
@@ -775,26 +927,32 @@ def _train_new(cfg: TrainConfig, out: Path) -> Path:
 def resume(outdir: str | Path, epochs: int | None = None) -> Path:
     """Continue the run in ``outdir`` from its last complete epoch (optionally to ``epochs``)."""
     run = RunDir(outdir)
-    cfg = run.train_config()
-    cfg.outdir = str(run.path)  # a moved or copied run continues where it is
-    if epochs is not None:
-        cfg.epochs = int(epochs)
-    setup_logging(run.path)
-    with _runtime(cfg):
-        return _resume(run, cfg)
+    with folder_lock(run.path, "cryofield train --resume"):
+        cfg = run.train_config()
+        cfg.outdir = str(run.path)  # a moved or copied run continues where it is
+        if epochs is not None:  # --epochs N: exactly N epochs, no search extension
+            cfg.epochs, cfg.search_extend = int(epochs), 0.0
+        setup_logging(run.path)
+        with _runtime(cfg):
+            return _resume(run, cfg)
 
 
 def _resume(run: RunDir, cfg: TrainConfig) -> Path:
-    table = run.table()
+    from cryofield.inference.rundir import damaged
     from cryofield.io.particles import ParticleSource
 
+    table = run.table()
+    refuse_overwrite(run_outputs(run.path), np.unique(table.image_paths).tolist())
     source = ParticleSource(table, D=cfg.D, lazy=True)
     trainer = build_trainer(cfg, table, source)
     last = run.last_complete_epoch()
     if last is not None:
-        st = torch.load(run.epoch_dir(last) / "state.pt", map_location=trainer.device,
-                        weights_only=True)  # fmt: skip
-        trainer.load_state(st)
+        path = run.epoch_dir(last) / "state.pt"
+        st = load_run_torch(path, map_location=trainer.device)
+        try:
+            trainer.load_state(st)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise damaged(path, err) from err
         log.info("resumed %s at epoch %d", run.path, last)
     trainer.fit()
     _finish(trainer, table)

@@ -24,9 +24,16 @@ from pathlib import Path
 import numpy as np
 
 from cryofield.errors import InputFileError
+from cryofield.io.arrays import load_npy
 from cryofield.io.atomic import atomic_path
-from cryofield.io.metadata import ParticleTable, resolve_image_paths
+from cryofield.io.metadata import (
+    ParticleTable,
+    check_ctf,
+    pixel_size_from_stacks,
+    resolve_image_paths,
+)
 from cryofield.io.poses import cryosparc_to_internal, internal_to_cryosparc
+from cryofield.logs import get_logger
 
 __all__ = ["read_cs", "read_cs_table", "write_cs"]
 
@@ -38,54 +45,128 @@ _CTF_FIELDS = {
     "cs_mm": "ctf/cs_mm",
     "amp_contrast": "ctf/amp_contrast",
 }
+_CTF_NAMES = {**_CTF_FIELDS, "phase_shift_deg": "ctf/phase_shift_rad", "bfactor_A2": "ctf/bfactor"}
+_log = get_logger("io")
 
 
 def read_cs(path: str | os.PathLike[str]) -> np.ndarray:
-    """Load the structured array of a ``.cs`` file (no pickles)."""
+    """Load the structured array of a ``.cs`` file (no pickles; size checked first)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputFileError(path, "file not found")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise InputFileError(path, f"not a readable cryoSPARC .cs file ({err})") from None
-    if not isinstance(arr, np.ndarray) or arr.dtype.names is None or arr.ndim != 1:
-        raise InputFileError(path, "not a cryoSPARC .cs file (expected a 1-D structured array)")
+    arr = load_npy(path, "cryoSPARC .cs file")
+    if arr.dtype.names is None or arr.ndim != 1:
+        got = "an array without fields" if arr.dtype.names is None else "a structured array"
+        raise InputFileError(
+            path,
+            f"not a cryoSPARC .cs file (expected a 1-D structured array, one record per "
+            f"particle; got {got} of shape {arr.shape})",
+        )
     if len(arr) == 0:
         raise InputFileError(path, "the .cs file has no particles")
     return arr
 
 
-def _field(path: Path, arr: np.ndarray, name: str) -> np.ndarray:
-    values = np.asarray(arr[name], dtype=np.float64)
+def _field(path: Path, arr: np.ndarray, name: str, shape: tuple[int, ...] = ()) -> np.ndarray:
+    """Field ``name`` as float64, checked: numeric, ``(N, *shape)`` and finite."""
+    values = np.asarray(arr[name])
+    if values.dtype.kind not in "iuf":
+        raise InputFileError(path, f"field {name} has dtype {values.dtype}, expected numbers")
+    if values.shape[1:] != shape:
+        want = f"({', '.join(['N', *map(str, shape)])})"
+        raise InputFileError(path, f"field {name} has shape {values.shape}, expected {want}")
+    values = values.astype(np.float64)
     bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
     if bad.size:
         raise InputFileError(path, f"field {name} is not a finite number", row=int(bad[0]) + 1)
     return values
 
 
-def _blob_names(arr: np.ndarray) -> np.ndarray:
-    names = np.char.decode(np.asarray(arr["blob/path"], dtype=bytes), "utf-8")
-    return np.char.lstrip(names, ">")
+def _int_field(path: Path, arr: np.ndarray, name: str, minimum: int = 0) -> np.ndarray:
+    """Field ``name`` as int64, checked: integer-valued and >= ``minimum``."""
+    values = _field(path, arr, name)
+    bad = np.flatnonzero((values != np.round(values)) | (values < minimum) | (values >= 2**62))
+    if bad.size:
+        row = int(bad[0])
+        raise InputFileError(
+            path,
+            f"field {name} must be an integer >= {minimum}, got {values[row]:g}",
+            row=row + 1,
+        )
+    return values.astype(np.int64)
+
+
+def _blob_names(path: Path, arr: np.ndarray) -> np.ndarray:
+    values = np.asarray(arr["blob/path"])
+    if values.dtype.kind not in "SU" or values.ndim != 1:
+        raise InputFileError(
+            path, f"field blob/path has dtype {values.dtype}, expected text (file paths)"
+        )
+    if values.dtype.kind == "S":
+        try:
+            values = np.char.decode(values, "utf-8")
+        except UnicodeDecodeError:
+            rows = [i for i, v in enumerate(values.tolist()) if not _is_utf8(v)]
+            raise InputFileError(
+                path, "field blob/path is not UTF-8 text", row=rows[0] + 1
+            ) from None
+    names = np.char.lstrip(values.astype(str), ">")
+    empty = np.flatnonzero(np.char.str_len(np.char.strip(names)) == 0)
+    if empty.size:
+        raise InputFileError(path, "field blob/path is empty", row=int(empty[0]) + 1)
+    return names
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def read_cs_table(
     path: str | os.PathLike[str], datadir: str | os.PathLike[str] | None = None
 ) -> ParticleTable:
-    """Read a cryoSPARC ``.cs`` file into a :class:`~cryofield.io.metadata.ParticleTable`."""
+    """Read a cryoSPARC ``.cs`` file into a :class:`~cryofield.io.metadata.ParticleTable`.
+
+    Pixel size: ``blob/psize_A``, else the MRC header of the particles' stack
+    (:func:`~cryofield.io.metadata.pixel_size_from_stacks`: a warning when both exist and
+    differ by more than 1 %, an error when neither does). CTF: all of ``ctf/df1_A``,
+    ``ctf/df2_A``, ``ctf/df_angle_rad``, ``ctf/accel_kv``, ``ctf/cs_mm`` and
+    ``ctf/amp_contrast``, or none (then a warning: no CTF correction); some but not all
+    is an error naming the missing fields.
+
+    Raises
+    ------
+    InputFileError
+        Unreadable file; missing ``blob/path``/``blob/idx``; a field of the wrong type or
+        shape, non-finite, or out of range (named with its row); an incomplete CTF.
+    """
     path = Path(path)
     arr = read_cs(path)
     names = set(arr.dtype.names)
     for required in ("blob/path", "blob/idx"):
         if required not in names:
             raise InputFileError(path, f"missing field {required}")
-    paths, _ = resolve_image_paths(_blob_names(arr), path.parent, datadir)
-    index = np.asarray(arr["blob/idx"], dtype=np.int64)
+    paths, _ = resolve_image_paths(_blob_names(path, arr), path.parent, datadir)
+    index = _int_field(path, arr, "blob/idx")
     n = len(arr)
 
     box = 0
     if "blob/shape" in names:
-        shapes = np.asarray(arr["blob/shape"]).reshape(n, -1)
+        raw_shape = np.asarray(arr["blob/shape"])
+        shapes = _field(path, arr, "blob/shape", raw_shape.shape[1:]).reshape(n, -1)
+        if shapes.shape[1] not in (1, 2):
+            raise InputFileError(
+                path, f"field blob/shape has shape {raw_shape.shape}, expected (N, 2)"
+            )
+        # all zeros: size unknown (cryofield writes that for tables without a box)
+        bad = np.flatnonzero(np.any((shapes <= 0) | (shapes != np.round(shapes)), axis=1))
+        if bad.size and not np.all(shapes == 0):
+            raise InputFileError(
+                path,
+                f"field blob/shape must hold image sizes in px > 0, got {shapes[bad[0]].tolist()}",
+                row=int(bad[0]) + 1,
+            )
         if np.any(shapes[:, 0] != shapes[:, -1]):
             row = int(np.flatnonzero(shapes[:, 0] != shapes[:, -1])[0]) + 1
             raise InputFileError(path, f"field blob/shape: images are not square {shapes[row - 1]}",
@@ -93,40 +174,30 @@ def read_cs_table(
         if len(np.unique(shapes[:, 0])) > 1:
             raise InputFileError(path, f"several box sizes {np.unique(shapes[:, 0]).tolist()}")
         box = int(shapes[0, 0])
+    apix = None
     if "blob/psize_A" in names:
         apix = _field(path, arr, "blob/psize_A")
-    else:
-        apix = np.ones(n)
+        _check_positive(path, apix, "blob/psize_A")
 
-    ctf = None
-    if "ctf/df1_A" in names:
-        ctf = {}
-        for key, field in _CTF_FIELDS.items():
-            if field not in names:
-                raise InputFileError(path, f"missing CTF field {field}")
-            ctf[key] = _field(path, arr, field)
-        ctf["astig_angle_deg"] = np.rad2deg(ctf["astig_angle_deg"])
-        ctf["phase_shift_deg"] = (
-            np.rad2deg(_field(path, arr, "ctf/phase_shift_rad"))
-            if "ctf/phase_shift_rad" in names
-            else np.zeros(n)
-        )
-        ctf["bfactor_A2"] = (
-            _field(path, arr, "ctf/bfactor") if "ctf/bfactor" in names else (np.zeros(n))
-        )
+    ctf = _ctf(path, arr, names, n)
+
+    apix, box_hdr = pixel_size_from_stacks(path, apix, paths, "blob/psize_A")
 
     rotations = shifts = None
     if "alignments3D/pose" in names:
-        shift_cs = (
-            _field(path, arr, "alignments3D/shift") if "alignments3D/shift" in names else None
-        )
-        if shift_cs is not None and "alignments3D/psize_A" in names:
-            # shifts are in pixels of alignments3D/psize_A; express them in blob pixels
-            shift_cs = shift_cs * (_field(path, arr, "alignments3D/psize_A") / apix)[:, None]
-        rotations, shifts = cryosparc_to_internal(_field(path, arr, "alignments3D/pose"), shift_cs)
+        pose = _field(path, arr, "alignments3D/pose", (3,))
+        shift_cs = None
+        if "alignments3D/shift" in names:
+            shift_cs = _field(path, arr, "alignments3D/shift", (2,))
+            if "alignments3D/psize_A" in names:
+                # shifts are in pixels of alignments3D/psize_A; express them in blob pixels
+                align_apix = _field(path, arr, "alignments3D/psize_A")
+                _check_positive(path, align_apix, "alignments3D/psize_A")
+                shift_cs = shift_cs * (align_apix / apix)[:, None]
+        rotations, shifts = cryosparc_to_internal(pose, shift_cs)
 
     group = (
-        np.asarray(arr["ctf/exp_group_id"], dtype=np.int64)
+        _int_field(path, arr, "ctf/exp_group_id")
         if "ctf/exp_group_id" in names
         else np.zeros(n, dtype=np.int64)
     )
@@ -134,7 +205,7 @@ def read_cs_table(
         image_paths=paths,
         image_index=index,
         apix_A=apix,
-        box_px=box,
+        box_px=box or box_hdr,
         ctf=ctf,
         rotations=rotations,
         shifts_px=shifts,
@@ -143,6 +214,42 @@ def read_cs_table(
         source_format="cs",
         raw=arr,
     )
+
+
+def _check_positive(path: Path, values: np.ndarray, name: str) -> None:
+    bad = np.flatnonzero(values <= 0)
+    if bad.size:
+        raise InputFileError(
+            path, f"field {name} must be > 0, got {values[bad[0]]:g}", row=int(bad[0]) + 1
+        )
+
+
+def _ctf(path: Path, arr: np.ndarray, names: set[str], n: int) -> dict[str, np.ndarray] | None:
+    """CTF of every particle; None (with a warning) when the file has no CTF fields."""
+    present = [f for f in _CTF_FIELDS.values() if f in names]
+    if not present:
+        _log.warning(
+            "%s: no CTF fields (%s): the images will be used without CTF correction",
+            path, ", ".join(_CTF_FIELDS.values()),
+        )  # fmt: skip
+        return None
+    missing = [f for f in _CTF_FIELDS.values() if f not in names]
+    if missing:
+        raise InputFileError(
+            path,
+            f"missing CTF field{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"(the file has {', '.join(present)})",
+        )
+    ctf = {key: _field(path, arr, field) for key, field in _CTF_FIELDS.items()}
+    ctf["astig_angle_deg"] = np.rad2deg(ctf["astig_angle_deg"])
+    ctf["phase_shift_deg"] = (
+        np.rad2deg(_field(path, arr, "ctf/phase_shift_rad"))
+        if "ctf/phase_shift_rad" in names
+        else np.zeros(n)
+    )
+    ctf["bfactor_A2"] = _field(path, arr, "ctf/bfactor") if "ctf/bfactor" in names else np.zeros(n)
+    check_ctf(path, ctf, _CTF_NAMES)
+    return ctf
 
 
 def _array_from_fields(table: ParticleTable, cs_dir: Path) -> np.ndarray:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from cryofield.errors import InputFileError
-from cryofield.io.metadata import ParticleTable
+from cryofield.io.metadata import ParticleTable, check_ctf, check_rotations
 from cryofield.io.poses import cryodrgn_to_internal
 
 __all__ = ["attach_legacy", "load_pickle", "read_ctf_pkl", "read_pose_pkl"]
@@ -50,6 +50,19 @@ _ALLOWED = {
     ("__builtin__", "tuple"),
     ("__builtin__", "list"),
     ("__builtin__", "dict"),
+}
+
+
+#: Where each CTF value is in a ctf.pkl row (for messages).
+_CTF_PKL_COLUMNS = {
+    "defocus_u_A": "dfu (column 2)",
+    "defocus_v_A": "dfv (column 3)",
+    "astig_angle_deg": "dfang (column 4)",
+    "voltage_kV": "volt (column 5)",
+    "cs_mm": "cs (column 6)",
+    "amp_contrast": "w (column 7)",
+    "phase_shift_deg": "phase_shift (column 8)",
+    "bfactor_A2": "bfactor",
 }
 
 
@@ -96,12 +109,24 @@ def read_ctf_pkl(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], n
         Image size D.
     """
     arr = np.asarray(load_pickle(path))
-    if arr.ndim != 2 or arr.shape[1] != 9 or arr.dtype.kind != "f":
+    if arr.ndim != 2 or arr.shape[1] != 9 or arr.dtype.kind != "f" or not len(arr):
         raise InputFileError(path, f"expected an (N, 9) float CTF array, got {arr.shape}")
     bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
     if bad.size:
         raise InputFileError(path, "CTF row has a non-finite value", row=int(bad[0]) + 1)
     a = arr.astype(np.float64)
+    boxes, apix = a[:, 0], a[:, 1]
+    bad = np.flatnonzero((boxes != boxes[0]) | (boxes < 1) | (boxes != np.round(boxes)))
+    if bad.size:
+        raise InputFileError(
+            path, f"column 0 (box) must be one whole number of px, got {boxes[bad[0]]:g}",
+            row=int(bad[0]) + 1,
+        )  # fmt: skip
+    bad = np.flatnonzero(apix <= 0)
+    if bad.size:
+        raise InputFileError(
+            path, f"column 1 (pixel size) must be > 0, got {apix[bad[0]]:g}", row=int(bad[0]) + 1
+        )
     ctf = {
         "defocus_u_A": a[:, 2],
         "defocus_v_A": a[:, 3],
@@ -112,7 +137,8 @@ def read_ctf_pkl(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], n
         "phase_shift_deg": a[:, 8],
         "bfactor_A2": np.zeros(len(a)),
     }
-    return ctf, a[:, 1], int(a[0, 0])
+    check_ctf(path, ctf, _CTF_PKL_COLUMNS)
+    return ctf, apix, int(boxes[0])
 
 
 def read_pose_pkl(
@@ -124,12 +150,20 @@ def read_pose_pkl(
         rot, trans = np.asarray(obj[0]), np.asarray(obj[1])
     else:
         rot, trans = np.asarray(obj), None
-    if rot.ndim != 3 or rot.shape[1:] != (3, 3):
-        raise InputFileError(path, f"expected (N, 3, 3) rotations, got {rot.shape}")
-    if trans is not None and trans.shape != (len(rot), 2):
+    if rot.ndim != 3 or rot.shape[1:] != (3, 3) or rot.dtype.kind != "f":
+        raise InputFileError(
+            path, f"expected (N, 3, 3) float rotations, got {rot.dtype} {rot.shape}"
+        )
+    if trans is not None and (trans.shape != (len(rot), 2) or trans.dtype.kind not in "iuf"):
         raise InputFileError(
             path, f"mismatched particle counts: {len(rot)} rotations, translations {trans.shape}"
         )
+    for name, values in (("rotations", rot), ("translations", trans)):
+        if values is not None:
+            bad = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
+            if bad.size:
+                raise InputFileError(path, f"{name} are not finite", row=int(bad[0]) + 1)
+    check_rotations(path, rot, "rotations")
     return cryodrgn_to_internal(rot, trans, box_px)
 
 

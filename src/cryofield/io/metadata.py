@@ -5,7 +5,9 @@ and 0-based frame), its pixel size, its CTF, its pose when the file has one, its
 group, and the original rows of the input file (``raw``) so that writing back to the
 same format keeps every column. :func:`load_particle_table` reads any supported input
 (.star, .cs, .mrcs/.mrc, .txt list of stacks, or a saved table .npz) and applies an
-optional index filter (``--ind``: .npy, text, or legacy cryoDRGN .pkl).
+optional index filter (``--ind``, read by :func:`cryofield.io.indices.load_index`, the
+one index reader of every command). A saved table is read through
+:func:`cryofield.io.arrays.load_npz` and every array is checked before use.
 
 Conventions (docs/dev/contracts.md): ``rotations`` are RELION's matrix ``A`` (float32);
 ``shifts_px`` is the particle's displacement from the box centre in pixels of the input
@@ -25,15 +27,19 @@ import pandas as pd
 
 from cryofield.errors import InputFileError
 from cryofield.io.atomic import atomic_path
+from cryofield.io.indices import load_index
 from cryofield.logs import get_logger
 
 __all__ = [
     "CTF_KEYS",
     "ParticleTable",
+    "check_ctf",
+    "check_rotations",
     "common_pixel_size",
     "ignored_optics",
     "load_index",
     "load_particle_table",
+    "pixel_size_from_stacks",
 ]
 
 #: Keys of :attr:`ParticleTable.ctf`, each an ``(N,)`` float64 array.
@@ -122,10 +128,10 @@ class ParticleTable:
             self.ctf = {k: np.asarray(self.ctf[k], dtype=np.float64) for k in CTF_KEYS}
             arrays.update({f"ctf[{k}]": v for k, v in self.ctf.items()})
         if self.rotations is not None:
-            self.rotations = np.asarray(self.rotations, dtype=np.float32).reshape(-1, 3, 3)
+            self.rotations = self._float32("rotations", self.rotations).reshape(-1, 3, 3)
             arrays["rotations"] = self.rotations
         if self.shifts_px is not None:
-            self.shifts_px = np.asarray(self.shifts_px, dtype=np.float32).reshape(-1, 2)
+            self.shifts_px = self._float32("shifts_px", self.shifts_px).reshape(-1, 2)
             arrays["shifts_px"] = self.shifts_px
         if self.raw is not None:
             arrays["raw"] = self.raw
@@ -135,6 +141,22 @@ class ParticleTable:
                     self.source_path,
                     f"mismatched particle counts: {name} has {len(arr)} rows, image paths have {n}",
                 )
+
+    def _float32(self, name: str, values: Any) -> np.ndarray:
+        """``values`` as float32; raise (naming the row) when one is not finite there."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.asarray(values, dtype=np.float32)
+        finite = np.isfinite(out)
+        bad = finite.all(axis=tuple(range(1, out.ndim))) if out.ndim > 1 else finite
+        bad = ~np.atleast_1d(bad)
+        if np.any(bad):
+            row = int(np.flatnonzero(bad)[0])
+            raise InputFileError(
+                self.source_path,
+                f"{name} out of range (not a finite float32): {np.asarray(values)[row]}",
+                row=row + 1,
+            )
+        return out
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -216,38 +238,175 @@ class ParticleTable:
 
     @classmethod
     def load_npz(cls, path: str | os.PathLike[str]) -> ParticleTable:
-        """Load a table written by :meth:`save_npz` (``allow_pickle=False``)."""
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                d = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as err:
-            raise InputFileError(path, f"not a readable particle table .npz ({err})") from None
-        if "image_paths" not in d or "format_version" not in d:
-            raise InputFileError(path, "not a cryofield particle table (no 'image_paths')")
+        """Load a table written by :meth:`save_npz` (``allow_pickle=False``).
+
+        Every array is checked before use (kind, shape, particle count, finite values,
+        pixel sizes > 0, frames >= 0, rotation matrices), so a damaged or hand-edited file
+        fails with one line naming the array instead of giving wrong particles.
+
+        Raises
+        ------
+        InputFileError
+            Truncated or corrupt file (:func:`cryofield.io.arrays.load_npz`), a missing or
+            malformed array, or a file written by a newer cryofield.
+        """
+        from cryofield.io.arrays import load_npz
+
+        d = load_npz(path, _NPZ_REQUIRED, "cryofield particle table", _NPZ_REMEDY)
+        version = _npz_array(path, d, "format_version", "iu", ())
+        if int(version) > _NPZ_VERSION or int(version) < 1:
+            raise InputFileError(
+                path,
+                f"particle table format {int(version)} is not supported (this cryofield "
+                f"reads format {_NPZ_VERSION}); {_NPZ_REMEDY}",
+            )
+        paths = _npz_array(path, d, "image_paths", "U", (None,))
+        n = len(paths)
+        if n == 0:
+            raise InputFileError(path, f"the particle table has no particles; {_NPZ_REMEDY}")
+        index = _npz_array(path, d, "image_index", "iu", (n,))
+        _positive(path, index, "image_index", minimum=0)
+        apix = _npz_array(path, d, "apix_A", "iuf", (n,))
+        _positive(path, apix, "apix_A")
+        box = _npz_array(path, d, "box_px", "iu", ())
+        _positive(path, box.reshape(1), "box_px", minimum=0)
+        group = _npz_array(path, d, "optics_group", "iu", (n,))
+        texts = {k: str(_npz_array(path, d, k, "U", ())) for k in _NPZ_TEXT}
+        if texts["source_format"] not in _FORMATS:
+            raise InputFileError(
+                path,
+                f"array 'source_format' is '{texts['source_format']}', expected one of "
+                f"{', '.join(_FORMATS)}",
+            )
         ctf = None
-        if f"ctf__{CTF_KEYS[0]}" in d:
-            ctf = {k: d[f"ctf__{k}"] for k in CTF_KEYS}
+        ctf_keys = [f"ctf__{k}" for k in CTF_KEYS]
+        if any(k in d for k in ctf_keys):
+            missing = [k for k in ctf_keys if k not in d]
+            if missing:
+                raise InputFileError(path, f"incomplete CTF: missing array '{missing[0]}'")
+            ctf = {k: _npz_array(path, d, f"ctf__{k}", "iuf", (n,)) for k in CTF_KEYS}
+            check_ctf(path, ctf, {k: f"ctf__{k}" for k in CTF_KEYS})
+        rotations = shifts = None
+        if "rotations" in d:
+            rotations = _npz_array(path, d, "rotations", "f", (n, 3, 3))
+            check_rotations(path, rotations, "rotations")
+        if "shifts_px" in d:
+            shifts = _npz_array(path, d, "shifts_px", "iuf", (n, 2))
+        extra = {}
+        if "source_index" in d:
+            extra["source_index"] = _npz_array(path, d, "source_index", "iu", (n,))
+            _positive(path, extra["source_index"], "source_index", minimum=0)
         raw: Any = None
         if "raw_columns" in d:
-            raw = _arrays_to_frame(d, "raw")
+            raw = _arrays_to_frame(path, d, "raw", n)
         elif "raw_cs" in d:
             raw = d["raw_cs"]
-        raw_optics = _arrays_to_frame(d, "optics") if "optics_columns" in d else None
+            if raw.dtype.names is None or raw.shape != (n,):
+                raise InputFileError(
+                    path,
+                    f"array 'raw_cs' must be a structured array of {n} records, "
+                    f"got {raw.dtype} {raw.shape}",
+                )
+        raw_optics = _arrays_to_frame(path, d, "optics", None) if "optics_columns" in d else None
         return cls(
-            image_paths=d["image_paths"],
-            image_index=d["image_index"],
-            apix_A=d["apix_A"],
-            box_px=int(d["box_px"]),
+            image_paths=paths,
+            image_index=index,
+            apix_A=apix,
+            box_px=int(box),
             ctf=ctf,
-            rotations=d.get("rotations"),
-            shifts_px=d.get("shifts_px"),
-            optics_group=d["optics_group"],
-            source_path=str(d["source_path"]),
-            source_format=str(d["source_format"]),
+            rotations=rotations,
+            shifts_px=shifts,
+            optics_group=group,
+            source_path=texts["source_path"],
+            source_format=texts["source_format"],
             raw=raw,
             raw_optics=raw_optics,
-            raw_block=str(d["raw_block"]),
-            _extra={"source_index": d["source_index"]} if "source_index" in d else {},
+            raw_block=texts["raw_block"],
+            _extra=extra,
+        )
+
+
+_NPZ_REQUIRED = ("format_version", "image_paths", "image_index", "apix_A", "box_px",
+                 "optics_group", "source_path", "source_format", "raw_block")  # fmt: skip
+_NPZ_TEXT = ("source_path", "source_format", "raw_block")
+_NPZ_REMEDY = "re-create it with 'cryofield parse' (a run's particles.npz: run 'train' again)"
+_FORMATS = ("star", "cs", "mrcs", "txt")
+_KINDS = {"i": "integer", "u": "integer", "f": "float", "U": "text", "b": "boolean"}
+
+
+def _npz_array(
+    path: object,
+    d: dict[str, np.ndarray],
+    key: str,
+    kinds: str,
+    shape: tuple | None,
+    finite: bool = True,
+) -> np.ndarray:
+    """``d[key]`` checked for dtype kind, shape (``None`` entries: any size) and, when
+    ``finite``, finite values."""
+    if key not in d:
+        raise InputFileError(path, f"missing array '{key}'")
+    a = d[key]
+    if a.dtype.kind not in kinds:
+        want = " or ".join(dict.fromkeys(_KINDS.get(k, k) for k in kinds))
+        raise InputFileError(path, f"array '{key}' has dtype {a.dtype}, expected {want}")
+    if shape is not None and (
+        a.ndim != len(shape)
+        or any(w is not None and w != h for w, h in zip(shape, a.shape, strict=True))
+    ):
+        want = "(" + ", ".join("N" if w is None else str(w) for w in shape) + ")"
+        raise InputFileError(path, f"array '{key}' has shape {a.shape}, expected {want}")
+    if finite and a.dtype.kind == "f" and a.size:
+        bad = ~np.isfinite(a.reshape(len(a), -1) if a.ndim else a.reshape(1, 1)).all(axis=1)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0]) + 1
+            raise InputFileError(path, f"array '{key}' is not a finite number", row=row)
+    return a
+
+
+def _positive(path: object, values: np.ndarray, name: str, minimum: float | None = None) -> None:
+    """Raise when ``values`` are not > 0 (or not >= ``minimum``), naming the first row."""
+    bad = values <= 0 if minimum is None else values < minimum
+    if np.any(bad):
+        row = int(np.flatnonzero(bad)[0])
+        want = "> 0" if minimum is None else f">= {minimum}"
+        raise InputFileError(
+            path, f"field {name} must be {want}, got {float(values[row]):g}", row=row + 1
+        )
+
+
+def check_rotations(path: object, R: np.ndarray, name: str, tol: float = 1e-3) -> None:
+    """Raise when the ``(N, 3, 3)`` ``R`` are not rotation matrices (to ``tol``)."""
+    R64 = np.asarray(R, dtype=np.float64)
+    if not len(R64):
+        return
+    err = np.abs(R64 @ np.swapaxes(R64, -1, -2) - np.eye(3)).reshape(len(R64), -1).max(axis=1)
+    bad = (err > tol) | (np.abs(np.linalg.det(R64) - 1) > tol)
+    if np.any(bad):
+        row = int(np.flatnonzero(bad)[0]) + 1
+        raise InputFileError(path, f"field {name} is not a rotation matrix", row=row)
+
+
+def check_ctf(source: object, ctf: dict[str, np.ndarray], names: dict[str, str]) -> None:
+    """Refuse CTF values that cannot be right: voltage <= 0, amplitude contrast outside
+    [0, 1], or any non-finite value. ``names`` maps :data:`CTF_KEYS` to the file's field
+    names, used in the message (which names the first bad row)."""
+    for key in CTF_KEYS:
+        values = np.asarray(ctf[key], dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise InputFileError(
+                source, f"field {names[key]} is not a finite number", row=int(bad[0]) + 1
+            )
+    _positive(source, np.asarray(ctf["voltage_kV"]), names["voltage_kV"])
+    w = np.asarray(ctf["amp_contrast"])
+    bad = np.flatnonzero((w < 0) | (w > 1))
+    if bad.size:
+        raise InputFileError(
+            source,
+            f"field {names['amp_contrast']} must be between 0 and 1 (a fraction), got "
+            f"{float(w[bad[0]]):g}",
+            row=int(bad[0]) + 1,
         )
 
 
@@ -261,74 +420,22 @@ def _frame_to_arrays(df: pd.DataFrame, prefix: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _arrays_to_frame(d: dict[str, np.ndarray], prefix: str) -> pd.DataFrame:
-    cols = [str(c) for c in d[f"{prefix}_columns"]]
-    return pd.DataFrame({c: d[f"{prefix}__{i}"] for i, c in enumerate(cols)})
+def _arrays_to_frame(
+    path: object, d: dict[str, np.ndarray], prefix: str, n: int | None
+) -> pd.DataFrame:
+    """The DataFrame saved by :func:`_frame_to_arrays` (``n`` rows when given)."""
+    cols = [str(c) for c in _npz_array(path, d, f"{prefix}_columns", "U", (None,))]
+    if len(set(cols)) != len(cols):
+        dup = next(c for c in cols if cols.count(c) > 1)
+        raise InputFileError(path, f"array '{prefix}_columns' names column {dup} twice")
+    arrays = {}
+    for i, c in enumerate(cols):
+        arrays[c] = _npz_array(path, d, f"{prefix}__{i}", "iufbU", (n,), finite=False)
+        n = len(arrays[c]) if n is None else n
+    return pd.DataFrame(arrays)
 
 
 # ---------------------------------------------------------------------- loading
-def load_index(ind: str | os.PathLike[str] | np.ndarray, n: int, source: object) -> np.ndarray:
-    """Read and check an index filter against a table of ``n`` particles.
-
-    Parameters
-    ----------
-    ind
-        Array of 0-based indices, or a file: ``.npy``, ``.pkl`` (cryoDRGN index pickle,
-        read through the restricted unpickler) or text (whitespace/comma-separated ints).
-    n
-        Number of particles in the table the indices refer to.
-    source
-        The particle file, named in errors.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(M,)`` int64 indices.
-    """
-    where: object = source
-    if isinstance(ind, (str, os.PathLike)):
-        where = ind
-        path = Path(ind)
-        if not path.is_file():
-            raise InputFileError(path, "index file not found")
-        suffix = path.suffix.lower()
-        try:
-            if suffix == ".npy":
-                arr = np.load(path, allow_pickle=False)
-            elif suffix == ".pkl":
-                from cryofield.io.legacy import load_pickle
-
-                arr = np.asarray(load_pickle(path))
-            else:
-                text = path.read_text().replace(",", " ").split()
-                arr = np.array([int(float(t)) for t in text], dtype=np.int64)
-        except ValueError as err:
-            raise InputFileError(path, f"not a list of particle indices ({err})") from None
-    else:
-        arr = np.asarray(ind)
-    arr = np.asarray(arr).reshape(-1)
-    if arr.dtype.kind == "b":
-        if arr.size != n:
-            raise InputFileError(
-                where, f"mismatched particle counts: boolean mask of {arr.size} for {n} particles"
-            )
-        return np.flatnonzero(arr).astype(np.int64)
-    if arr.dtype.kind == "f":
-        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
-            raise InputFileError(where, "particle indices must be integers")
-    elif arr.dtype.kind not in "iu":
-        raise InputFileError(where, f"particle indices must be integers, got {arr.dtype}")
-    arr = arr.astype(np.int64)
-    bad = np.flatnonzero((arr < 0) | (arr >= n))
-    if bad.size:
-        raise InputFileError(
-            where,
-            f"index {int(arr[bad[0]])} (entry {int(bad[0])}) out of range for the "
-            f"{n} particles of {source}",
-        )
-    return arr
-
-
 def resolve_image_path(
     name: str, base_dir: Path, datadir: str | os.PathLike[str] | None
 ) -> tuple[str, bool]:
@@ -369,11 +476,96 @@ def resolve_image_paths(
     return paths, missing
 
 
-def _stack_table(path: Path) -> ParticleTable:
+def pixel_size_from_stacks(
+    source: object,
+    apix_A: np.ndarray | None,
+    paths: np.ndarray,
+    field: str,
+    rtol: float = 0.01,
+) -> tuple[np.ndarray, int]:
+    """Per-particle pixel size, reconciled with the MRC header of the particles' stack.
+
+    The header of the first stack of ``paths`` that exists is read (header only).
+
+    - The metadata has a pixel size (``apix_A``): it is used; when the header's differs by
+      more than ``rtol`` (relative) for that stack's particles, a warning names both.
+    - The metadata has none (``apix_A`` None): the header's pixel size is used (logged).
+    - Neither: :class:`InputFileError`.
+
+    Parameters
+    ----------
+    source
+        The metadata file (named in messages).
+    apix_A
+        ``(N,)`` pixel sizes in A from the metadata, or None when it has none.
+    paths
+        ``(N,)`` absolute stack paths of the particles.
+    field
+        The metadata's name for the pixel size (``'blob/psize_A'``), for messages.
+
+    Returns
+    -------
+    apix_A : numpy.ndarray
+        ``(N,)`` float64 pixel sizes in A.
+    box_px : int
+        Image size of the stack read, 0 when no stack was found.
+    """
     from cryofield.io.mrc import read_mrc_header
+
+    paths = np.asarray(paths, dtype=str)
+    stack = next((p for p in dict.fromkeys(paths.tolist()) if Path(p).is_file()), None)
+    info = None
+    if stack is not None:
+        try:
+            info = read_mrc_header(stack)
+        except InputFileError:
+            if apix_A is None:
+                raise
+            # a bad stack is reported, with its particle, when its images are read
+    box = info.shape[2] if info is not None else 0
+    header_apix = info.apix_A if info is not None else 0.0
+    if apix_A is None:
+        if header_apix > 0:
+            _log.info(
+                "%s: no %s; using the pixel size of the MRC header of %s: %.6g A",
+                source, field, stack, header_apix,
+            )  # fmt: skip
+            return np.full(len(paths), header_apix), box
+        if stack is None:
+            where = f"its image stacks (e.g. {paths[0]}) are not found (use --datadir)"
+        else:
+            where = f"the MRC header of {stack} has none (cell size 0)"
+        raise InputFileError(
+            source,
+            f"no pixel size: the file has no {field} and {where}; add {field} to the file "
+            "or set the pixel size in the stack's header",
+        )
+    apix = np.asarray(apix_A, dtype=np.float64)
+    if header_apix > 0:
+        mine = apix[paths == stack]
+        off = np.abs(mine - header_apix) > rtol * np.abs(mine)
+        if np.any(off):
+            value = float(mine[off][0])
+            _log.warning(
+                "%s: %s says %.6g A but the MRC header of %s says %.6g A (%.1f%% apart); "
+                "using %.6g A from %s",
+                source, field, value, stack, header_apix,
+                100 * abs(value - header_apix) / value, value, field,
+            )  # fmt: skip
+    return apix, box
+
+
+def _stack_table(path: Path) -> ParticleTable:
+    from cryofield.io.mrc import is_volume, read_mrc_header
 
     info = read_mrc_header(path)
     nz, ny, nx = info.shape
+    if is_volume(path, info):
+        raise InputFileError(
+            path,
+            f"a {nz} x {ny} x {nx} volume (MRC space group {info.space_group}), not a "
+            "particle stack; if its sections really are particle images, name it .mrcs",
+        )
     if ny != nx:
         raise InputFileError(path, f"images are not square ({ny} x {nx} pixels)")
     apix = info.apix_A

@@ -7,6 +7,23 @@ a stack costs one header read and no file handle stays open per stack.
 Supported data modes: 0 (int8), 1 (int16), 2 (float32), 6 (uint16), 12 (float16).
 Arrays are always returned as ``(nz, ny, nx)``: an image stack is ``(N, D, D)``, a volume
 ``(D, D, D)``, a single image ``(1, D, D)``.
+
+File size: the header fixes the data size, ``nx * ny * nz * bytes(mode)`` after the 1024
+header bytes and ``nsymbt`` extended-header bytes. A shorter file is truncated (or its
+header is wrong); a file longer by one section (``nx * ny * bytes(mode)``) or more has a
+wrong header (a mode edited from 2 to 1 halves the implied size, an ``nz`` too small
+hides images): both are refused rather than read as other numbers. Fewer extra bytes than
+one section are tolerated (logged): they cannot hold an image.
+
+Stack or volume (:func:`is_volume`): MRC2014 says space group (ISPG) 0 is an image or
+image stack and 1 a volume, but older tools write ISPG 1 on stacks (the interop
+``empiar_10076_7.mrc``: 7 images of 320 px, ISPG 1). A file is read as a volume when
+its name does not end in ``.mrcs`` (RELION's and cryoSPARC's stack extension), its
+header has a volume space group (1..230, or 401..630 for a volume stack) or it ends in
+``.map``, and it is a cube (``nx == ny == nz > 1``). Everything else is a stack.
+
+Pixel size: ``cella.x / mx``; a header whose cell or ``mx`` gives no positive, finite
+size below 10,000 A has none (``apix_A`` 0.0, callers decide).
 """
 
 from __future__ import annotations
@@ -23,11 +40,15 @@ from mrcfile.dtypes import HEADER_DTYPE
 
 from cryofield.errors import InputFileError
 from cryofield.io.atomic import atomic_path
+from cryofield.logs import get_logger
 
-__all__ = ["MRCInfo", "MRCStackWriter", "read_mrc", "read_mrc_header", "write_mrc"]
+__all__ = ["MRCInfo", "MRCStackWriter", "is_volume", "read_mrc", "read_mrc_header", "write_mrc"]
+
+_log = get_logger("io")
 
 _SUPPORTED_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
 _HEADER_BYTES = 1024
+_MAX_APIX_A = 1e4  # a header pixel size this large is garbage, not a pixel size
 
 
 @dataclass(frozen=True)
@@ -46,6 +67,8 @@ class MRCInfo:
         Byte offset of the first voxel (1024 + extended header size).
     is_stack : bool
         True when the header marks the file as an image stack (space group 0 with nz > 1).
+    space_group : int
+        The header's ISPG (0: image stack, 1..230: volume, 401..630: volume stack).
     """
 
     shape: tuple[int, int, int]
@@ -53,6 +76,22 @@ class MRCInfo:
     apix_A: float
     data_offset: int
     is_stack: bool
+    space_group: int = 0
+
+
+def is_volume(path: str | os.PathLike[str], info: MRCInfo) -> bool:
+    """Whether the MRC file ``path`` with header ``info`` holds a volume, not images.
+
+    True for a cube (``nx == ny == nz > 1``) with a volume space group (ISPG 1..230, or
+    401..630: a volume stack holding one volume) or a ``.map`` name, unless the name ends
+    in ``.mrcs`` (see the module docstring for why ISPG alone is not enough).
+    """
+    nz, ny, nx = info.shape
+    suffix = Path(path).suffix.lower()
+    if suffix == ".mrcs" or not (nx == ny == nz > 1):
+        return False
+    g = info.space_group
+    return 1 <= g <= 230 or 401 <= g <= 630 or suffix == ".map"
 
 
 def read_mrc_header(path: str | os.PathLike[str]) -> MRCInfo:
@@ -61,8 +100,8 @@ def read_mrc_header(path: str | os.PathLike[str]) -> MRCInfo:
     Raises
     ------
     InputFileError
-        The file is missing, is not an MRC file, uses an unsupported mode, or is shorter
-        than its header says (truncated).
+        The file is missing, is not an MRC file, uses an unsupported mode, or its size
+        does not match its header (truncated, or a wrong mode or shape; module docstring).
     """
     path = Path(path)
     if not path.is_file():
@@ -70,13 +109,13 @@ def read_mrc_header(path: str | os.PathLike[str]) -> MRCInfo:
     strict_error = None
     try:
         header, ext_bytes = _parse_header(path, permissive=False)
-    except (ValueError, OSError, EOFError) as err:
+    except Exception as err:  # mrcfile raises ValueError, EOFError, ... on bad headers
         # Files from older tools often lack the 'MAP ' ID (e.g. the interop
         # toy_projections.mrcs); accept them when the header is otherwise consistent.
         strict_error = err
         try:
             header, ext_bytes = _parse_header(path, permissive=True)
-        except (ValueError, OSError, EOFError, AttributeError):
+        except Exception:
             raise InputFileError(path, f"not a readable MRC file ({err})") from None
     mode = int(header.mode)
     if mode not in _SUPPORTED_MODES:
@@ -92,20 +131,40 @@ def read_mrc_header(path: str | os.PathLike[str]) -> MRCInfo:
             raise InputFileError(path, f"not a readable MRC file ({strict_error})")
         raise InputFileError(path, f"MRC header has an empty shape (nx={nx}, ny={ny}, nz={nz})")
     offset = _HEADER_BYTES + ext_bytes
-    expected = offset + nx * ny * nz * dtype.itemsize
+    section = nx * ny * dtype.itemsize
+    expected = offset + nz * section
     size = path.stat().st_size
-    if size < expected and strict_error is not None:
-        raise InputFileError(path, f"not a readable MRC file ({strict_error})")
+    what = (
+        f"its header says mode {mode} ({dtype.name}), {nz} x {ny} x {nx} (nz x ny x nx) "
+        f"after 1024 + {ext_bytes} header bytes = {expected} bytes"
+    )
+    problem = None
     if size < expected:
-        raise InputFileError(
-            path,
-            f"truncated MRC file: header says {nz} x {ny} x {nx} {dtype.name} "
-            f"({expected} bytes) but the file has {size} bytes",
+        problem = (
+            f"truncated MRC file or wrong header: {what}, but the file has {size} bytes "
+            f"({expected - size} missing)"
         )
+    elif size - expected >= section:
+        problem = (
+            f"wrong MRC header: {what}, but the file has {size} bytes ({size - expected} "
+            f"more, {(size - expected) / section:.4g} more sections): the header's mode or "
+            "shape does not describe the data"
+        )
+    if problem is not None and strict_error is not None:
+        raise InputFileError(path, f"not a readable MRC file ({strict_error}); {problem}")
+    if problem is not None:
+        raise InputFileError(path, problem)
+    if size > expected:
+        _log.warning("%s: ignoring %d bytes after the data", path, size - expected)
     mx = int(header.mx)
-    apix = float(header.cella.x) / mx if mx > 0 else 0.0
-    is_stack = int(header.ispg) == 0 and nz > 1
-    return MRCInfo((nz, ny, nx), dtype, apix, offset, is_stack)
+    cell_x = float(header.cella.x)
+    apix = cell_x / mx if mx > 0 and np.isfinite(cell_x) and cell_x > 0 else 0.0
+    if apix >= _MAX_APIX_A:
+        _log.warning("%s: ignoring the implausible pixel size %.4g A in the header", path, apix)
+        apix = 0.0
+    space_group = int(header.ispg)
+    is_stack = space_group == 0 and nz > 1
+    return MRCInfo((nz, ny, nx), dtype, apix, offset, is_stack, space_group)
 
 
 def _parse_header(path: Path, permissive: bool) -> tuple[np.recarray, int]:

@@ -8,6 +8,16 @@ when the particle block does not have them. RELION 3.0 files give the pixel size
 are resolved relative to ``datadir`` or the star file's folder
 (:func:`cryofield.io.metadata.resolve_image_path`).
 
+Checks (a bad file fails with one line naming the line or row and the column): every
+loop row has one value per column and no column or block name repeats
+(:func:`read_star`); numbers are finite, pixel sizes and voltages > 0, amplitude
+contrast in [0, 1], optics groups and image sizes whole numbers. A file without a pixel
+size takes it from the MRC header of its first stack (logged), a file and header that
+differ by more than 1 % are warned about (the file wins), neither is an error
+(:func:`cryofield.io.metadata.pixel_size_from_stacks`). A CTF needs ``rlnDefocusU/V/
+Angle``, ``rlnVoltage`` and ``rlnSphericalAberration``: some but not all is an error
+naming the missing ones, none a warning (the images are used without CTF correction).
+
 Writing keeps every original column, the block name and the optics block; floats are
 written with the shortest representation that reads back to the same float64, so
 read -> write -> read is lossless. Poses are converted as documented in
@@ -31,7 +41,10 @@ particle subtraction), and those files are written back as they are. A
 
 from __future__ import annotations
 
+import linecache
 import os
+import re
+import shlex
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -43,7 +56,12 @@ import starfile
 
 from cryofield.errors import InputFileError
 from cryofield.io.atomic import atomic_path
-from cryofield.io.metadata import ParticleTable, resolve_image_paths
+from cryofield.io.metadata import (
+    ParticleTable,
+    check_ctf,
+    pixel_size_from_stacks,
+    resolve_image_paths,
+)
 from cryofield.io.poses import internal_to_relion, relion_to_internal
 from cryofield.logs import get_logger
 
@@ -85,22 +103,56 @@ _CTF_COLUMNS = {
 
 
 def read_star(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.DataFrame | None, str]:
-    """Read the particle block, the optics block (or None) and the particle block's name."""
+    """Read the particle block, the optics block (or None) and the particle block's name.
+
+    Before ``starfile`` parses the file, every loop is checked row by row
+    (:func:`_loop_layout`): a row with more or fewer values than the loop has columns, a
+    repeated column or block name is an error naming the line, so a damaged file is never
+    read with values under the wrong columns. What ``starfile`` returns must then have the
+    same blocks, columns and row counts.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputFileError(path, "file not found")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad = err.object[err.start]
+        raise InputFileError(
+            path, f"not a readable STAR file (not UTF-8 text: byte {err.start} is {bad:#04x})"
+        ) from None
+    layout = _loop_layout(path, text)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             blocks = starfile.read(path, always_dict=True)
     except Exception as err:  # starfile raises assorted parser errors
         raise InputFileError(path, f"not a readable STAR file ({err})") from None
+    finally:
+        linecache.clearcache()  # starfile reads through linecache; never reuse stale lines
+    if "optics" in blocks and not isinstance(blocks["optics"], pd.DataFrame):
+        raise InputFileError(path, "the data_optics block is not a table (no loop_)")
     frames = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
+    for name, frame in frames.items():
+        if name not in layout:
+            raise InputFileError(
+                path, f"not a readable STAR file: block data_{name} has no loop_ of its own"
+            )
+        columns, n_rows = layout[name]
+        if list(frame.columns) != columns or len(frame) != n_rows:
+            raise InputFileError(
+                path,
+                f"not a readable STAR file: block data_{name} has {n_rows} rows of "
+                f"{len(columns)} columns but was parsed as {len(frame)} rows of "
+                f"{len(frame.columns)} columns (stray quotes or '#'?)",
+            )
     optics = frames.pop("optics", None)
     if "particles" in frames:
         name = "particles"
     elif len(frames) == 1:
         name = next(iter(frames))
+    elif not blocks:
+        raise InputFileError(path, "not a STAR file: no data_ block (empty or truncated?)")
     else:
         raise InputFileError(
             path, f"no particle block found (blocks: {', '.join(map(repr, blocks)) or 'none'})"
@@ -109,6 +161,104 @@ def read_star(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, pd.DataFrame 
     if len(df) == 0:
         raise InputFileError(path, f"the data_{name} block has no rows")
     return df, optics, name
+
+
+_FIELD = re.compile(r'"[^"]*"|[^ \t]+')
+
+
+def _fields(line: str) -> list[str]:
+    """Values of a loop row as ``starfile`` (pandas, quotes ``'``/``"``, ``#`` comments)
+    splits it."""
+    line = line.replace("'", '"')
+    if '"' not in line:
+        return line.split("#", 1)[0].split()
+    out = []
+    for token in _FIELD.findall(line):
+        if token.startswith("#"):
+            break
+        if not token.startswith('"') and "#" in token:
+            out.append(token.split("#", 1)[0])
+            break
+        out.append(token)
+    return out
+
+
+def _check_pairs(path: Path, lines: list[str], i: int) -> None:
+    """Each ``_key value`` line of the key-value block starting at line ``i`` has one value
+    (as ``starfile`` splits it, with :func:`shlex.split`)."""
+    while i < len(lines) and not lines[i].strip().startswith("data"):
+        line = lines[i].strip()
+        if line.startswith("_"):
+            try:
+                parts = shlex.split(line)
+            except ValueError:
+                parts = []
+            if len(parts) != 2:
+                raise InputFileError(
+                    path,
+                    f"line {i + 1}: '{line[:60]}' is not '_key value' (a column label "
+                    "outside a loop_?)",
+                )
+        i += 1
+
+
+def _loop_layout(path: Path, text: str) -> dict[str, tuple[list[str], int]]:
+    """``{block: (columns, n_rows)}`` of the loops of a STAR file, read as ``starfile``
+    reads them (a block's first ``loop_``; its rows run to the next ``data_`` line).
+
+    Raises
+    ------
+    InputFileError
+        A row whose number of values differs from the number of columns (naming the
+        line), a loop without columns, a column or block name given twice.
+    """
+    lines = re.split(r"\r\n|\r|\n", text)
+    layout: dict[str, tuple[list[str], int]] = {}
+    seen: set[str] = set()
+    i, n = 0, len(lines)
+    while i < n:
+        line = lines[i].strip()
+        if not line.startswith("data_"):
+            i += 1
+            continue
+        block = line[5:]
+        if block in seen:
+            raise InputFileError(path, f"line {i + 1}: block data_{block} appears twice")
+        seen.add(block)
+        i += 1
+        while i < n and not lines[i].strip().startswith(("loop_", "_", "data_")):
+            i += 1
+        if i >= n or not lines[i].strip().startswith("loop_"):
+            _check_pairs(path, lines, i)  # a key-value block (or none): not a table
+            continue
+        i += 1
+        columns: list[str] = []
+        while i < n and lines[i].strip().startswith("_"):
+            name = lines[i].split()[0][1:]
+            if name in columns:
+                raise InputFileError(
+                    path, f"line {i + 1}: column _{name} appears twice in data_{block}"
+                )
+            columns.append(name)
+            i += 1
+        if not columns:
+            raise InputFileError(path, f"line {i}: the loop of data_{block} has no columns")
+        rows = 0
+        while i < n and not lines[i].strip().startswith("data_"):
+            values = _fields(lines[i])
+            if values:
+                rows += 1
+                if len(values) != len(columns):
+                    raise InputFileError(
+                        path,
+                        f"line {i + 1} has {len(values)} values but data_{block} has "
+                        f"{len(columns)} columns (_{columns[0]} .. _{columns[-1]}): a value "
+                        "or a column label is missing or extra",
+                        row=rows,
+                    )
+            i += 1
+        layout[block] = (columns, rows)
+    return layout
 
 
 def _optics_rows(
@@ -121,16 +271,22 @@ def _optics_rows(
         rows = None if optics is None else np.zeros(len(df), dtype=np.int64)
         group = np.ones(len(df), np.int64) if optics is not None else np.zeros(len(df), np.int64)
         return group, rows
-    group = pd.to_numeric(df["rlnOpticsGroup"], errors="coerce").to_numpy()
-    bad = np.flatnonzero(~np.isfinite(group))
-    if bad.size:
-        raise InputFileError(path, "field rlnOpticsGroup is not a number", row=int(bad[0]) + 1)
-    group = group.astype(np.int64)
+    values = _numeric(path, df["rlnOpticsGroup"], "rlnOpticsGroup")
+    group = _integers(path, values, "rlnOpticsGroup")
     if optics is None:
         return group, None
     if "rlnOpticsGroup" not in optics.columns:
         raise InputFileError(path, "data_optics block has no rlnOpticsGroup column")
-    lookup = {int(g): i for i, g in enumerate(optics["rlnOpticsGroup"].to_numpy())}
+    ids = _integers(
+        path,
+        _numeric(path, optics["rlnOpticsGroup"], "rlnOpticsGroup (data_optics)"),
+        "rlnOpticsGroup (data_optics)",
+    )
+    if len(np.unique(ids)) < len(ids):
+        raise InputFileError(
+            path, f"data_optics block lists optics group {_first_repeat(ids)} twice"
+        )
+    lookup = {int(g): i for i, g in enumerate(ids)}
     rows = np.array([lookup.get(int(g), -1) for g in group], dtype=np.int64)
     bad = np.flatnonzero(rows < 0)
     if bad.size:
@@ -140,6 +296,28 @@ def _optics_rows(
             row=int(bad[0]) + 1,
         )
     return group, rows
+
+
+def _first_repeat(values: np.ndarray) -> int:
+    uniq, counts = np.unique(values, return_counts=True)
+    return int(uniq[counts > 1][0])
+
+
+def _integers(
+    path: Path, values: np.ndarray, column: str, minimum: int | None = None
+) -> np.ndarray:
+    """Finite ``values`` as int64; raise (naming the row) when one is not a whole number
+    (or is below ``minimum``)."""
+    bad = (values != np.round(values)) | (np.abs(values) >= 2**62)
+    if minimum is not None:
+        bad |= values < minimum
+    if np.any(bad):
+        row = int(np.flatnonzero(bad)[0])
+        want = "a whole number" if minimum is None else f"a whole number >= {minimum}"
+        raise InputFileError(
+            path, f"field {column} must be {want}, got {values[row]:g}", row=row + 1
+        )
+    return values.astype(np.int64)
 
 
 def _numeric(path: Path, values: pd.Series | np.ndarray, column: str) -> np.ndarray:
@@ -171,29 +349,70 @@ class _Columns:
         return per_group[self.rows]
 
 
-def _apix(cols: _Columns) -> np.ndarray | None:
+#: What the pixel size is called in messages when a file has none.
+_APIX_NAMES = "rlnImagePixelSize (or rlnDetectorPixelSize and rlnMagnification)"
+
+
+def _apix(cols: _Columns) -> tuple[np.ndarray | None, str]:
+    """Pixel size per particle (A) and the column(s) it came from; None when absent."""
     if "rlnImagePixelSize" in cols:
-        return cols.get("rlnImagePixelSize")
-    if "rlnDetectorPixelSize" in cols and "rlnMagnification" in cols:
-        return cols.get("rlnDetectorPixelSize") * 1e4 / cols.get("rlnMagnification")
-    if "rlnPixelSize" in cols:
-        return cols.get("rlnPixelSize")
-    return None
+        name, apix = "rlnImagePixelSize", cols.get("rlnImagePixelSize")
+    elif "rlnDetectorPixelSize" in cols and "rlnMagnification" in cols:
+        name = "rlnDetectorPixelSize/rlnMagnification"
+        detector, mag = cols.get("rlnDetectorPixelSize"), cols.get("rlnMagnification")
+        _positive(cols.path, mag, "rlnMagnification")
+        with np.errstate(over="ignore"):
+            apix = detector * 1e4 / mag
+        bad = np.flatnonzero(~np.isfinite(apix))
+        if bad.size:
+            raise InputFileError(
+                cols.path, f"field {name}: pixel size out of range", row=int(bad[0]) + 1
+            )
+    elif "rlnPixelSize" in cols:
+        name, apix = "rlnPixelSize", cols.get("rlnPixelSize")
+    else:
+        return None, _APIX_NAMES
+    _positive(cols.path, apix, name)
+    return apix, name
+
+
+def _positive(path: Path, values: np.ndarray, column: str) -> None:
+    bad = np.flatnonzero(values <= 0)
+    if bad.size:
+        raise InputFileError(
+            path, f"field {column} must be > 0, got {values[bad[0]]:g}", row=int(bad[0]) + 1
+        )
+
+
+#: Columns whose presence means the file has a CTF (the optics block of a RELION 3.1 file
+#: has voltage, Cs and amplitude contrast even before CTF estimation).
+_DEFOCUS_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
 
 
 def _ctf(cols: _Columns) -> dict[str, np.ndarray] | None:
-    present = [c for c, req, _ in _CTF_COLUMNS.values() if req and c in cols]
-    if not any(c in cols for c in ("rlnDefocusU", "rlnDefocusV")):
+    """CTF of every particle; None (with a warning) when the file has no defocus columns.
+
+    Some but not all of the required columns is an error naming every missing one.
+    """
+    if not any(c in cols for c in _DEFOCUS_COLUMNS):
+        _log.warning(
+            "%s: no CTF columns (%s): the images will be used without CTF correction",
+            cols.path, ", ".join(_DEFOCUS_COLUMNS),
+        )  # fmt: skip
         return None
+    present = [c for c, req, _ in _CTF_COLUMNS.values() if req and c in cols]
+    missing = [c for c, req, _ in _CTF_COLUMNS.values() if req and c not in cols]
+    if missing:
+        raise InputFileError(
+            cols.path,
+            f"missing CTF column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"(the file has {', '.join(present)})",
+        )
     n = len(cols.df)
     ctf = {}
-    for key, (column, required, default) in _CTF_COLUMNS.items():
+    for key, (column, _, default) in _CTF_COLUMNS.items():
         if column in cols:
             ctf[key] = cols.get(column)
-        elif required:
-            raise InputFileError(
-                cols.path, f"missing CTF column {column} (the file has {', '.join(present)})"
-            )
         else:
             if key == "amp_contrast":
                 _log.warning(
@@ -202,6 +421,7 @@ def _ctf(cols: _Columns) -> dict[str, np.ndarray] | None:
                     default,
                 )
             ctf[key] = np.full(n, default)
+    check_ctf(cols.path, ctf, {k: v[0] for k, v in _CTF_COLUMNS.items()})
     return ctf
 
 
@@ -211,7 +431,11 @@ def _split_names(
     """``idx@stack`` -> (0-based index, stack name); a name without ``@`` is frame 0."""
     idx = np.zeros(len(names), dtype=np.int64)
     stacks = np.empty(len(names), dtype=object)
-    for i, name in enumerate(names.astype(str).to_numpy()):
+    values = pd.Series(names).to_numpy(dtype=object)
+    missing = np.flatnonzero(pd.isna(values))
+    if missing.size:
+        raise InputFileError(path, f"field {column} is missing (NaN)", row=int(missing[0]) + 1)
+    for i, name in enumerate(str(v) for v in values):
         head, sep, tail = name.partition("@")
         if not sep:
             stacks[i] = name
@@ -240,17 +464,6 @@ def _per_group(group: np.ndarray, values: np.ndarray, unit: str) -> str:
     return ", ".join(parts)
 
 
-def _box_from_stacks(paths: np.ndarray) -> tuple[int, float]:
-    """Box and header pixel size of the first stack that exists (0, 0.0 if none)."""
-    from cryofield.io.mrc import read_mrc_header
-
-    for p in dict.fromkeys(paths.tolist()):
-        if Path(p).is_file():
-            info = read_mrc_header(p)
-            return info.shape[2], info.apix_A
-    return 0, 0.0
-
-
 def read_star_table(
     path: str | os.PathLike[str], datadir: str | os.PathLike[str] | None = None
 ) -> ParticleTable:
@@ -268,7 +481,7 @@ def read_star_table(
 
     box = 0
     if "rlnImageSize" in cols:
-        sizes = cols.get("rlnImageSize").astype(np.int64)
+        sizes = _integers(path, cols.get("rlnImageSize"), "rlnImageSize", minimum=1)
         if len(np.unique(sizes)) > 1:
             raise InputFileError(
                 path,
@@ -277,16 +490,10 @@ def read_star_table(
                 "particles with --ind) or re-extract them at one box size",
             )
         box = int(sizes[0])
-    apix = _apix(cols)
-    if apix is None or box == 0:
-        box_hdr, apix_hdr = _box_from_stacks(paths)
-        box = box or box_hdr
-        if apix is None:
-            if apix_hdr > 0:
-                apix = np.full(len(df), apix_hdr)
-            else:
-                _log.warning("%s: no pixel size in the file or the stack; assuming 1.0 A", path)
-                apix = np.ones(len(df))
+    ctf = _ctf(cols)
+    apix, apix_name = _apix(cols)
+    apix, box_hdr = pixel_size_from_stacks(path, apix, paths, apix_name)
+    box = box or box_hdr
 
     rotations = shifts = None
     angle_cols = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -307,7 +514,7 @@ def read_star_table(
         image_index=index,
         apix_A=apix,
         box_px=box,
-        ctf=_ctf(cols),
+        ctf=ctf,
         rotations=rotations,
         shifts_px=shifts,
         optics_group=group,

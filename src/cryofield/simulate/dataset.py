@@ -200,10 +200,12 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
 
 def _load_rotations(path: str, n: int) -> np.ndarray:
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as data:
-            if "rotations" not in data:
-                raise InputFileError(path, "no 'rotations' array")
-            rot = np.asarray(data["rotations"], dtype=np.float32)
+        from cryofield.io.arrays import load_npz
+
+        rot = load_npz(path, ("rotations",), "poses file")["rotations"]
+        if rot.dtype.kind not in "iuf":
+            raise InputFileError(path, f"'rotations' has dtype {rot.dtype}, expected numbers")
+        rot = rot.astype(np.float32)
     else:
         from cryofield.io.metadata import load_particle_table
 
