@@ -10,6 +10,9 @@ Experiments (each: simulate -> train -> score against truth.npz):
 * ``continuous``: demo-continuous, zdim 8. |Spearman| of the best PC of z vs the true
   coordinate.
 
+The latent scores are computed by the functions of ``cryofield evaluate``
+(:func:`score_latents`), so published numbers and the command agree.
+
 Writes ``OUT/bench_train.json`` and prints a table. Wall time of each training is recorded.
 
 Example::
@@ -148,11 +151,47 @@ def run_homo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def score_latents(z: np.ndarray, truth: Any) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Latent scores with the functions of ``cryofield evaluate``.
+
+    Truth with a continuous coordinate (``coord`` finite somewhere): ``spearman_abs_pcs``,
+    |Spearman| of PC1..3 of z with it
+    (:func:`cryofield.analysis.metrics.spearman_latent_vs_coord`, NaN coordinates, i.e.
+    junk, left out), and ``spearman_abs_best_pc``. Discrete truth: ``ari`` and
+    ``clustering`` (:func:`cryofield.analysis.evaluate.clustering_scores`: k-means with K =
+    the number of true states; ARI, NMI, accuracy) on the particles evaluate scores (junk
+    excluded, :func:`~cryofield.analysis.evaluate.scored_particles`).
+
+    Returns
+    -------
+    scores, and the k-means labels of the scored particles (``None`` for a continuous
+    truth); the scored particles are ``scored_particles(truth["is_junk"])``.
+    """
+    from cryofield.analysis.evaluate import clustering_scores, scored_particles
+    from cryofield.analysis.metrics import spearman_latent_vs_coord
+
+    z = np.asarray(z)
+    coord = np.asarray(truth["coord"], np.float64) if "coord" in truth else None
+    if coord is not None and np.isfinite(coord).sum() >= 3:
+        rho = [abs(r) for r in spearman_latent_vs_coord(z, coord)]
+        return {"spearman_abs_pcs": rho, "spearman_abs_best_pc": max(rho)}, None
+    good = scored_particles(truth.get("is_junk", np.zeros(len(z), bool)))
+    clustering, pred = clustering_scores(z[good], np.asarray(truth["labels"])[good])
+    return {"ari": clustering["ari"], "clustering": clustering}, pred
+
+
 def _state_maps(
-    run: Any, z: np.ndarray, pred: np.ndarray, truth: Any, data: Path, hints: list
+    run: Any,
+    z: np.ndarray,
+    pred: np.ndarray,
+    labels: np.ndarray,
+    truth: Any,
+    data: Path,
+    hints: list,
 ) -> list[dict[str, Any]]:
     """FSC=0.5 of the field rendered at each k-means centre against the true state it
-    holds most of (aligned, mirror included; the pose alignment seeds the search)."""
+    holds most of (aligned, mirror included; the pose alignment seeds the search). ``z``,
+    ``pred`` and ``labels`` are rows of the same particles."""
     from cryofield.io.mrc import read_mrc
 
     field = run.load_field()
@@ -160,7 +199,7 @@ def _state_maps(
     out = []
     for c in range(int(pred.max()) + 1):
         members = pred == c
-        state = int(np.bincount(truth["labels"][members]).argmax())
+        state = int(np.bincount(labels[members]).argmax())
         true_vol, _ = read_mrc(data / "volumes" / f"state_{state:02d}.mrc", mmap=False)
         with torch.no_grad():
             vol = field.render_volume(torch.as_tensor(z[members].mean(0))).numpy()
@@ -171,9 +210,8 @@ def _state_maps(
 
 
 def run_het(args: argparse.Namespace, out: Path, preset: str) -> dict[str, Any]:
-    from sklearn.cluster import KMeans
-
-    from cryofield.analysis.metrics import MIRROR, adjusted_rand_index, pose_errors
+    from cryofield.analysis.evaluate import scored_particles
+    from cryofield.analysis.metrics import MIRROR, pose_errors
     from cryofield.inference.rundir import RunDir
     from cryofield.inference.trainer import resume, train
 
@@ -202,23 +240,15 @@ def run_het(args: argparse.Namespace, out: Path, preset: str) -> dict[str, Any]:
                      truth["shifts_px"])  # fmt: skip
     res["pose_errors"] = {k: v for k, v in pe.items() if k != "R_global"}
     res["images_s_by_phase"] = {m["phase"]: m["images_s"] for m in run.metrics()}
-    if preset == "demo-hetero":
-        labels = truth["labels"]
-        k = int(labels.max()) + 1
-        pred = KMeans(k, n_init=10, random_state=0).fit_predict(z)
-        res["ari"] = float(adjusted_rand_index(labels, pred))
+    scores, pred = score_latents(z, truth)
+    res.update(scores)
+    if pred is not None:
+        good = scored_particles(truth.get("is_junk", np.zeros(len(z), bool)))
         G, mir = np.asarray(pe["R_global"]), bool(pe["mirrored"])
         hints = [(MIRROR @ G @ MIRROR if mir else G, mir)]
-        res["state_maps"] = _state_maps(run, z, pred, truth, data, hints)
-    else:
-        from scipy.stats import spearmanr
-
-        zc = z - z.mean(0)
-        _, _, vt = np.linalg.svd(zc, full_matrices=False)
-        pcs = zc @ vt[:3].T
-        rho = [abs(float(spearmanr(pcs[:, i], truth["coord"]).statistic)) for i in range(3)]
-        res["spearman_abs_pcs"] = rho
-        res["spearman_abs_best_pc"] = max(rho)
+        res["state_maps"] = _state_maps(
+            run, z[good], pred, np.asarray(truth["labels"])[good], truth, data, hints
+        )
     np.save(run_dir / "z_final.npy", z)
     return res
 

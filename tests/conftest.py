@@ -1,10 +1,11 @@
 """Shared pytest fixtures for all test areas.
 
-``interop_data``: the folder of real RELION/cryoSPARC/EMPIAR files
-(``$CRYOFIELD_INTEROP_DATA`` or ``<repo>/../shared/data/interop``); tests that use it are
-skipped with a reason when it is absent. ``simulated``: noiseless simulated datasets with
-their truth, built once per session and parameter set. Every test starts from
-``torch.manual_seed(0)``.
+``interop_data``: the folder of real RELION/cryoSPARC/EMPIAR files:
+``$CRYOFIELD_INTEROP_DATA`` when set, else ``<repo>/../shared/data/interop`` (the files are
+not copied into the repository: their README asks so). The first folder that holds every
+file of :data:`INTEROP_FILES` is used; tests that use it are skipped with a reason when
+none does. ``simulated``: noiseless simulated datasets with their truth,
+built once per session and parameter set. Every test starts from ``torch.manual_seed(0)``.
 """
 
 from __future__ import annotations
@@ -19,13 +20,35 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+#: The interop files the tests read.
+INTEROP_FILES = (
+    "FinalRefinement-OriginalParticles-PfCRT.star",
+    "cryosparc_J2_particles_exported.cs",
+    "cryosparc_P12_J24_001_particles.cs",
+    "ctf1.pkl",
+    "empiar_10076_7.cs",
+    "empiar_10076_7.mrc",
+    "empiar_10076_7.star",
+    "hand-vol.mrc",
+    "pose.star.pkl",
+    "relion31.6opticsgroups.star",
+    "relion31.mrcs",
+    "relion31.star",
+    "relion31.v2.star",
+    "relion5.star",
+    "toy_angles.pkl",
+    "toy_projections.mrcs",
+    "toy_projections.star",
+)
+
 
 def _interop_dir() -> Path | None:
+    """The first candidate folder that holds every interop file, or ``None``."""
     env = os.environ.get("CRYOFIELD_INTEROP_DATA")
     candidates = [Path(env)] if env else []
     candidates.append(REPO_ROOT.parent / "shared" / "data" / "interop")
     for path in candidates:
-        if path.is_dir():
+        if all((path / name).is_file() for name in INTEROP_FILES):
             return path
     return None
 
@@ -36,7 +59,8 @@ def interop_data() -> Path:
     path = _interop_dir()
     if path is None:
         pytest.skip(
-            "interop data not found: set CRYOFIELD_INTEROP_DATA or provide ../shared/data/interop"
+            "interop data not found: set CRYOFIELD_INTEROP_DATA or provide "
+            "../shared/data/interop"
         )
     return path
 

@@ -176,3 +176,28 @@ def test_spearman_latent() -> None:
     coord_nan = coord.copy()
     coord_nan[:10] = np.nan
     assert abs(metrics.spearman_latent_vs_coord(z, coord_nan)[0]) == pytest.approx(1.0)
+
+
+def test_pose_error_is_accurate_at_small_angles() -> None:
+    """The geodesic of ``pose_errors`` (physics.rotation's chord formula) resolves
+    micro-degree errors, which ``arccos((tr - 1) / 2)`` rounds to ~1e-6 deg or to zero."""
+    R_true = _rots(5, 17)
+    angles = np.array([0.0, 1e-9, 1e-7, 1e-5, 1e-3])  # rad
+    dR = Rotation.from_rotvec(angles[:, None] * np.array([0.6, 0.0, 0.8])).as_matrix()
+    geo = metrics._geodesic_rad(R_true @ dR, R_true)
+    np.testing.assert_allclose(geo, angles, rtol=1e-6, atol=1e-14)
+
+
+def test_spearman_uses_the_pca_of_latent_analysis() -> None:
+    """The PCs scored against a coordinate are those of ``analysis.latent.pca`` (one
+    PCA in the package), signs included."""
+    from scipy.stats import spearmanr
+
+    from cryofield.analysis.latent import pca
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(200, 4)) * [3.0, 2.0, 1.0, 0.5]
+    coord = z[:, 1] - 0.5 * z[:, 0] + rng.normal(size=200)
+    pcs = pca(z).projected
+    rho = metrics.spearman_latent_vs_coord(z, coord)
+    assert rho == pytest.approx([spearmanr(pcs[:, j], coord).statistic for j in range(3)])

@@ -98,3 +98,32 @@ def test_too_few_images_is_reported_as_not_converged(tmp_path, capsys):
     verdict = json.loads((out / "verdict.json").read_text())
     assert verdict["converged"] is False and verdict["reasons"]
     assert "did not converge" in capsys.readouterr().err
+
+
+def test_benchmark_scores_latents_with_the_evaluate_functions():
+    """bench_train's latent scores are those of ``cryofield evaluate`` (fake run, fast)."""
+    import numpy as np
+
+    from cryofield.analysis.evaluate import clustering_scores
+    from cryofield.analysis.metrics import spearman_latent_vs_coord
+
+    bench = _bench()
+    rng = np.random.default_rng(0)
+    # discrete truth: 3 separated states, 2 junk particles (excluded, as in evaluate)
+    labels = np.repeat([0, 1, 2], 40)
+    z = rng.normal(size=(120, 4)) * 0.1 + np.eye(4)[labels] * 3
+    labels[:2] = -1
+    junk = labels < 0
+    truth = {"labels": labels, "is_junk": junk, "coord": np.full(120, np.nan)}
+    scores, pred = bench.score_latents(z, truth)
+    expected, expected_pred = clustering_scores(z[~junk], labels[~junk])
+    assert scores == {"ari": expected["ari"], "clustering": expected}
+    assert scores["ari"] == 1.0 and np.array_equal(pred, expected_pred) and len(pred) == 118
+    # continuous truth: |Spearman| of the PCs, the coordinate in the second latent
+    coord = rng.uniform(size=200)
+    z = np.stack([0.3 * rng.normal(size=200), 5 * coord + 0.01 * rng.normal(size=200)], axis=1)
+    coord[:3] = np.nan  # junk: no coordinate
+    scores, pred = bench.score_latents(z, {"labels": np.zeros(200, int), "coord": coord})
+    assert pred is None
+    assert scores["spearman_abs_pcs"] == [abs(r) for r in spearman_latent_vs_coord(z, coord)]
+    assert scores["spearman_abs_best_pc"] > 0.99

@@ -7,7 +7,6 @@ import math
 import torch
 from synth import blob_volume
 
-from cryofield.inference import search_grid
 from cryofield.inference.pose_search import (
     FrequencyPoints,
     SearchSettings,
@@ -20,6 +19,7 @@ from cryofield.physics.ctf import CTFParams, compute_ctf
 from cryofield.physics.fourier import fft3_centered
 from cryofield.physics.rotation import geodesic_distance_rad, random_rotations
 from cryofield.physics.slicing import extract_slices
+from cryofield.physics.so3_grid import child_pairs, grid_spacing_rad, level_points, pair_rotations
 
 
 def test_frequency_points_sorted_half_plane_and_friedel():
@@ -55,15 +55,68 @@ def test_slice_grid_matches_physics_extract_slices_and_crop():
     assert torch.allclose(per, ref, atol=1e-3 * float(F.abs().max()))
 
 
+def _spacing_deg(base_psi: int, level: int) -> float:
+    return math.degrees(grid_spacing_rad(level, base_psi))
+
+
 def test_grid_children_refine_the_parent():
-    rots, pix, psi = search_grid.base_grid(1, 6)
+    grid = dict(base_nside=1, base_psi=6, pole_offset=False)
+    rots, pix, psi = level_points(0, **grid)
     assert rots.shape == (72, 3, 3)
-    cpix, cpsi = search_grid.children(pix[:5], psi[:5])
+    cpix, cpsi = child_pairs(pix[:5], psi[:5])
     assert cpix.shape == (5, 8)
-    child = search_grid.rotations_from_ids(cpix, cpsi, 1, 6, 1)
+    child = pair_rotations(cpix, cpsi, 1, **grid)
     d = torch.rad2deg(geodesic_distance_rad(child, rots[:5, None].expand(5, 8, 3, 3)))
     # children lie within one base-grid spacing of their parent
     assert float(d.max()) < 60.0
+
+
+def test_search_grid_rotations_are_those_the_runs_were_measured_with():
+    """The search's grid (no pole offset) is unchanged: rows saved from the grid module
+    the pose search used before it moved to ``physics.so3_grid`` (float32, 7 decimals),
+    and the definition ``euler_relion_to_matrix(phi, theta, (j + 1/2) 2 pi / n_psi)``
+    with ``(theta, phi)`` the nested HEALPix pixel centre, bit for bit."""
+    import healpy
+    import numpy as np
+
+    from cryofield.physics.rotation import euler_relion_to_matrix
+
+    grid = dict(base_nside=4, base_psi=24, pole_offset=False)
+    rots, pix, psi = level_points(0, **grid)
+    saved = {  # id: (pixel, psi index, R row-major)
+        0: (0, 0, [0.0245469, 0.2091389, -0.9775778, -0.71644, 0.6856747, 0.1287006,
+                   0.6972167, 0.6972167, 0.1666667]),
+        1: (0, 1, [-0.1617178, 0.3794783, -0.9109575, -0.6983812, 0.6081818, 0.377331,
+                   0.6972167, 0.6972167, 0.1666667]),
+        1000: (41, 16, [-0.3011535, 0.9099161, 0.2852354, -0.724726, -0.023997, -0.6886191,
+                        -0.6197408, -0.4140976, 0.6666667]),
+        4607: (191, 23, [-0.2091389, 0.0245469, -0.9775778, 0.6856747, 0.71644, -0.1287006,
+                         0.6972167, -0.6972167, -0.1666667]),
+    }  # fmt: skip
+    for i, (p, j, row) in saved.items():
+        assert (int(pix[i]), int(psi[i])) == (p, j)
+        assert torch.allclose(rots[i].flatten(), torch.tensor(row), atol=1e-6)
+    lv2 = pair_rotations(torch.tensor([5, 700, 3000]), torch.tensor([3, 40, 95]), 2, **grid)
+    saved2 = [
+        [-0.0856997, 0.2656401, -0.9602556, -0.8047702, 0.5497396, 0.2239002,
+         0.5873674, 0.7919733, 0.1666667],
+        [0.8261961, -0.3026936, 0.4751596, 0.2005858, 0.9461821, 0.2539781,
+         -0.5264651, -0.1145255, 0.8424479],
+        [-0.1884636, 0.5085673, -0.8401433, 0.9512833, 0.3070889, -0.0275034,
+         0.2440114, -0.8043977, -0.5416667],
+    ]  # fmt: skip
+    assert torch.allclose(lv2.reshape(3, 9), torch.tensor(saved2), atol=1e-6)
+    cpix, cpsi = child_pairs(torch.tensor([[7]]), torch.tensor([[5]]))
+    assert cpix.tolist() == [[[28, 28, 29, 29, 30, 30, 31, 31]]]
+    assert cpsi.tolist() == [[[10, 11, 10, 11, 10, 11, 10, 11]]]
+    # every level-0 point and the children down to level 3, bit for bit
+    for lv, nside, n_psi in ((0, 4, 24), (3, 32, 192)):
+        p = torch.arange(12 * nside * nside).repeat_interleave(n_psi)[:: 7 + 97 * lv]
+        j = torch.arange(n_psi).repeat(12 * nside * nside)[:: 7 + 97 * lv]
+        theta, phi = healpy.pix2ang(nside, p.numpy(), nest=True)
+        ang = np.stack([phi, theta, (j.numpy() + 0.5) * (2 * math.pi / n_psi)], axis=-1)
+        ref = euler_relion_to_matrix(torch.as_tensor(ang, dtype=torch.float64)).float()
+        assert torch.equal(pair_rotations(p, j, lv, **grid), ref)
 
 
 def _observations(F: torch.Tensor, D: int, R, t, pts: FrequencyPoints, with_ctf: bool):
@@ -93,7 +146,7 @@ def test_search_recovers_true_poses_of_a_known_volume_to_grid_precision():
                         radius_lo_px=6.0, radius_hi_px=12.0)  # fmt: skip
     Rh, th = search_poses(F, D, X, c, pts, st)[:2]
     err_deg = torch.rad2deg(geodesic_distance_rad(Rh, R))
-    spacing = search_grid.grid_spacing_deg(4, 24, 3)  # 1.9 deg
+    spacing = _spacing_deg(24, 3)  # 1.9 deg
     assert float(err_deg.median()) < spacing
     assert float(err_deg.max()) < 2 * spacing
     assert float((th - t).norm(dim=-1).max()) < 0.5
@@ -116,7 +169,7 @@ def test_search_recovers_poses_of_a_known_neural_field():
                         radius_lo_px=5.0, radius_hi_px=10.0)  # fmt: skip
     Rh, th = search_poses(F, D, X[:, : pts.count(10.0)], c, pts, st)[:2]
     err_deg = torch.rad2deg(geodesic_distance_rad(Rh, R))
-    assert float(err_deg.median()) < search_grid.grid_spacing_deg(2, 12, 3)
+    assert float(err_deg.median()) < _spacing_deg(12, 3)
     assert float(th.abs().max()) == 0.0
     assert math.isfinite(float(err_deg.max()))
 
@@ -140,7 +193,7 @@ def test_search_against_several_references_picks_each_image_s_volume():
     res = search_poses(refs, D, X, obs[0][1], pts, st, chunk=5)
     assert torch.equal(res.reference, truth)
     err_deg = torch.rad2deg(geodesic_distance_rad(res.rotations, R))
-    assert float(err_deg.max()) < 2 * search_grid.grid_spacing_deg(4, 24, 2)
+    assert float(err_deg.max()) < 2 * _spacing_deg(24, 2)
     assert float((res.shifts_px - t).norm(dim=-1).max()) < 0.5
     # one reference: every image is aligned to it
     assert int(search_poses(refs[0], D, X, obs[0][1], pts, st).reference.max()) == 0

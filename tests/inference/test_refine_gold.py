@@ -16,9 +16,8 @@ from cryofield.inference.refine import (
     reference_grid,
     refine_poses_gold_standard,
 )
-from cryofield.model.tables import so3_exp
 from cryofield.physics.fourier import fft3_centered
-from cryofield.physics.rotation import geodesic_distance_rad
+from cryofield.physics.rotation import axis_angle_to_matrix, geodesic_distance_rad
 
 
 def _batches(data) -> BatchMaker:
@@ -61,7 +60,7 @@ def test_refinement_brings_perturbed_poses_back(one_thread):
     g = torch.Generator().manual_seed(7)
     w = torch.randn(n, 3, generator=g)
     w = w / w.norm(dim=-1, keepdim=True) * math.radians(3.0)  # every pose 3 deg off
-    R0 = data.rotations @ so3_exp(w)
+    R0 = data.rotations @ axis_angle_to_matrix(w)
     t0 = data.shifts_px + 0.4 * torch.randn(n, 2, generator=g)
     res = refine_poses_gold_standard(batches, R0, t0, RefineSettings(max_iters=3, chunk=128))
     err0 = torch.rad2deg(geodesic_distance_rad(R0, data.rotations))
@@ -105,7 +104,7 @@ def test_global_check_rescues_images_in_a_wrong_basin(one_thread):
     w = torch.randn(n, 3, generator=g)
     size = torch.full((n, 1), math.radians(1.0))
     size[: n // 10] = math.radians(90.0)  # 10% of the images far off: a local search cannot
-    R0 = data.rotations @ so3_exp(w / w.norm(dim=-1, keepdim=True) * size)
+    R0 = data.rotations @ axis_angle_to_matrix(w / w.norm(dim=-1, keepdim=True) * size)
     search = SearchSettings(base_nside=2, base_psi=12, levels=3, n_keep=4, t_extent_px=2.0,
                             t_ngrid=5, radius_lo_px=6.0, radius_hi_px=10.0)  # fmt: skip
     errs = {}

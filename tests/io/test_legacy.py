@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 
 from cryofield.errors import InputFileError
-from cryofield.io.legacy import attach_legacy, load_pickle, read_ctf_pkl, read_pose_pkl
+from cryofield.io.legacy import (
+    attach_legacy,
+    attach_poses,
+    load_pickle,
+    read_ctf_pkl,
+    read_pose_pkl,
+)
 from cryofield.io.metadata import load_particle_table
+from cryofield.io.mrc import write_mrc
 
 
 class _Evil:
@@ -73,3 +80,23 @@ def test_mismatched_counts(interop_data):
     with pytest.raises(InputFileError, match=r"pose\.star\.pkl: mismatched particle counts: 5 "
                        "poses for 1000"):  # fmt: skip
         attach_legacy(toy, pose_pkl=interop_data / "pose.star.pkl")
+
+
+def test_attach_poses_from_a_poses_npz(tmp_path):
+    """``backproject --poses run/epoch_NNN/poses.npz``: shifts in A, rows by particle_index."""
+    stack = tmp_path / "p.mrcs"
+    write_mrc(stack, np.zeros((6, 8, 8), np.float32), 2.0)
+    table = load_particle_table(stack)
+    R = np.broadcast_to(np.eye(3), (3, 3, 3)).copy()
+    poses = tmp_path / "poses.npz"
+    np.savez(poses, rotations=R, shifts_A=np.array([[2.0, -4.0]] * 3),
+             particle_index=np.array([5, 0, 2]))  # fmt: skip
+    t = attach_poses(table, poses)
+    np.testing.assert_array_equal(t.image_index, [5, 0, 2])  # cut to the run's particles
+    np.testing.assert_allclose(t.shifts_px, [[1.0, -2.0]] * 3)  # A / 2 A/px
+    np.savez(poses, rotations=R)  # 3 poses for 6 particles, no index
+    with pytest.raises(InputFileError, match=r"mismatched particle counts: rotations \(3, 3, 3\) "
+                       "for 6 particles"):  # fmt: skip
+        attach_poses(table, poses)
+    with pytest.raises(InputFileError, match=r"poses must be a cryoDRGN \.pkl or an \.npz"):
+        attach_poses(table, tmp_path / "poses.txt")

@@ -1,4 +1,4 @@
-"""CTF against an independent numpy evaluation of the DESIGN.md formula."""
+"""CTF against an independent numpy evaluation of the formula in the ``physics.ctf`` docstring."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_wavelength_300kV_literature() -> None:
 
 
 def _numpy_ctf(kx, ky, apix, dfu, dfv, ang_deg, kv, cs, w, ps_deg, b):
-    """DESIGN.md formula, evaluated point by point in float64 numpy."""
+    """The ``cryofield.physics.ctf`` formula, evaluated point by point in float64 numpy."""
     s2 = (kx**2 + ky**2) / apix**2
     alpha = np.arctan2(ky, kx)
     df = 0.5 * (dfu + dfv + (dfu - dfv) * np.cos(2 * (alpha - np.deg2rad(ang_deg))))
@@ -139,7 +139,7 @@ def test_sign_is_minus_relion_getctf() -> None:
     RELION: defocus_average = -(dU + dV)/2, defocus_deviation = -(dU - dV)/2,
     K1 = pi lambda, K2 = pi/2 Cs lambda^3, K3 = sqrt(1 - Q0^2), K5 = phase shift,
     argument = K1 deltaf u^2 + K2 u^4 - K5, retval = -(K3 sin(argument) - Q0 cos(argument)).
-    So our CTF (DESIGN.md, as cryoDRGN) models dark-on-light images; RELION's the
+    So our CTF (as cryoDRGN; docs/dev/contracts.md) models dark-on-light images; RELION's the
     light-on-dark ones (docs/backproject.md, "Contrast").
     """
     dU, dV, ang, kv, cs, q0, ps = 18000.0, 16500.0, 25.0, 300.0, 2.7, 0.07, 20.0

@@ -111,6 +111,35 @@ def test_axis_angle_round_trip_and_rodrigues() -> None:
     assert np.allclose(Rotation.from_rotvec(v.numpy()).as_matrix(), R.numpy(), atol=1e-12)
 
 
+def test_axis_angle_value_and_gradient_at_zero_and_small_angles() -> None:
+    """Rodrigues near theta = 0: exact value, finite gradient ``d exp([v]_x) / dv_i = [e_i]_x``
+    at ``v = 0``, and gradients that match finite differences across the Taylor branch."""
+    from scipy.spatial.transform import Rotation
+
+    def cross(e: torch.Tensor) -> torch.Tensor:
+        x, y, z = e.tolist()
+        return torch.tensor([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]], dtype=e.dtype)
+
+    W = torch.randn(3, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        v0 = torch.zeros(3, dtype=dtype, requires_grad=True)
+        R0 = rot.axis_angle_to_matrix(v0)
+        assert torch.equal(R0, torch.eye(3, dtype=dtype))
+        (R0 * W.to(dtype)).sum().backward()
+        expected = torch.stack([(W * cross(e)).sum() for e in torch.eye(3, dtype=torch.float64)])
+        assert torch.isfinite(v0.grad).all()
+        assert torch.allclose(v0.grad.double(), expected, atol=1e-6)
+    # values: the Taylor branch (theta^2 < 1e-6) and the closed form agree with scipy
+    axis = torch.nn.functional.normalize(torch.tensor([0.3, -0.5, 0.8], dtype=torch.float64), dim=0)
+    for theta in (1e-9, 1e-6, 1e-4, 9.99e-4, 1.001e-3, 1e-2, 0.5):
+        v = axis * theta
+        ref = Rotation.from_rotvec(v.numpy()).as_matrix()
+        assert np.abs(rot.axis_angle_to_matrix(v).numpy() - ref).max() < 1e-15
+        assert np.abs(rot.axis_angle_to_matrix(v.float()).numpy() - ref).max() < 5e-7
+        vg = v.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(rot.axis_angle_to_matrix, (vg,), eps=1e-7, atol=1e-6)
+
+
 def test_rotation_6d_round_trip_and_projection() -> None:
     R = rot.random_rotations(1000, torch.Generator().manual_seed(4), dtype=torch.float64)
     d6 = rot.matrix_to_rotation_6d(R)

@@ -42,9 +42,16 @@ def test_fractional_shift_moves_centroid_and_matches_between_spaces() -> None:
     assert torch.allclose(ph, torch.exp(-2j * torch.pi * (pts @ t[0]))[None])
 
 
-def test_hartley_negate_freq() -> None:
+def test_negate_frequency() -> None:
+    from cryofield.physics.fourier import negate_frequency
+
     D = 8
     h = torch.arange(D * D, dtype=torch.float64).reshape(D, D)
-    neg = sh.hartley_negate_freq(h)
+    neg = negate_frequency(h, 2)
     for i, j in [(4, 4), (3, 5), (0, 0), (0, 6), (7, 1)]:
         assert neg[i, j] == h[(D - i) % D, (D - j) % D]
+    v = torch.arange(D**3, dtype=torch.float64).reshape(2, D // 2, D, D)  # batch, ndim=2
+    assert torch.equal(negate_frequency(v, 2)[1, 3, 3, 5], v[1, 3, 5, 3])
+    v3 = torch.arange(D**3, dtype=torch.float64).reshape(D, D, D)
+    for i, j, k in [(4, 4, 4), (0, 3, 7), (1, 0, 6)]:
+        assert negate_frequency(v3, 3)[i, j, k] == v3[(D - i) % D, (D - j) % D, (D - k) % D]

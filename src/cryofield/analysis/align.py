@@ -28,6 +28,7 @@ from scipy.spatial.transform import Rotation
 
 from cryofield.physics.filters import fourier_crop_3d
 from cryofield.physics.handedness import flip_hand_volume
+from cryofield.physics.so3_grid import level_points
 
 __all__ = [
     "VolumeAlignment",
@@ -134,19 +135,19 @@ def _fourier_crop(vol: np.ndarray, D_new: int) -> np.ndarray:
 
 
 def so3_grid(nside: int = 2, n_psi: int = 12) -> np.ndarray:
-    """Near-uniform rotations: HEALPix directions x in-plane angles, ``(M, 3, 3)``.
+    """Near-uniform rotations for the coarse search, ``(M, 3, 3)`` float64.
 
-    ``nside=2, n_psi=12`` gives 576 rotations about 30 deg apart (Yershova et al., 2010,
-    the Hopf-fibration construction, here with HEALPix for the sphere part).
+    The transposes of the points of :mod:`cryofield.physics.so3_grid` with base
+    ``(nside, n_psi)`` at level 0, without pole offset and with in-plane angles
+    ``j 2 pi / n_psi`` (the coarse grid this search has always used). ``nside=2,
+    n_psi=12`` gives 576 rotations about 30 deg apart (Yershova et al., 2010, the
+    Hopf-fibration construction, here with HEALPix for the sphere part).
     """
-    import healpy
-
-    theta, phi = healpy.pix2ang(nside, np.arange(12 * nside * nside))
-    psi = np.arange(n_psi) * (2 * np.pi / n_psi)
-    eul = np.stack(
-        [np.repeat(phi, n_psi), np.repeat(theta, n_psi), np.tile(psi, len(theta))], axis=1
-    )
-    return Rotation.from_euler("ZYZ", eul).as_matrix()
+    R, _, _ = level_points(
+        0, base_nside=nside, base_psi=n_psi, pole_offset=False, psi_phase=0.0,
+        dtype=torch.float64,
+    )  # fmt: skip
+    return R.transpose(-1, -2).numpy()
 
 
 def _normalise(v: torch.Tensor) -> torch.Tensor:

@@ -26,14 +26,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cryofield.analysis import latent, metrics
 from cryofield.errors import InputFileError
 
-__all__ = ["evaluate_run", "format_table", "load_truth"]
+if TYPE_CHECKING:
+    from cryofield.inference.rundir import RunDir
+
+__all__ = ["clustering_scores", "evaluate_run", "format_table", "load_truth", "scored_particles"]
 
 log = logging.getLogger("cryofield.analysis.evaluate")
 
@@ -120,6 +123,39 @@ def _map_scores(pred: np.ndarray, true: np.ndarray, apix_A: float, hints: list) 
     }
 
 
+def scored_particles(junk: np.ndarray) -> np.ndarray:
+    """Mask of the particles that are scored: all but the true junk (all of them when
+    fewer than 3 would remain)."""
+    junk = np.asarray(junk, bool)
+    return ~junk if (~junk).sum() >= 3 else np.ones(len(junk), bool)
+
+
+def clustering_scores(z: np.ndarray, labels: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    """k-means of the latents with K = the number of true states, against the true labels.
+
+    Parameters
+    ----------
+    z : (N, zdim) latents.
+    labels : (N,) true state of each particle.
+
+    Returns
+    -------
+    scores : ``{"k", "ari", "nmi", "accuracy"}`` (:func:`latent.kmeans`, seed
+        :data:`latent.DEFAULT_SEED`; :mod:`metrics`).
+    predicted : (N,) the k-means labels.
+    """
+    labels = np.asarray(labels)
+    k = len(np.unique(labels))
+    km = latent.kmeans(np.asarray(z), k)
+    scores = {
+        "k": k,
+        "ari": metrics.adjusted_rand_index(labels, km.labels),
+        "nmi": metrics.normalized_mutual_info(labels, km.labels),
+        "accuracy": metrics.cluster_accuracy(labels, km.labels),
+    }
+    return scores, km.labels
+
+
 def evaluate_run(
     outdir: str | Path,
     truth_path: str | Path,
@@ -133,11 +169,10 @@ def evaluate_run(
     ``ceiling_max_images`` (None: all, 0: no ceiling) and ``ceiling_radius_px`` (default
     Nyquist) bound the cost of the state ceiling (:func:`ceiling.state_ceiling`).
     """
-    from cryofield.analysis.report import resolve_epoch
     from cryofield.inference.rundir import RunDir
 
     run = RunDir(outdir)
-    ep = resolve_epoch(run, epoch)
+    ep = run.choose_epoch(epoch, verb="evaluate")
     truth_path = Path(truth_path)
     truth = load_truth(truth_path)
     poses = run.poses(ep)
@@ -151,7 +186,7 @@ def evaluate_run(
     R_pred = np.asarray(poses["rotations"], np.float64)
     R_true = np.asarray(truth["rotations"], np.float64)[index]
     junk = np.asarray(truth.get("is_junk", np.zeros(n_true, bool)), bool)[index]
-    good = ~junk if (~junk).sum() >= 3 else np.ones(len(index), bool)
+    good = scored_particles(junk)
     t_pred = t_true = None
     if "shifts_px" in truth and "shifts_A" in poses and "apix_A" in truth:
         t_pred = np.asarray(poses["shifts_A"], np.float64)[good] / float(truth["apix_A"])
@@ -201,15 +236,8 @@ def evaluate_run(
     if maps:
         res["fsc_auc_mean"] = float(np.mean([m["fsc_auc"] for m in maps]))
     if z is not None and labels is not None:
-        states = np.unique(labels[good])
-        if len(states) >= 2:
-            km = latent.kmeans(np.asarray(z)[good], len(states))
-            res["clustering"] = {
-                "k": len(states),
-                "ari": metrics.adjusted_rand_index(labels[good], km.labels),
-                "nmi": metrics.normalized_mutual_info(labels[good], km.labels),
-                "accuracy": metrics.cluster_accuracy(labels[good], km.labels),
-            }
+        if len(np.unique(labels[good])) >= 2:
+            res["clustering"], _ = clustering_scores(np.asarray(z)[good], labels[good])
     res["ceiling"] = _ceiling(
         truth_path, truth, run, index, volumes, ceiling_max_images, ceiling_radius_px
     )
@@ -248,7 +276,7 @@ def evaluate_run(
 def _ceiling(
     truth_path: Path,
     truth: dict,
-    run: Any,
+    run: RunDir,
     index: np.ndarray,
     volumes: list[str] | None,
     max_images: int | None,

@@ -341,7 +341,9 @@ def load_residuals(epoch_dir: str | Path, n: int) -> np.ndarray | None:
     AUC of the junk flag 0.76 with the raw residual, 0.98 with the relative one (true
     particles 0.43-0.74, pure noise 0.96-1.06, fragments 0.75-0.97, other objects
     0.71-0.89; 5-95th percentiles)."""
-    path = Path(epoch_dir) / "residuals.npz"
+    from cryofield.inference.rundir import RESIDUALS_FILE
+
+    path = Path(epoch_dir) / RESIDUALS_FILE
     if not path.is_file():
         log.info("%s: no residuals.npz (older run): junk from the latents only", epoch_dir)
         return None

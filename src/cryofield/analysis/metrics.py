@@ -30,6 +30,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from cryofield.analysis.align import VolumeAlignment, align_volume
 from cryofield.physics.handedness import mirror_matrix
+from cryofield.physics.rotation import geodesic_distance_rad
 
 __all__ = [
     "MIRROR",
@@ -62,9 +63,14 @@ def _project_to_so3(A: np.ndarray) -> np.ndarray:
 
 
 def _geodesic_rad(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """Angle (rad) of ``A^T B`` for stacks ``(N, 3, 3)`` (or one matrix broadcast)."""
-    tr = np.einsum("...ji,...ji->...", A, B)
-    return np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0))
+    """Angle (rad) of ``A^T B`` for stacks ``(N, 3, 3)`` (or one matrix broadcast).
+
+    Numpy front of :func:`cryofield.physics.rotation.geodesic_distance_rad` (accurate at
+    small angles, unlike ``arccos((tr - 1) / 2)``).
+    """
+    A = torch.from_numpy(np.array(A, np.float64))  # copies: inputs may be read-only views
+    B = torch.from_numpy(np.array(B, np.float64))
+    return geodesic_distance_rad(A, B).numpy()
 
 
 def _robust_mean_rotation(Q: np.ndarray, n_iter: int = 30) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +94,7 @@ def _robust_mean_rotation(Q: np.ndarray, n_iter: int = 30) -> tuple[np.ndarray, 
             G = G_new
             break
         G = G_new
-    return G, _geodesic_rad(np.broadcast_to(G, Q.shape), Q)
+    return G, _geodesic_rad(G, Q)
 
 
 def align_rotations(
@@ -294,9 +300,12 @@ def spearman_latent_vs_coord(z: np.ndarray, coord: np.ndarray, n_pcs: int = 3) -
 
     Returns
     -------
-    list of ``min(n_pcs, zdim)`` correlations (signed; a PC's sign is arbitrary).
+    list of ``min(n_pcs, zdim)`` correlations (signed; the PCs' signs are those of
+    :func:`cryofield.analysis.latent.pca`, a convention, so compare ``abs`` values).
     """
     from scipy.stats import spearmanr
+
+    from cryofield.analysis.latent import pca
 
     z = np.asarray(z, np.float64).reshape(len(z), -1)
     c = np.asarray(coord, np.float64)
@@ -304,9 +313,7 @@ def spearman_latent_vs_coord(z: np.ndarray, coord: np.ndarray, n_pcs: int = 3) -
     z, c = z[ok], c[ok]
     if len(c) < 3:
         return []
-    zc = z - z.mean(axis=0)
-    _, _, Vt = np.linalg.svd(zc, full_matrices=False)
-    pcs = zc @ Vt.T
+    pcs = pca(z).projected
     out = []
     for j in range(min(n_pcs, pcs.shape[1])):
         if np.ptp(pcs[:, j]) == 0 or np.ptp(c) == 0:

@@ -31,12 +31,15 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cryofield.analysis import latent
 from cryofield.io.atomic import atomic_path, write_text_atomic
+
+if TYPE_CHECKING:
+    from cryofield.inference.rundir import RunDir
 
 __all__ = [
     "PC_PERCENTILES",
@@ -44,7 +47,6 @@ __all__ = [
     "chimerax_script",
     "kmeans_for_run",
     "read_verdict",
-    "resolve_epoch",
     "verdict_banner",
 ]
 
@@ -57,7 +59,7 @@ UMAP_MAX_POINTS = 50000
 PC_PERCENTILES = (5.0, 15.0, 25.0, 35.0, 45.0, 55.0, 65.0, 75.0, 85.0, 95.0)
 
 
-def kmeans_for_run(run: Any, epoch: int, n_clusters: int | None = None) -> latent.KMeansResult:
+def kmeans_for_run(run: RunDir, epoch: int, n_clusters: int | None = None) -> latent.KMeansResult:
     """k-means of a run's latents, reusing ``analyze.EPOCH/analysis.npz`` when it matches.
 
     Without a saved result (or with another K) k-means is computed with the same seed
@@ -69,7 +71,7 @@ def kmeans_for_run(run: Any, epoch: int, n_clusters: int | None = None) -> laten
 
         raise CryofieldError(f"{run.path}: homogeneous run (no latents): there are no clusters")
     k = latent.default_n_clusters(len(z), n_clusters)
-    saved = run.path / f"analyze.{epoch}" / "analysis.npz"
+    saved = run.analyze_dir(epoch) / "analysis.npz"
     if saved.is_file():
         from cryofield.errors import InputFileError
         from cryofield.io.arrays import load_npz
@@ -120,7 +122,9 @@ def read_verdict(outdir: str | Path) -> dict[str, Any] | None:
     Returns a dict with ``converged`` (bool), ``headline`` (str), ``reasons`` (list of
     str) and ``advice`` (str); an unreadable file gives ``{"error": message}``.
     """
-    path = Path(outdir) / "verdict.json"
+    from cryofield.inference.rundir import VERDICT_FILE
+
+    path = Path(outdir) / VERDICT_FILE
     if not path.is_file():
         return None
     try:
@@ -311,19 +315,6 @@ class _Report:
         return path
 
 
-def resolve_epoch(run: Any, epoch: int | None) -> int:
-    from cryofield.errors import CryofieldError
-
-    eps = run.epochs()
-    if not eps:
-        raise CryofieldError(f"{run.path}: no complete epoch yet (no epoch_NNN/DONE)")
-    if epoch is None:
-        return eps[-1]
-    if epoch not in eps:
-        raise CryofieldError(f"{run.path}: epoch {epoch} is not complete (complete: {eps})")
-    return int(epoch)
-
-
 def _write_series(field: Any, z_points: np.ndarray, folder: Path, apix_A: float, title: str):
     from cryofield.analysis.volumes import render_volumes
     from cryofield.io.mrc import write_mrc
@@ -342,7 +333,7 @@ def _write_series(field: Any, z_points: np.ndarray, folder: Path, apix_A: float,
     return names, [v.sum(axis=0) for v in vols]
 
 
-def half_map_fsc(run: Any, epoch: int, max_particles: int = 20000) -> dict[str, Any]:
+def half_map_fsc(run: RunDir, epoch: int, max_particles: int = 20000) -> dict[str, Any]:
     """Reconstruct two half maps with the run's poses and return their FSC.
 
     Halves: RELION ``rlnRandomSubset`` when the input has it, else even/odd particles.
@@ -351,8 +342,8 @@ def half_map_fsc(run: Any, epoch: int, max_particles: int = 20000) -> dict[str, 
     import torch
 
     from cryofield.analysis.metrics import fsc_curve
+    from cryofield.inference.consensus import backproject_sets
     from cryofield.io.particles import ParticleSource
-    from cryofield.physics.backproject import reconstruct_fourier
     from cryofield.physics.ctf import CTFParams
     from cryofield.physics.fsc import resolution_at
 
@@ -370,27 +361,21 @@ def half_map_fsc(run: Any, epoch: int, max_particles: int = 20000) -> dict[str, 
         subset = raw["rlnRandomSubset"].to_numpy()[rows]
         if set(np.unique(subset)) == {1, 2}:
             half = subset - 1
-    source = ParticleSource(table, D=D)  # images Fourier-cropped to the training box
-    maps = []
-    for h in (0, 1):
-        sel = rows[half == h]
-        imgs = source[sel]
-        ctf = None if table.ctf is None else CTFParams.from_table(table, sel)
-        vol = reconstruct_fourier(
-            imgs,
-            torch.as_tensor(poses["rotations"][sel], dtype=torch.float32),
-            torch.as_tensor(poses["shifts_px"][sel], dtype=torch.float32),
-            ctf,
-            apix,
-        )
-        maps.append(vol.numpy())
+    bps = backproject_sets(
+        ParticleSource(table, D=D),  # images Fourier-cropped to the training box
+        torch.as_tensor(poses["rotations"][rows], dtype=torch.float32),
+        torch.as_tensor(poses["shifts_px"][rows], dtype=torch.float32),
+        None if table.ctf is None else CTFParams.from_table(table, rows),
+        apix, rows=rows, sets=half,
+    )  # fmt: skip
+    maps = [bp.volume().numpy() for bp in bps]
     curve = fsc_curve(maps[0], maps[1])
     res05 = resolution_at(torch.as_tensor(curve), 0.5, apix)[1]
     res0143 = resolution_at(torch.as_tensor(curve), 0.143, apix)[1]
     return {"fsc": curve, "res_0.5_A": res05, "res_0.143_A": res0143, "maps": maps}
 
 
-def _pose_section(rep: _Report, run: Any, epoch: int, folder: Path) -> None:
+def _pose_section(rep: _Report, run: RunDir, epoch: int, folder: Path) -> None:
     from cryofield.analysis import plots
     from cryofield.analysis.metrics import viewing_directions
 
@@ -407,7 +392,7 @@ def _pose_section(rep: _Report, run: Any, epoch: int, folder: Path) -> None:
     rep.figure("Training", rep.step("training curves", curves), "loss and band limit per epoch")
 
 
-def _homogeneous(rep: _Report, run: Any, epoch: int, folder: Path, summary: list) -> None:
+def _homogeneous(rep: _Report, run: RunDir, epoch: int, folder: Path, summary: list) -> None:
     from cryofield.analysis import plots
     from cryofield.io.mrc import write_mrc
 
@@ -472,7 +457,7 @@ def _homogeneous(rep: _Report, run: Any, epoch: int, folder: Path, summary: list
 
 def _heterogeneous(
     rep: _Report,
-    run: Any,
+    run: RunDir,
     epoch: int,
     folder: Path,
     summary: list,
@@ -676,7 +661,7 @@ def _heterogeneous(
 
 
 def _next_steps(
-    run: Any, epoch: int, folder: Path, het: bool, n_clusters: int | None
+    run: RunDir, epoch: int, folder: Path, het: bool, n_clusters: int | None
 ) -> list[tuple[str, str]]:
     """(what, command) pairs with the run's absolute paths."""
     root = run.path.resolve()
@@ -749,8 +734,8 @@ def analyze_run(
     from cryofield.inference.rundir import RunDir
 
     run = RunDir(outdir)
-    ep = resolve_epoch(run, epoch)
-    folder = run.path / f"analyze.{ep}"
+    ep = run.choose_epoch(epoch, verb="analyse")
+    folder = run.analyze_dir(ep)
     folder.mkdir(parents=True, exist_ok=True)
     rep = _Report(folder)
     verdict = read_verdict(run.path)

@@ -16,6 +16,8 @@ import torch
 from tqdm import tqdm
 
 from cryofield.io.mrc import write_mrc
+from cryofield.physics.filters import soft_spherical_mask
+from cryofield.physics.fourier import fft3_centered, ifft3_centered
 from cryofield.physics.handedness import flip_hand_volume
 
 __all__ = ["lowpass_volume", "render_volumes", "write_volume_series"]
@@ -35,13 +37,9 @@ def lowpass_volume(
     if cutoff_A <= 0:
         raise ValueError(f"low-pass cutoff must be > 0 A, got {cutoff_A}")
     r0 = D * apix_A / cutoff_A
-    c = np.arange(D) - D // 2
-    r = np.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
-    t = np.clip((r - (r0 - width_px / 2)) / width_px, 0.0, 1.0)
-    filt = 0.5 * (1 + np.cos(np.pi * t))
-    F = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(vol)))
-    out = np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(F * filt))).real
-    return out.astype(np.float32)
+    filt = soft_spherical_mask(D, r0 - width_px / 2, width_px, dtype=torch.float64)
+    F = fft3_centered(torch.as_tensor(np.asarray(vol, np.float64)))
+    return ifft3_centered(F * filt).real.numpy().astype(np.float32)
 
 
 def render_volumes(

@@ -21,17 +21,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
 from cryofield.errors import CryofieldError, InputFileError
 from cryofield.io.atomic import refuse_overwrite
 from cryofield.io.metadata import ParticleTable, load_particle_table
-from cryofield.io.mrc import write_mrc
-from cryofield.io.particles import ParticleSource
-from cryofield.physics.backproject import FourierBackprojector
-from cryofield.physics.ctf import CTFParams
-from cryofield.physics.fsc import fsc, resolution_at
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,48 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _attach_poses(table: ParticleTable, path: str) -> ParticleTable:
-    """Table with rotations/shifts from a cryoDRGN .pkl or a poses .npz."""
-    from dataclasses import replace
-
-    p = Path(path)
-    if p.suffix.lower() == ".pkl":
-        from cryofield.io.legacy import attach_legacy
-
-        return attach_legacy(table, pose_pkl=p)
-    if p.suffix.lower() != ".npz":
-        raise InputFileError(p, "poses must be a cryoDRGN .pkl or an .npz with 'rotations'")
-    from cryofield.io.arrays import load_npz
-
-    data = load_npz(p, ("rotations",), "poses file")
-    R = np.asarray(data["rotations"], dtype=np.float64)
-    n = len(table)
-    if len(R) != n and "particle_index" in data and len(data["particle_index"]) == len(R):
-        table = table.subset(np.asarray(data["particle_index"], dtype=np.int64))
-        n = len(table)
-    if R.shape != (n, 3, 3):
-        raise InputFileError(
-            p, f"mismatched particle counts: rotations {R.shape} for {n} particles"
-        )
-    if "shifts_A" in data:
-        shifts = np.asarray(data["shifts_A"], dtype=np.float64) / table.apix_A[:, None]
-    elif "shifts_px" in data:
-        shifts = np.asarray(data["shifts_px"], dtype=np.float64)
-    else:
-        shifts = np.zeros((n, 2))
-    if shifts.shape != (n, 2):
-        raise InputFileError(p, f"field 'shifts' has shape {shifts.shape}, expected ({n}, 2)")
-    return replace(table, rotations=R, shifts_px=shifts)
-
-
 def _load(args: argparse.Namespace) -> ParticleTable:
+    from cryofield.io.legacy import attach_legacy, attach_poses
+
     table = load_particle_table(args.particles, datadir=args.datadir, ind=args.ind)
     if args.ctf:
-        from cryofield.io.legacy import attach_legacy
-
         table = attach_legacy(table, ctf_pkl=args.ctf)
     if args.poses:
-        table = _attach_poses(table, args.poses)
+        table = attach_poses(table, args.poses)
     if args.first is not None:
         if args.first < 1:
             raise CryofieldError(f"--first must be positive, got {args.first}")
@@ -117,27 +76,14 @@ def _load(args: argparse.Namespace) -> ParticleTable:
     return table
 
 
-def _decide_inversion(mode: str, use_ctf: bool, source: ParticleSource) -> bool:
-    """Whether to multiply the images by -1 so that the map has positive density.
-
-    Our CTF (DESIGN.md, as cryoDRGN) is ``-1`` times RELION's, so it models raw,
-    dark-on-light images: with the CTF applied, light-on-dark stacks (RELION/cryoSPARC
-    after their usual inversion) must be inverted; without it they must not.
-    """
-    if mode != "auto":
-        return mode == "invert"
-    guess = source.contrast()
-    if not use_ctf:
-        invert = guess == "dark-on-light"
-    else:
-        invert = guess != "dark-on-light"
-    shown = guess if guess != "unclear" else "unclear, assuming light-on-dark"
-    print(f"contrast: {shown} -> images {'inverted' if invert else 'used as they are'}")
-    return invert
-
-
 def run(args: argparse.Namespace) -> int:
     """Back-project; exit status 0, or 2 on a bad input."""
+    from cryofield.inference.consensus import reconstruct_particles
+    from cryofield.inference.data import decide_inversion
+    from cryofield.io.mrc import write_mrc
+    from cryofield.io.particles import ParticleSource
+    from cryofield.physics.fsc import fsc, resolution_at
+
     out = Path(args.output)
     if out.suffix.lower() not in (".mrc", ".map"):
         raise CryofieldError(f"{out}: the output map must end in .mrc")
@@ -152,51 +98,26 @@ def run(args: argparse.Namespace) -> int:
     if table.ctf is None and not args.no_ctf:
         print("note: no CTF parameters found; reconstructing without CTF correction")
     source = ParticleSource(table, D=args.D)
-    invert = _decide_inversion(args.contrast, use_ctf, source)
-    if invert:
-        source = ParticleSource(table, D=args.D, invert_contrast=True)
-    D, n = source.D, len(source)
-    scale = D / source.box_px  # shifts are in stack px; images may be cropped
-    apix = np.asarray(source.apix_A, dtype=np.float64)
-    halves = [FourierBackprojector(D, pad_factor=args.pad)]
-    if args.half_maps:
-        halves.append(FourierBackprojector(D, pad_factor=args.pad))
-    R_all = torch.as_tensor(np.asarray(table.rotations), dtype=torch.float32)
-    t_all = torch.zeros(n, 2) if table.shifts_px is None else torch.as_tensor(
-        np.asarray(table.shifts_px) * scale, dtype=torch.float32
+    decision = decide_inversion(args.contrast, use_ctf, source)
+    if decision.guessed:
+        print(decision.message)
+    rec = reconstruct_particles(
+        source, use_ctf=use_ctf, invert=decision.invert, half_maps=args.half_maps,
+        chunk=args.chunk, pad_factor=args.pad, wiener=args.wiener,
     )  # fmt: skip
-    with tqdm(total=n, desc="backproject", unit="img") as bar:
-        for start in range(0, n, args.chunk):
-            idx = np.arange(start, min(start + args.chunk, n))
-            images = source[idx]
-            ctf = CTFParams.from_table(table, idx) if use_ctf else None
-            for h, bp in enumerate(halves):
-                sel = np.flatnonzero(idx % len(halves) == h)
-                if sel.size == 0:
-                    continue
-                bp.add_particles(
-                    images[sel],
-                    R_all[idx[sel]],
-                    t_all[idx[sel]],
-                    None if ctf is None else ctf.subset(sel),
-                    torch.as_tensor(apix[idx[sel]], dtype=torch.float32),
-                )
-            bar.update(len(idx))
+    apix = rec.apix_A
     apix_out = float(apix[0])
     if not np.allclose(apix, apix_out, rtol=1e-4):
         print(f"note: pixel sizes differ ({apix.min():.4g} - {apix.max():.4g} A); header gets "
               f"{apix_out:.4g}")  # fmt: skip
-    if args.half_maps:
-        v1, v2 = halves[0].volume(args.wiener), halves[1].volume(args.wiener)
-        vol = halves[0].merge(halves[1]).volume(args.wiener)
+    if rec.halves is not None:
+        v1, v2 = rec.halves
         write_mrc(f"{stem}_half1.mrc", v1.numpy(), apix_out)
         write_mrc(f"{stem}_half2.mrc", v2.numpy(), apix_out)
         curve = fsc(v1, v2)
         for thr in (0.5, 0.143):
             shell, res = resolution_at(curve, thr, apix_out)
             print(f"half-map FSC = {thr}: shell {shell:.1f} px, {res:.2f} A")
-    else:
-        vol = halves[0].volume(args.wiener)
-    write_mrc(out, vol.numpy(), apix_out)
-    print(f"wrote {out}: {n} particles, box {D} px, {apix_out:.4g} A/px")
+    write_mrc(out, rec.volume.numpy(), apix_out)
+    print(f"wrote {out}: {len(table)} particles, box {rec.D} px, {apix_out:.4g} A/px")
     return 0

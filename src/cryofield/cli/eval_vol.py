@@ -59,14 +59,13 @@ def read_zfile(path: str | Path, zdim: int) -> np.ndarray:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``cryofield eval-vol``."""
-    from cryofield.analysis.report import resolve_epoch
     from cryofield.analysis.volumes import write_volume_series
-    from cryofield.inference.rundir import RunDir
+    from cryofield.inference.rundir import WEIGHTS_FILE, RunDir
     from cryofield.io.atomic import refuse_overwrite
     from cryofield.logs import setup_logging
 
     run_dir = RunDir(args.outdir)
-    epoch = resolve_epoch(run_dir, args.epoch)
+    epoch = run_dir.choose_epoch(args.epoch, verb="render")
     field = run_dir.load_field(epoch)
     zdim = int(field.zdim)
     if args.lowpass is not None and args.lowpass <= 0:
@@ -89,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     n_maps = 1 if z_points is None else len(z_points)
     outputs = [out / f"{args.prefix}{i:03d}.mrc" for i in range(n_maps)]
     refuse_overwrite([*outputs, out / f"{args.prefix}z.txt"],
-                     [args.zfile, run_dir.epoch_dir(epoch) / "weights.pt"])  # fmt: skip
+                     [args.zfile, run_dir.epoch_dir(epoch) / WEIGHTS_FILE])  # fmt: skip
     setup_logging()
     paths = write_volume_series(
         field,

@@ -28,15 +28,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
-from cryofield.cli.export import (
-    add_cluster_k_argument,
-    add_downsampled_argument,
-    parse_clusters,
-    select_particles,
-    write_selection,
-)
+from cryofield.cli.export import add_cluster_k_argument, add_downsampled_argument, parse_clusters
 from cryofield.errors import CryofieldError
 
 
@@ -67,28 +59,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``cryofield select``."""
-    from cryofield.io.atomic import atomic_path, refuse_overwrite
+    from cryofield.analysis import export
+    from cryofield.io.atomic import refuse_overwrite
 
-    outs = [Path(o) for o in args.out]
-    for o in outs:
-        if o.suffix.lower() not in (".star", ".cs"):
-            raise CryofieldError(f"{o}: output must end in .star or .cs")
+    outs = [export.check_output_suffix(o) for o in args.out]
     if args.clusters is None and args.ind is None and not args.drop_junk:
         raise CryofieldError("give --clusters, --ind or --drop-junk")
-    clusters = parse_clusters(args.clusters) if args.clusters is not None else None
-    sel = select_particles(
-        args.outdir, epoch=args.epoch, ind=args.ind, clusters=clusters,
+    sel = export.select_particles(
+        args.outdir, epoch=args.epoch, ind=args.ind, clusters=parse_clusters(args.clusters),
         n_clusters=args.n_clusters, invert=args.invert, strict_ind=False,
         drop_junk=args.drop_junk,
     )  # fmt: skip
-    ind_out = (
-        Path(args.ind_out) if args.ind_out else outs[0].with_name(outs[0].stem + "_indices.npy")
-    )
+    ind_out = Path(args.ind_out) if args.ind_out else export.index_file_path(outs[0])
     refuse_overwrite([*outs, ind_out], sel.inputs)
     for o in outs:
-        write_selection(sel, o, downsampled=args.write_downsampled)
+        export.write_selection(sel, o, downsampled=args.write_downsampled)
         print(f"wrote {sel.rows.size} particles (epoch {sel.epoch}) to {o}")
-    with atomic_path(ind_out) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, sel.index[sel.rows].astype(np.int64))
+    export.write_index_file(sel, ind_out)
     print(f"wrote indices into the training input file to {ind_out}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,6 +45,67 @@ class ArraySource:
 
     def __getitem__(self, idx: Any) -> torch.Tensor:
         return self.images[torch.as_tensor(np.asarray(idx), dtype=torch.long)]
+
+
+#: ``contrast`` values of :func:`decide_inversion`: what the images are ('auto': guess it),
+#: or the answer itself ('invert', 'as-is')
+CONTRAST_CHOICES = ("auto", "light-on-dark", "dark-on-light", "invert", "as-is")
+
+
+@dataclass(frozen=True)
+class ContrastDecision:
+    """Outcome of :func:`decide_inversion`."""
+
+    #: multiply the images by -1
+    invert: bool
+    #: the contrast the decision assumed: given, guessed ('unclear' when the guess was),
+    #: or the forced answer ('invert' / 'as-is')
+    contrast: str
+    #: whether ``contrast`` was guessed from the images
+    guessed: bool
+
+    @property
+    def message(self) -> str:
+        """One line for the user, e.g. ``contrast: light-on-dark -> images inverted``."""
+        if not self.guessed:
+            shown = f"{self.contrast} (given)"
+        elif self.contrast == "unclear":
+            shown = "unclear, assuming light-on-dark"
+        else:
+            shown = self.contrast
+        return f"contrast: {shown} -> images {'inverted' if self.invert else 'used as they are'}"
+
+
+def decide_inversion(contrast: str, use_ctf: bool, source: Any) -> ContrastDecision:
+    """Whether to multiply the images by -1 so that they meet the image model.
+
+    The one contrast rule of ``train`` and ``backproject`` (docs/dev/contracts.md,
+    "Contrast and CTF sign"). With a CTF the model is ``CTF * projection`` and the CTF of
+    :mod:`cryofield.physics.ctf` is negative at low frequency, so a positive density gives
+    dark-on-light images: light-on-dark stacks (RELION/cryoSPARC, inverted at extraction)
+    are inverted. Without a CTF the model is the projection itself, light-on-dark: then
+    dark-on-light images are inverted.
+
+    Parameters
+    ----------
+    contrast
+        'light-on-dark' or 'dark-on-light': what the images are; 'auto': guess it with
+        ``source.contrast()`` (:func:`cryofield.io.particles.guess_contrast`; 'unclear'
+        is taken as light-on-dark, the usual sign); 'invert' / 'as-is': the answer.
+    use_ctf
+        Whether the images meet a CTF.
+    source
+        The images (a :class:`~cryofield.io.particles.ParticleSource`); read only for
+        'auto'.
+    """
+    if contrast not in CONTRAST_CHOICES:
+        raise ValueError(f"contrast must be one of {CONTRAST_CHOICES}, got {contrast!r}")
+    if contrast in ("invert", "as-is"):
+        return ContrastDecision(contrast == "invert", contrast, guessed=False)
+    guessed = contrast == "auto"
+    seen = source.contrast() if guessed else contrast
+    light = seen != "dark-on-light"  # 'unclear': the usual RELION/cryoSPARC sign
+    return ContrastDecision(light if use_ctf else not light, seen, guessed)
 
 
 def soft_window(D: int, inner: float = 0.85, outer: float = 0.99) -> torch.Tensor:

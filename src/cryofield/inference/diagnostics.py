@@ -720,6 +720,8 @@ def _json_safe(x: Any) -> Any:
 def write_verdict(outdir: str | Path, v: Verdict) -> Path:
     """Write ``OUTDIR/verdict.json`` atomically (keys ``converged, headline, reasons,
     advice, checks``); returns its path."""
-    path = Path(outdir) / "verdict.json"
+    from cryofield.inference.rundir import VERDICT_FILE
+
+    path = Path(outdir) / VERDICT_FILE
     write_text_atomic(path, json.dumps(_json_safe(v.to_dict()), indent=2) + "\n")
     return path

@@ -12,8 +12,8 @@ is expanded as ``|X|^2 - 2 Re<C X_t, S_R> + <C^2, |S_R|^2>``: the cross term is 
 product over all (image, translation) x (rotation) pairs. Only the half plane is used
 (``w = 2`` off DC, Friedel symmetry of real images). The search keeps the best ``n_keep``
 rotations per image (each with its best translation), subdivides them
-(:mod:`cryofield.inference.search_grid`) and halves the translation step at every level,
-as in cryoDRGN / DRGN-AI's HPS (Zhong et al. 2021; Levy et al. 2024).
+(:mod:`cryofield.physics.so3_grid`, without its pole offset) and halves the translation
+step at every level, as in cryoDRGN / DRGN-AI's HPS (Zhong et al. 2021; Levy et al. 2024).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from cryofield.inference import search_grid
+from cryofield.physics import so3_grid
+from cryofield.physics.rotation import axis_angle_to_matrix
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,8 @@ def search_poses(
     step = 2 * s.t_extent_px / (s.t_ngrid - 1) if s.t_ngrid > 1 else 0.0
 
     # ---- level 0: every base rotation for every image
-    rots0, pix0, psi0 = search_grid.base_grid(s.base_nside, s.base_psi)
+    grid_def = dict(base_nside=s.base_nside, base_psi=s.base_psi, pole_offset=False)
+    rots0, pix0, psi0 = so3_grid.level_points(0, **grid_def)
     rots0 = rots0.to(dev)
     idx, w = points.half_index(radii[0])
     fr = points.freqs[idx]
@@ -329,8 +331,8 @@ def search_poses(
     local = translation_grid(1.0, 3, dev)  # (9, 2) unit offsets
     for lv in range(1, s.levels + 1):
         step = step / 2
-        cpix, cpsi = search_grid.children(pix, psi)  # (B, K, 8)
-        crot = search_grid.rotations_from_ids(cpix, cpsi, s.base_nside, s.base_psi, lv).to(dev)
+        cpix, cpsi = so3_grid.child_pairs(pix, psi)  # (B, K, 8)
+        crot = so3_grid.pair_rotations(cpix, cpsi, lv, **grid_def).to(dev)
         idx, w = points.half_index(radii[lv])
         fr = points.freqs[idx]
         nK = cpix.shape[1]
@@ -369,11 +371,9 @@ def local_perturbations(step_rad: float, device: torch.device | str = "cpu") -> 
 
     Index 13 is the identity (``w = 0``).
     """
-    from cryofield.model.tables import so3_exp
-
     v = torch.tensor([-1.0, 0.0, 1.0], device=device) * step_rad
     wz, wy, wx = torch.meshgrid(v, v, v, indexing="ij")
-    return so3_exp(torch.stack([wx.flatten(), wy.flatten(), wz.flatten()], -1))
+    return axis_angle_to_matrix(torch.stack([wx.flatten(), wy.flatten(), wz.flatten()], -1))
 
 
 @torch.no_grad()
@@ -462,8 +462,6 @@ def local_refine_poses(
     err = torch.zeros(B, device=dev)
     step, tstep = math.radians(step_deg), float(t_step_px)
     if soft:
-        from cryofield.model.tables import so3_exp
-
         x2 = (w * (xb.real**2 + xb.imag**2)).sum(-1)  # (B,) |X|^2, the constant of E
         R_start, t_start = R.clone(), t.clone()
         unit = torch.tensor([-1.0, 0.0, 1.0], device=dev)
@@ -492,7 +490,7 @@ def local_refine_poses(
                     logp = logp - (dt2 / (2 * s_t**2))[:, :, None]
                 p = torch.softmax(logp.reshape(B, -1), dim=1).reshape(B, 9, 27)
                 step_mean = (p.sum(1) @ omega) * step  # (B, 3) axis-angle, image axes
-                R = so3_exp(step_mean) @ R
+                R = axis_angle_to_matrix(step_mean) @ R
                 t = t + tstep * (p.sum(2) @ local_t)
                 continue
             ti = torch.div(best, 27, rounding_mode="floor")

@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cryofield.inference.consensus import backproject_sets
 from cryofield.inference.data import BatchMaker
 from cryofield.inference.pose_search import SearchSettings, local_refine_poses, search_poses
 from cryofield.logs import get_logger
-from cryofield.physics.backproject import FourierBackprojector
-from cryofield.physics.fourier import fft3_centered
+from cryofield.physics.fourier import fft3_centered, ifft2_centered
 from cryofield.physics.fsc import fsc, resolution_at
 from cryofield.physics.lattice import radial_index_3d
 from cryofield.physics.rotation import geodesic_distance_rad
@@ -125,7 +125,7 @@ def reference_grid(
     -------
     grid : torch.Tensor
         ``(Dc, Dc, Dc)`` complex64, DC at ``Dc // 2``, zero outside the ball (the layout of
-        :func:`cryofield.inference.trainer.fourier_grid`).
+        :func:`cryofield.model.field.fourier_grid`).
     D_grid : int
         ``oversample * D`` (for :func:`~cryofield.inference.pose_search.slice_grid`).
     """
@@ -144,6 +144,25 @@ def reference_grid(
     return (ft * w).to(torch.complex64), Dg
 
 
+class TrainingImages:
+    """The training images of a :class:`BatchMaker` in real space (contrast, window and
+    ``1 / batches.scale`` applied), indexable like an image source: the inverse of
+    :meth:`BatchMaker.images_ft`'s crop, on ``batches.device``."""
+
+    def __init__(self, batches: BatchMaker) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches.source)
+
+    def __getitem__(self, idx: np.ndarray) -> torch.Tensor:
+        b = self.batches
+        D = b.points.D
+        f = torch.zeros(len(idx), D * D, dtype=torch.complex64, device=b.device)
+        f[:, b.points.flat_index] = b.images_ft(np.asarray(idx))
+        return ifft2_centered(f.reshape(-1, D, D)).real
+
+
 def backproject_halves_batched(
     batches: BatchMaker,
     rotations: torch.Tensor,
@@ -153,41 +172,25 @@ def backproject_halves_batched(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Half maps (even / odd image index) of the training images at the given poses.
 
-    The images are the training ones (contrast, window and ``1 / batches.scale``
-    applied), so the maps are in the units of the field's normalised images. ``rows``
-    (``(n,)`` image indices; default all) back-projects a subset: ``rotations`` and
-    ``shifts_px`` then hold the poses of those rows, in that order.
+    The images are the training ones (:class:`TrainingImages`), so the maps are in the
+    units of the field's normalised images. ``rows`` (``(n,)`` image indices; default
+    all) back-projects a subset: ``rotations`` and ``shifts_px`` then hold the poses of
+    those rows, in that order. See :func:`cryofield.inference.consensus.backproject_sets`.
 
     Returns
     -------
     half1, half2 : torch.Tensor
         ``(D, D, D)`` maps of the even and the odd images.
     """
-    from cryofield.physics.fourier import ifft2_centered
-
-    D = batches.points.D
     n = rotations.shape[0]
-    halves = [FourierBackprojector(D, device=batches.device) for _ in range(2)]
-    full_idx = batches.points.flat_index
-    all_rows = np.arange(n) if rows is None else np.asarray(rows)
-    for s in range(0, n, chunk):
-        pos = np.arange(s, min(n, s + chunk))  # positions in rotations / shifts_px
-        idx = all_rows[pos]  # image indices
-        # training images in real space: inverse of BatchMaker.images_ft's crop
-        f = torch.zeros(len(idx), D * D, dtype=torch.complex64, device=batches.device)
-        f[:, full_idx] = batches.images_ft(idx)
-        img = ifft2_centered(f.reshape(-1, D, D)).real
-        c = batches.ctf_params.subset(torch.as_tensor(idx)) if batches.ctf_params else None
-        for h, bp in enumerate(halves):
-            sel = np.flatnonzero(idx % 2 == h)
-            if sel.size == 0:
-                continue
-            at = torch.as_tensor(pos[sel], device=rotations.device)
-            bp.add_particles(
-                img[sel], rotations[at], shifts_px[at],
-                None if c is None else c.subset(torch.as_tensor(sel)), batches.apix_A,
-            )  # fmt: skip
-    return halves[0].volume(), halves[1].volume()
+    rows = np.arange(n) if rows is None else np.asarray(rows)
+    ctf = batches.ctf_params
+    h1, h2 = backproject_sets(
+        TrainingImages(batches), rotations, shifts_px,
+        None if ctf is None else ctf.subset(torch.as_tensor(rows)), batches.apix_A,
+        rows=rows, chunk=chunk,
+    )  # fmt: skip
+    return h1.volume(), h2.volume()
 
 
 def refine_poses_gold_standard(

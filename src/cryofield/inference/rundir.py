@@ -10,12 +10,15 @@ Layout (see ``docs/dev/contracts.md``, section "Train output directory")::
     OUTDIR/epoch_NNN/state.pt     optimiser states, RNG state, tables (resume only)
     OUTDIR/epoch_NNN/poses.npz    rotations (N,3,3), shifts_px (N,2), shifts_A (N,2),
                                   particle_index (N,)
+    OUTDIR/epoch_NNN/residuals.npz  residual (N,), power (N,) (junk score of analyze)
     OUTDIR/epoch_NNN/latents.npz  z (N, zdim)     (heterogeneous only)
     OUTDIR/epoch_NNN/volume.mrc   rendered map    (homogeneous only)
     OUTDIR/epoch_NNN/DONE         written last; an epoch without it is incomplete
     OUTDIR/.lock                  while a train runs (cryofield.lock)
 
-Epochs are numbered from 1; ``epoch_000`` does not exist.
+Epochs are numbered from 1; ``epoch_000`` does not exist. The names above are the
+constants below (``CONFIG_FILE``, ``POSES_FILE``, ...): the writer
+(:meth:`cryofield.inference.trainer.Trainer.save_epoch`) and this reader share them.
 """
 
 from __future__ import annotations
@@ -34,18 +37,38 @@ import torch
 import yaml
 
 from cryofield.errors import CryofieldError, InputFileError
+from cryofield.logs import get_logger
 
 if TYPE_CHECKING:
+    from cryofield.io.metadata import ParticleTable
     from cryofield.model.field import HartleyField
 
+_log = get_logger("run")
+
 _EPOCH_RE = re.compile(r"^epoch_(\d{3,})$")
+
+# ---------------------------------------------------------------- layout (one place)
+#: top of the output folder
+CONFIG_FILE = "config.yaml"
+LOG_FILE = "run.log"
+METRICS_FILE = "metrics.jsonl"
+TABLE_FILE = "particles.npz"
+PARTICLES_STAR = "particles.star"
+VERDICT_FILE = "verdict.json"
+#: inside ``epoch_NNN/``
+WEIGHTS_FILE = "weights.pt"
+STATE_FILE = "state.pt"
+POSES_FILE = "poses.npz"
+RESIDUALS_FILE = "residuals.npz"
+LATENTS_FILE = "latents.npz"
+VOLUME_FILE = "volume.mrc"
+DONE_FILE = "DONE"
 
 #: files ``cryofield train`` writes at the top of its output folder (besides epoch_NNN/):
 #: none of them may be an input of the run (see :func:`cryofield.io.atomic.refuse_overwrite`)
 RUN_FILES = (
-    "config.yaml", "run.log", "metrics.jsonl", "particles.npz", "particles.star",
-    "verdict.json", "consensus.mrc", "consensus_half1.mrc", "consensus_half2.mrc",
-    "consensus_fsc.txt",
+    CONFIG_FILE, LOG_FILE, METRICS_FILE, TABLE_FILE, PARTICLES_STAR, VERDICT_FILE,
+    "consensus.mrc", "consensus_half1.mrc", "consensus_half2.mrc", "consensus_fsc.txt",
 )  # fmt: skip
 
 #: what a damaged npz / torch file raises when read (truncated, not a zip, wrong content)
@@ -129,6 +152,19 @@ def epoch_dirname(epoch: int) -> str:
     return f"epoch_{epoch:03d}"
 
 
+def analyze_dirname(epoch: int) -> str:
+    """Name of the folder ``cryofield analyze`` writes for ``epoch`` (``analyze.EPOCH``)."""
+    return f"analyze.{epoch}"
+
+
+def _ranges(values: list[int]) -> str:
+    return ", ".join(map(str, values)) if len(values) <= 8 else f"{values[0]}..{values[-1]}"
+
+
+def _gerund(verb: str) -> str:
+    return (verb[:-1] if verb.endswith("e") else verb) + "ing"
+
+
 class RunDir:
     """A training output directory.
 
@@ -147,7 +183,7 @@ class RunDir:
         self.path = Path(outdir)
         if not self.path.is_dir():
             raise CryofieldError(f"{self.path}: not a training output folder (does not exist)")
-        if not (self.path / "config.yaml").is_file():
+        if not (self.path / CONFIG_FILE).is_file():
             raise CryofieldError(f"{self.path}: not a training output folder (no config.yaml)")
 
     # ------------------------------------------------------------------ epochs
@@ -155,19 +191,67 @@ class RunDir:
         """Path of ``OUTDIR/epoch_NNN``."""
         return self.path / epoch_dirname(epoch)
 
-    def epochs(self) -> list[int]:
-        """Complete epochs (folders holding ``DONE``), ascending."""
-        out = []
+    def analyze_dir(self, epoch: int) -> Path:
+        """Path of ``OUTDIR/analyze.EPOCH`` (written by ``cryofield analyze``)."""
+        return self.path / analyze_dirname(epoch)
+
+    def _epoch_dirs(self) -> dict[int, Path]:
+        out = {}
         for child in self.path.iterdir():
             m = _EPOCH_RE.match(child.name)
-            if m and child.is_dir() and (child / "DONE").is_file():
-                out.append(int(m.group(1)))
-        return sorted(out)
+            if m and child.is_dir():
+                out[int(m.group(1))] = child
+        return out
+
+    def epochs(self) -> list[int]:
+        """Complete epochs (folders holding ``DONE``), ascending."""
+        return sorted(e for e, d in self._epoch_dirs().items() if (d / DONE_FILE).is_file())
 
     def last_complete_epoch(self) -> int | None:
         """The highest complete epoch, or ``None`` when no epoch has finished."""
         eps = self.epochs()
         return eps[-1] if eps else None
+
+    def choose_epoch(self, epoch: int | None = None, verb: str = "use") -> int:
+        """The epoch a command works on: ``epoch`` when it is complete, else the last one.
+
+        The one epoch chooser of ``analyze``, ``export``, ``select``, ``eval-vol`` and
+        ``evaluate``. Without ``epoch``, an unfinished run (fewer complete epochs than
+        its config plans, or an epoch folder without ``DONE``) gives its last complete
+        epoch with a note (logged and printed) that says so; ``verb`` names what the
+        command does with it (``export``: "nothing to export", "exporting epoch N").
+
+        Raises
+        ------
+        CryofieldError
+            No complete epoch, or ``epoch`` is missing or incomplete.
+        """
+        done = self.epochs()
+        if not done:
+            raise CryofieldError(
+                f"{self.path}: no complete epoch yet (no epoch_NNN/DONE): nothing to {verb}"
+            )
+        if epoch is not None:
+            if epoch not in done:
+                raise CryofieldError(
+                    f"{self.path}: epoch {epoch} is missing or incomplete (complete epochs: "
+                    f"{_ranges(done)})"
+                )
+            return int(epoch)
+        last = done[-1]
+        planned = self.config().get("epochs")
+        partial = sorted(e for e in self._epoch_dirs() if e not in done)
+        if (isinstance(planned, int) and last < planned) or partial:
+            why = f"{last} of {planned} epochs complete" if isinstance(planned, int) else ""
+            if partial:
+                why = (why + "; " if why else "") + f"epoch {partial[-1]} incomplete"
+            msg = (
+                f"the run is unfinished ({why}): {_gerund(verb)} epoch {last}, its last "
+                "complete checkpoint"
+            )
+            _log.warning(msg)
+            print(f"note: {msg}")
+        return last
 
     def _resolve(self, epoch: int | None) -> int:
         if epoch is None or epoch < 0:
@@ -175,7 +259,7 @@ class RunDir:
             if not eps:
                 raise CryofieldError(f"{self.path}: no complete epoch yet (no epoch_NNN/DONE)")
             return eps[-1 if epoch is None else epoch]
-        if not (self.epoch_dir(epoch) / "DONE").is_file():
+        if not (self.epoch_dir(epoch) / DONE_FILE).is_file():
             raise CryofieldError(
                 f"{self.epoch_dir(epoch)}: epoch {epoch} is missing or incomplete "
                 f"(complete epochs: {self.epochs()})"
@@ -185,7 +269,7 @@ class RunDir:
     # ------------------------------------------------------------------ content
     def config(self) -> dict[str, Any]:
         """The resolved training configuration (``config.yaml``) as a dict."""
-        path = self.path / "config.yaml"
+        path = self.path / CONFIG_FILE
         try:
             with open(path) as fh:
                 cfg = yaml.safe_load(fh)
@@ -205,11 +289,11 @@ class RunDir:
 
         return TrainConfig.from_dict(self.config())
 
-    def table(self) -> Any:
+    def table(self) -> ParticleTable:
         """The :class:`cryofield.io.metadata.ParticleTable` used for training."""
         from cryofield.io.metadata import ParticleTable
 
-        path = self.path / "particles.npz"
+        path = self.path / TABLE_FILE
         if not path.is_file():
             raise CryofieldError(f"{path}: missing (the run did not finish its set-up)")
         try:
@@ -221,9 +305,25 @@ class RunDir:
                 raise damaged(path, err) from err
             raise
 
+    def input_table(self) -> ParticleTable:
+        """The run's input table: ``OUTDIR/particles.npz``, else the config's particle file
+        (read with the config's ``datadir`` and ``ind``)."""
+        from cryofield.io.metadata import load_particle_table
+
+        if (self.path / TABLE_FILE).is_file():
+            return self.table()
+        cfg = self.config()
+        particles = cfg.get("particles")
+        if not particles:
+            raise CryofieldError(
+                f"{self.path}: no {TABLE_FILE} and no particles path in {CONFIG_FILE}"
+            )
+        _log.info("no %s; reading %s", self.path / TABLE_FILE, particles)
+        return load_particle_table(particles, datadir=cfg.get("datadir"), ind=cfg.get("ind"))
+
     def metrics(self) -> list[dict[str, Any]]:
         """Per-epoch metrics (``metrics.jsonl``), in file order."""
-        path = self.path / "metrics.jsonl"
+        path = self.path / METRICS_FILE
         if not path.is_file():
             return []
         out = []
@@ -246,24 +346,24 @@ class RunDir:
             ``rotations (N, 3, 3)``, ``shifts_px (N, 2)`` in training px, ``shifts_A (N, 2)``,
             ``particle_index (N,)`` (indices into the input table).
         """
-        path = self.epoch_dir(self._resolve(epoch)) / "poses.npz"
+        path = self.epoch_dir(self._resolve(epoch)) / POSES_FILE
         return load_run_npz(path, required=("rotations", "particle_index"))
 
     def latents(self, epoch: int | None = None) -> np.ndarray | None:
         """Latents ``(N, zdim)`` of ``epoch``, or ``None`` for a homogeneous run."""
-        path = self.epoch_dir(self._resolve(epoch)) / "latents.npz"
+        path = self.epoch_dir(self._resolve(epoch)) / LATENTS_FILE
         if not path.is_file():
             return None
         return load_run_npz(path, required=("z",))["z"]
 
     def volume_path(self, epoch: int | None = None) -> Path | None:
         """Path of the rendered map of ``epoch`` (homogeneous runs), else ``None``."""
-        path = self.epoch_dir(self._resolve(epoch)) / "volume.mrc"
+        path = self.epoch_dir(self._resolve(epoch)) / VOLUME_FILE
         return path if path.is_file() else None
 
     def weights(self, epoch: int | None = None) -> dict[str, Any]:
         """``{"state_dict", "hparams"}`` of ``epoch``, loaded with ``weights_only=True``."""
-        return load_run_torch(self.epoch_dir(self._resolve(epoch)) / "weights.pt")
+        return load_run_torch(self.epoch_dir(self._resolve(epoch)) / WEIGHTS_FILE)
 
     def load_field(self, epoch: int | None = None, device: str = "cpu") -> HartleyField:
         """The trained neural field of ``epoch`` (default: last complete), in eval mode."""

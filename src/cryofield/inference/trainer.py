@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from cryofield.errors import CryofieldError
+from cryofield.inference import rundir as layout
 from cryofield.inference.config import TrainConfig
 from cryofield.inference.data import BatchMaker, ImageSource
 from cryofield.inference.pose_search import (
@@ -45,7 +46,7 @@ from cryofield.inference.schedule import Schedule, StepPlan
 from cryofield.io.atomic import atomic_path, refuse_overwrite, write_text_atomic
 from cryofield.lock import folder_lock
 from cryofield.logs import get_logger, setup_logging
-from cryofield.model.field import HartleyField, hartley_grid_to_fourier
+from cryofield.model.field import HartleyField, fourier_grid, hartley_grid_to_fourier
 from cryofield.model.tables import LatentTable, PoseTable
 from cryofield.physics.ctf import CTFParams
 
@@ -111,53 +112,6 @@ def _search_settings(cfg: TrainConfig, plan: StepPlan) -> SearchSettings:
         radius_lo_px=plan.search_lo_px,
         radius_hi_px=plan.search_hi_px,
     )
-
-
-@torch.no_grad()
-def fourier_grid(
-    field: HartleyField,
-    radius_px: float,
-    z: torch.Tensor | None = None,
-    oversample: int = 2,
-    chunk: int = 65536,
-) -> tuple[torch.Tensor, int]:
-    """Complex centred Fourier grid of the field on an ``oversample``-times finer lattice.
-
-    Parameters
-    ----------
-    field
-        The neural field (box ``field.D``).
-    radius_px
-        Ball radius in Fourier px of the training box (clipped to ``D / 2 - 1``).
-    z
-        ``(G, zdim)`` or ``None``.
-    oversample
-        Lattice refinement: voxel spacing ``1 / (oversample D)`` cycles/px. A 2x finer
-        lattice makes trilinear slicing accurate at high frequency (the transform of a
-        volume inside the box varies on the scale ``1 / D``).
-
-    Returns
-    -------
-    grid : torch.Tensor
-        ``(Dc, Dc, Dc)`` or ``(G, Dc, Dc, Dc)`` complex, zero outside the ball.
-    D_grid : int
-        ``oversample * D``: the box size the voxel spacing refers to (for ``slice_grid``).
-    """
-    D = field.D
-    Dg = int(oversample) * D
-    r = min(float(radius_px), D / 2 - 1)
-    Dc = 2 * (math.ceil(r * oversample) + 2)
-    ax = (torch.arange(Dc, dtype=torch.float32) - Dc // 2) / Dg
-    kz, ky, kx = torch.meshgrid(ax, ax, ax, indexing="ij")
-    coords = torch.stack([kx, ky, kz], dim=-1)
-    dev = next(field.parameters()).device
-    inside = (coords.norm(dim=-1) * D <= r).to(dev)
-    pts = coords.to(dev)[inside]
-    vals = torch.cat([field(pts[i : i + chunk], z) for i in range(0, len(pts), chunk)], dim=-1)
-    vals = vals.float()
-    shape = (Dc, Dc, Dc) if z is None or field.zdim == 0 else (z.shape[0], Dc, Dc, Dc)
-    grid = torch.zeros(shape, device=dev).masked_scatter(inside.expand(shape), vals)
-    return hartley_grid_to_fourier(grid), Dg
 
 
 def _kmeans_groups(z: torch.Tensor, k: int, iters: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -596,7 +550,7 @@ class Trainer:
         cfg = self.cfg
         self.outdir.mkdir(parents=True, exist_ok=True)
         check_free_space(self.outdir, self.checkpoint_bytes(), cfg.epochs - self.epoch)
-        write_text_atomic(self.outdir / "config.yaml", cfg.to_yaml())
+        write_text_atomic(self.outdir / layout.CONFIG_FILE, cfg.to_yaml())
         while self.epoch < cfg.epochs:
             epoch = self.epoch + 1
             snapshot = copy.deepcopy(self.state())
@@ -681,7 +635,7 @@ class Trainer:
         c.epochs += 1
         self.search_extended += 1
         self.schedule = Schedule(c, n)
-        write_text_atomic(self.outdir / "config.yaml", c.to_yaml())
+        write_text_atomic(self.outdir / layout.CONFIG_FILE, c.to_yaml())
         log.info(
             "poses have not settled (%.1f%% of the images changed basin, limit %.0f%%): "
             "searching one more epoch (%d of at most %d more), radius up to %.1f px (%.1f A)",
@@ -710,23 +664,23 @@ class Trainer:
 
         d = self.outdir / epoch_dirname(self.epoch)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "DONE").unlink(missing_ok=True)
-        with atomic_path(d / "weights.pt") as tmp:
+        (d / layout.DONE_FILE).unlink(missing_ok=True)
+        with atomic_path(d / layout.WEIGHTS_FILE) as tmp:
             torch.save({"state_dict": self.field.state_dict(), "hparams": self.field.hparams}, tmp)
-        with atomic_path(d / "state.pt") as tmp:
+        with atomic_path(d / layout.STATE_FILE) as tmp:
             torch.save(self.state(), tmp)
         R, t = self.poses.all()
-        with atomic_path(d / "poses.npz") as tmp, open(tmp, "wb") as fh:
+        with atomic_path(d / layout.POSES_FILE) as tmp, open(tmp, "wb") as fh:
             np.savez(
                 fh, rotations=R.cpu().numpy().astype(np.float32),
                 shifts_px=t.cpu().numpy().astype(np.float32),
                 shifts_A=(t.cpu().numpy() * self.batches.apix_A).astype(np.float32),
                 particle_index=np.asarray(self.particle_index, dtype=np.int64),
             )  # fmt: skip
-        with atomic_path(d / "residuals.npz") as tmp, open(tmp, "wb") as fh:
+        with atomic_path(d / layout.RESIDUALS_FILE) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, residual=self._residual, power=self._power)
         if self.latents is not None:
-            with atomic_path(d / "latents.npz") as tmp, open(tmp, "wb") as fh:
+            with atomic_path(d / layout.LATENTS_FILE) as tmp, open(tmp, "wb") as fh:
                 np.savez(fh, z=self.latents.all().cpu().numpy().astype(np.float32))
         else:
             vol = self.field.render_volume()
@@ -736,13 +690,13 @@ class Trainer:
                     "was saved for it: start a new run with a lower --lr-field (it was "
                     f"{self.cfg.lr_field:g})"
                 )
-            write_mrc(d / "volume.mrc", vol.numpy(), self.batches.apix_A)
-        mpath = self.outdir / "metrics.jsonl"
+            write_mrc(d / layout.VOLUME_FILE, vol.numpy(), self.batches.apix_A)
+        mpath = self.outdir / layout.METRICS_FILE
         lines = [ln for ln in (mpath.read_text().splitlines() if mpath.exists() else []) if ln]
         lines = [ln for ln in lines if json.loads(ln)["epoch"] < self.epoch]
         lines.append(json.dumps(metrics))
         write_text_atomic(mpath, "\n".join(lines) + "\n")
-        (d / "DONE").write_text("ok\n")
+        (d / layout.DONE_FILE).write_text("ok\n")
         return d
 
 
@@ -786,27 +740,23 @@ def _log_environment(cfg: TrainConfig, n: int, D: int, apix: float) -> None:
     )  # fmt: skip
 
 
-def resolve_contrast(cfg: TrainConfig, source: Any) -> bool:
-    """Whether to multiply the images by -1 (``cfg.contrast``; ``auto`` guesses and logs).
+def resolve_contrast(cfg: TrainConfig, source: Any, use_ctf: bool = True) -> bool:
+    """Whether to multiply the images by -1 (``cfg.contrast``), decided and logged by
+    :func:`cryofield.inference.data.decide_inversion`, the rule ``backproject`` uses too.
 
-    Light-on-dark particles (the usual RELION/cryoSPARC stacks) are inverted so that they
-    match the CTF model of :mod:`cryofield.physics.ctf`; dark-on-light ones are used as
-    they are. ``auto`` uses :meth:`~cryofield.io.particles.ParticleSource.contrast`; when
-    the guess is unclear it assumes light-on-dark and warns.
+    With a CTF, light-on-dark particles (the usual RELION/cryoSPARC stacks) are inverted
+    so that they match the CTF model of :mod:`cryofield.physics.ctf`; without one,
+    dark-on-light ones are. ``auto`` guesses the contrast; when the guess is unclear it
+    assumes light-on-dark and warns.
     """
-    if cfg.contrast != "auto":
-        log.info("particle contrast: %s (given)", cfg.contrast)
-        return cfg.contrast == "light-on-dark"
-    verdict = source.contrast()
-    if verdict == "unclear":
-        log.warning(
-            "particle contrast unclear from the images; assuming light-on-dark "
-            "(RELION/cryoSPARC); give --contrast if the map comes out negative"
-        )
-        return True
-    log.info("particle contrast looks %s (auto): images %s", verdict,
-             "inverted" if verdict == "light-on-dark" else "used as they are")  # fmt: skip
-    return verdict == "light-on-dark"
+    from cryofield.inference.data import decide_inversion
+
+    decision = decide_inversion(cfg.contrast, use_ctf, source)
+    if decision.contrast == "unclear":
+        log.warning("%s; give --contrast if the map comes out negative", decision.message)
+    else:
+        log.info(decision.message)
+    return decision.invert
 
 
 def _judge(trainer: Trainer, final: dict[str, Any]) -> None:
@@ -875,8 +825,8 @@ def build_trainer(cfg: TrainConfig, table: Any, source: ImageSource) -> Trainer:
     D = int(source[np.array([0])].shape[-1])
     apix = float(np.mean(np.asarray(source.apix_A, dtype=np.float64)))
     cfg = cfg.resolved(D, n_images=len(source), apix_A=apix)
-    cfg.invert = resolve_contrast(cfg, source)
     ctf = CTFParams.from_table(table) if table.ctf is not None else None
+    cfg.invert = resolve_contrast(cfg, source, use_ctf=ctf is not None)
     init = None
     if cfg.poses_from_file:
         if table.rotations is None:
@@ -917,7 +867,7 @@ def _train_new(cfg: TrainConfig, out: Path) -> Path:
     table, source = _load_inputs(cfg)
     refuse_overwrite(run_outputs(out), np.unique(table.image_paths).tolist())
     trainer = build_trainer(cfg, table, source)
-    table.save_npz(out / "particles.npz")
+    table.save_npz(out / layout.TABLE_FILE)
     _log_environment(trainer.cfg, trainer.N, trainer.D, trainer.batches.apix_A)
     trainer.fit()
     _finish(trainer, table)
@@ -947,7 +897,7 @@ def _resume(run: RunDir, cfg: TrainConfig) -> Path:
     trainer = build_trainer(cfg, table, source)
     last = run.last_complete_epoch()
     if last is not None:
-        path = run.epoch_dir(last) / "state.pt"
+        path = run.epoch_dir(last) / layout.STATE_FILE
         st = load_run_torch(path, map_location=trainer.device)
         try:
             trainer.load_state(st)
@@ -982,6 +932,6 @@ def _finish(trainer: Trainer, table: Any) -> None:
     if trainer.latents is not None:
         kwargs["latents"] = trainer.latents.all().cpu().numpy()
     try:
-        write_particles(trainer.outdir / "particles.star", table, **kwargs)
+        write_particles(trainer.outdir / layout.PARTICLES_STAR, table, **kwargs)
     except CryofieldError as err:
         log.warning("particles.star not written: %s", err)

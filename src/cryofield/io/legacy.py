@@ -15,6 +15,8 @@ Formats (cryoDRGN 3/4):
   volt (kV), cs (mm), w, phase_shift (deg)`` (``cryodrgn parse_ctf_star``);
 - pose pickle: ``(rot (N, 3, 3), trans (N, 2))`` with ``rot`` RELION's matrix and
   ``trans = +origin_px / D``, or just ``rot`` (see :mod:`cryofield.io.poses`).
+
+:func:`attach_poses` also reads cryofield's own poses ``.npz`` (``backproject --poses``).
 """
 
 from __future__ import annotations
@@ -196,3 +198,38 @@ def attach_legacy(
             )
         out = replace(out, rotations=R, shifts_px=shift if shift is not None else np.zeros((n, 2)))
     return out
+
+
+def attach_poses(table: ParticleTable, path: str | os.PathLike[str]) -> ParticleTable:
+    """Table with rotations/shifts from a cryoDRGN pose .pkl or a poses .npz.
+
+    The .npz holds ``rotations (N, 3, 3)`` and ``shifts_A`` or ``shifts_px`` (default
+    zero), e.g. a training run's ``epoch_NNN/poses.npz``: when its ``N`` differs from the
+    table's and it has ``particle_index``, the table is cut to those rows.
+    """
+    from cryofield.io.arrays import load_npz
+
+    p = Path(path)
+    if p.suffix.lower() == ".pkl":
+        return attach_legacy(table, pose_pkl=p)
+    if p.suffix.lower() != ".npz":
+        raise InputFileError(p, "poses must be a cryoDRGN .pkl or an .npz with 'rotations'")
+    data = load_npz(p, ("rotations",), "poses file")
+    R = np.asarray(data["rotations"], dtype=np.float64)
+    n = len(table)
+    if len(R) != n and "particle_index" in data and len(data["particle_index"]) == len(R):
+        table = table.subset(np.asarray(data["particle_index"], dtype=np.int64))
+        n = len(table)
+    if R.shape != (n, 3, 3):
+        raise InputFileError(
+            p, f"mismatched particle counts: rotations {R.shape} for {n} particles"
+        )
+    if "shifts_A" in data:
+        shifts = np.asarray(data["shifts_A"], dtype=np.float64) / table.apix_A[:, None]
+    elif "shifts_px" in data:
+        shifts = np.asarray(data["shifts_px"], dtype=np.float64)
+    else:
+        shifts = np.zeros((n, 2))
+    if shifts.shape != (n, 2):
+        raise InputFileError(p, f"field 'shifts' has shape {shifts.shape}, expected ({n}, 2)")
+    return replace(table, rotations=R, shifts_px=shifts)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cryofield.model.encoding import GaussianFourierFeatures
-from cryofield.physics.fourier import iht3_centered
+from cryofield.physics.fourier import iht3_centered, negate_frequency
 
 
 class _ResidualLayer(nn.Module):
@@ -33,7 +33,7 @@ class _ResidualLayer(nn.Module):
         return x + torch.relu(self.linear(x))
 
 
-def ball_coords(D: int, radius_px: float) -> tuple[torch.Tensor, int]:
+def ball_coords(D: int, radius_px: float, oversample: int = 1) -> tuple[torch.Tensor, int]:
     """Voxel coordinates of a cropped cube holding the ball of ``radius_px``.
 
     Parameters
@@ -42,6 +42,8 @@ def ball_coords(D: int, radius_px: float) -> tuple[torch.Tensor, int]:
         Full box size (px, even).
     radius_px
         Ball radius in Fourier px (clipped to ``D / 2 - 1``).
+    oversample
+        Lattice refinement: voxel spacing ``1 / (oversample D)`` cycles/px.
 
     Returns
     -------
@@ -49,11 +51,13 @@ def ball_coords(D: int, radius_px: float) -> tuple[torch.Tensor, int]:
         ``(Dc, Dc, Dc, 3)`` frequencies ``(kx, ky, kz)`` in cycles/px of the full box,
         on the cropped cube of even size ``Dc`` centred on DC (index ``Dc // 2``).
     Dc : int
-        Cropped box size; slice with frequencies scaled by ``D / Dc``.
+        Cropped box size (at most ``oversample * D``); slice with frequencies scaled by
+        ``oversample * D / Dc``.
     """
     r = min(float(radius_px), D / 2 - 1)
-    Dc = min(D, 2 * (math.ceil(r) + 2))
-    idx = (torch.arange(Dc, dtype=torch.float32) - Dc // 2) / D
+    Dg = int(oversample) * D
+    Dc = min(Dg, 2 * (math.ceil(r * oversample) + 2))
+    idx = (torch.arange(Dc, dtype=torch.float32) - Dc // 2) / Dg
     kz, ky, kx = torch.meshgrid(idx, idx, idx, indexing="ij")
     return torch.stack([kx, ky, kz], dim=-1), Dc
 
@@ -72,8 +76,7 @@ def hartley_grid_to_fourier(h: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         ``(..., Dc, Dc, Dc)`` complex ``F = (H(k) + H(-k)) / 2 + i (H(-k) - H(k)) / 2``.
     """
-    dims = (-3, -2, -1)
-    h_neg = torch.roll(torch.flip(h, dims), shifts=(1, 1, 1), dims=dims)  # index i -> Dc - i
+    h_neg = negate_frequency(h, 3)  # index i -> Dc - i
     return torch.complex(0.5 * (h + h_neg), 0.5 * (h_neg - h))
 
 
@@ -173,7 +176,11 @@ class HartleyField(nn.Module):
         return self.output(x).squeeze(-1) * env
 
     def grid_ht(
-        self, radius_px: float, z: torch.Tensor | None = None, chunk: int = 65536
+        self,
+        radius_px: float,
+        z: torch.Tensor | None = None,
+        chunk: int = 65536,
+        oversample: int = 1,
     ) -> tuple[torch.Tensor, int]:
         """Hartley values on the band-limited voxel ball of ``radius_px``.
 
@@ -187,6 +194,9 @@ class HartleyField(nn.Module):
             ``(B, zdim)`` or ``None``.
         chunk
             Points per MLP call (bounds memory; gradients flow through all chunks).
+        oversample
+            Lattice refinement (voxel spacing ``1 / (oversample D)``, see
+            :func:`ball_coords`).
 
         Returns
         -------
@@ -195,7 +205,7 @@ class HartleyField(nn.Module):
             on a cube of size ``Dc`` centred on DC (see :func:`ball_coords`).
         Dc : int
         """
-        coords, Dc = ball_coords(self.D, radius_px)
+        coords, Dc = ball_coords(self.D, radius_px, oversample)
         dev = self.output.weight.device
         coords = coords.to(dev)
         r = min(float(radius_px), self.D / 2 - 1)
@@ -234,3 +244,41 @@ class HartleyField(nn.Module):
         o = D // 2 - Dc // 2
         full[o : o + Dc, o : o + Dc, o : o + Dc] = grid
         return iht3_centered(full).float().cpu()
+
+
+@torch.no_grad()
+def fourier_grid(
+    field: HartleyField,
+    radius_px: float,
+    z: torch.Tensor | None = None,
+    oversample: int = 2,
+    chunk: int = 65536,
+) -> tuple[torch.Tensor, int]:
+    """Complex centred Fourier grid of the field on an ``oversample``-times finer lattice.
+
+    :meth:`HartleyField.grid_ht` followed by :func:`hartley_grid_to_fourier`.
+
+    Parameters
+    ----------
+    field
+        The neural field (box ``field.D``).
+    radius_px
+        Ball radius in Fourier px of the training box (clipped to ``D / 2 - 1``).
+    z
+        ``(G, zdim)`` or ``None``.
+    oversample
+        Lattice refinement: voxel spacing ``1 / (oversample D)`` cycles/px. A 2x finer
+        lattice makes trilinear slicing accurate at high frequency (the transform of a
+        volume inside the box varies on the scale ``1 / D``).
+    chunk
+        Points per MLP call.
+
+    Returns
+    -------
+    grid : torch.Tensor
+        ``(Dc, Dc, Dc)`` or ``(G, Dc, Dc, Dc)`` complex, zero outside the ball.
+    D_grid : int
+        ``oversample * D``: the box size the voxel spacing refers to (for ``slice_grid``).
+    """
+    grid, _ = field.grid_ht(radius_px, z, chunk, oversample)
+    return hartley_grid_to_fourier(grid), int(oversample) * field.D

@@ -1,7 +1,8 @@
 """Per-image parameter tables: poses (rotation + translation) and latents.
 
 Rotations use a residual axis-angle parameterisation, ``R_i = R0_i @ exp([w_i]_x)``
-(``w`` initialised to zero), which is smooth around the current estimate and has no
+(``w`` initialised to zero; :func:`cryofield.physics.rotation.axis_angle_to_matrix`,
+whose gradient is finite at ``w = 0``), which is smooth around the current estimate and has no
 constraints, so plain (sparse) Adam steps apply. After a pose search ``R0`` is
 overwritten and ``w`` reset. Translations are in px of the training box. All trainable
 rows are ``nn.Embedding(sparse=True)`` so one optimiser step touches only the batch's rows
@@ -13,28 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def so3_exp(w: torch.Tensor) -> torch.Tensor:
-    """Rodrigues' formula ``exp([w]_x)`` for ``w (..., 3)`` -> ``(..., 3, 3)``.
-
-    Unlike a plain implementation it has finite gradients at ``w = 0`` (the residual
-    parameterisation sits exactly there after every pose search): the square root is
-    only taken of values bounded away from zero and a Taylor series covers the rest.
-    """
-    theta2 = (w * w).sum(-1)
-    small = theta2 < 1e-6
-    t2 = torch.where(small, torch.ones_like(theta2), theta2)
-    t = torch.sqrt(t2)
-    a = torch.where(small, 1 - theta2 / 6, torch.sin(t) / t)
-    b = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(t)) / t2)
-    x, y, z = w.unbind(-1)
-    o = torch.zeros_like(x)
-    K = torch.stack(
-        [torch.stack([o, -z, y], -1), torch.stack([z, o, -x], -1), torch.stack([-y, x, o], -1)],
-        dim=-2,
-    )
-    eye = torch.eye(3, dtype=w.dtype, device=w.device).expand(K.shape)
-    return eye + a[..., None, None] * K + b[..., None, None] * (K @ K)
+from cryofield.physics.rotation import axis_angle_to_matrix
 
 
 class PoseTable(nn.Module):
@@ -70,7 +50,7 @@ class PoseTable(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotations ``(B, 3, 3)`` and translations ``(B, 2)`` px of images ``idx (B,)``."""
-        R = self.R0[idx] @ so3_exp(self.w(idx))
+        R = self.R0[idx] @ axis_angle_to_matrix(self.w(idx))
         return R, self.t(idx)
 
     @torch.no_grad()

@@ -1,7 +1,8 @@
 """Contrast transfer function (RELION convention), vectorised over particles.
 
-For a frequency ``s`` (1/A) at angle ``alpha`` in the image plane (docs: DESIGN.md,
-following RELION's ``CTF::getCTF``, Scheres 2012, and cryoDRGN's ``compute_ctf``):
+For a frequency ``s`` (1/A) at angle ``alpha`` in the image plane (following RELION's
+``CTF::getCTF``, Scheres 2012, and cryoDRGN's ``compute_ctf``; the sign convention is in
+docs/dev/contracts.md, "Contrast and CTF sign"):
 
 - electron wavelength ``lambda = 12.2643247 / sqrt(V + 0.978466e-6 V^2)`` A (``V`` in
   volts; relativistically corrected de Broglie wavelength, e.g. Williams & Carter,

@@ -138,13 +138,17 @@ def soft_circular_mask(
 
 
 def soft_spherical_mask(
-    D: int, radius_px: float, width_px: float = 3.0, device: torch.device | str | None = None
+    D: int,
+    radius_px: float,
+    width_px: float = 3.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Soft ball: 1 within ``radius_px`` of the centre voxel, raised-cosine edge.
 
     Returns
     -------
     torch.Tensor
-        ``(D, D, D)`` float32 in ``[0, 1]``.
+        ``(D, D, D)`` in ``[0, 1]`` (``dtype``, default float32).
     """
-    return _raised_cosine(radial_index_3d(D, device=device), radius_px, width_px)
+    return _raised_cosine(radial_index_3d(D, dtype=dtype, device=device), radius_px, width_px)

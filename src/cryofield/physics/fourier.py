@@ -28,6 +28,7 @@ __all__ = [
     "ifft3_centered",
     "iht2_centered",
     "iht3_centered",
+    "negate_frequency",
 ]
 
 _DIMS2 = (-2, -1)
@@ -58,6 +59,29 @@ def fft_to_hartley(f: torch.Tensor) -> torch.Tensor:
         ``(...)`` real tensor.
     """
     return f.real - f.imag
+
+
+def negate_frequency(x: torch.Tensor, ndim: int = 2) -> torch.Tensor:
+    """Values at ``-k`` of a centred grid over the last ``ndim`` dims (``D`` even).
+
+    ``out[..., i, j] = x[..., (D - i) % D, (D - j) % D]`` (``ndim = 2``; likewise for 3):
+    index ``D // 2 + k`` goes to ``D // 2 - k``, and index 0 (the unpaired Nyquist
+    frequency) maps to itself. Used to pair ``H(k)`` with ``H(-k)`` of a Hartley transform.
+
+    Parameters
+    ----------
+    x
+        ``(..., D, D)`` or ``(..., D, D, D)``.
+    ndim
+        Number of trailing dims (2 or 3).
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape as ``x``.
+    """
+    dims = tuple(range(-ndim, 0))
+    return torch.roll(torch.flip(x, dims=dims), shifts=(1,) * ndim, dims=dims)
 
 
 def fft2_centered(x: torch.Tensor) -> torch.Tensor:

@@ -197,10 +197,15 @@ def matrix_to_quaternion(R: torch.Tensor) -> torch.Tensor:
 
 
 def axis_angle_to_matrix(v: torch.Tensor) -> torch.Tensor:
-    """Axis-angle vectors ``theta * axis`` (radians) to matrices (Rodrigues' formula).
+    """Axis-angle vectors ``theta * axis`` (radians) to matrices: ``exp([v]_x)`` (Rodrigues).
 
-    ``R = I + sin(theta) K + (1 - cos(theta)) K^2`` with ``K`` the cross-product matrix of
-    the unit axis; a series expansion keeps it exact near ``theta = 0``.
+    ``R = I + a K + b K^2`` with ``K = [v]_x`` the cross-product matrix of ``v``,
+    ``a = sin(theta) / theta`` and ``b = (1 - cos(theta)) / theta^2``. Below ``theta^2 =
+    1e-6`` the Taylor series ``a = 1 - theta^2 / 6``, ``b = 1/2 - theta^2 / 24`` is used,
+    and the square root is only taken of values bounded away from zero, so the value is
+    exact near ``theta = 0`` and the gradient is finite there (the residual pose
+    parameterisation of :class:`cryofield.model.tables.PoseTable` sits exactly at
+    ``v = 0`` after every pose search).
 
     Parameters
     ----------
@@ -213,18 +218,17 @@ def axis_angle_to_matrix(v: torch.Tensor) -> torch.Tensor:
         ``(..., 3, 3)``.
     """
     theta2 = (v * v).sum(-1)
-    theta = torch.sqrt(theta2)
-    small = theta2 < 1e-8
-    safe = torch.where(small, torch.ones_like(theta), theta)
-    a = torch.where(small, 1 - theta2 / 6, torch.sin(safe) / safe)  # sin(t)/t
-    b = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(safe)) / (safe * safe))
+    small = theta2 < 1e-6
+    t2 = torch.where(small, torch.ones_like(theta2), theta2)
+    t = torch.sqrt(t2)
+    a = torch.where(small, 1 - theta2 / 6, torch.sin(t) / t)
+    b = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(t)) / t2)
     x, y, z = v.unbind(-1)
-    zero = torch.zeros_like(x)
+    o = torch.zeros_like(x)
     K = torch.stack(
-        [torch.stack([zero, -z, y], -1), torch.stack([z, zero, -x], -1),
-         torch.stack([-y, x, zero], -1)],
+        [torch.stack([o, -z, y], -1), torch.stack([z, o, -x], -1), torch.stack([-y, x, o], -1)],
         dim=-2,
-    )  # fmt: skip
+    )
     eye = torch.eye(3, dtype=v.dtype, device=v.device).expand(K.shape)
     return eye + a[..., None, None] * K + b[..., None, None] * (K @ K)
 

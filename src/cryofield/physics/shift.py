@@ -16,9 +16,10 @@ import math
 
 import torch
 
+from cryofield.physics.fourier import negate_frequency
 from cryofield.physics.lattice import freq_grid_2d
 
-__all__ = ["hartley_negate_freq", "phase_shift_fourier", "phase_shift_hartley", "shift_phase"]
+__all__ = ["phase_shift_fourier", "phase_shift_hartley", "shift_phase"]
 
 
 def shift_phase(freqs: torch.Tensor, shift_px: torch.Tensor) -> torch.Tensor:
@@ -67,22 +68,6 @@ def phase_shift_fourier(f: torch.Tensor, shift_px: torch.Tensor) -> torch.Tensor
     return f * shift_phase(freqs, shift_px)
 
 
-def hartley_negate_freq(h: torch.Tensor) -> torch.Tensor:
-    """Values at ``-k`` of a centred grid: ``out[..., i, j] = h[..., (D - i) % D, (D - j) % D]``.
-
-    Parameters
-    ----------
-    h
-        ``(..., D, D)`` (D even; the Nyquist row/column maps to itself).
-
-    Returns
-    -------
-    torch.Tensor
-        ``(..., D, D)``.
-    """
-    return torch.roll(torch.flip(h, dims=(-2, -1)), shifts=(1, 1), dims=(-2, -1))
-
-
 def phase_shift_hartley(h: torch.Tensor, shift_px: torch.Tensor) -> torch.Tensor:
     """Translate real images given by their centred Hartley transforms.
 
@@ -100,4 +85,4 @@ def phase_shift_hartley(h: torch.Tensor, shift_px: torch.Tensor) -> torch.Tensor
     """
     D = h.shape[-1]
     phi = _phase(freq_grid_2d(D, dtype=h.dtype, device=h.device), shift_px)
-    return torch.cos(phi) * h + torch.sin(phi) * hartley_negate_freq(h)
+    return torch.cos(phi) * h + torch.sin(phi) * negate_frequency(h, 2)
