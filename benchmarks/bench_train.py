@@ -78,7 +78,7 @@ def _resolution(
 def run_homo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from cryofield.analysis.metrics import pose_errors
     from cryofield.inference.rundir import RunDir
-    from cryofield.inference.trainer import train
+    from cryofield.inference.runner import train
     from cryofield.io.metadata import load_particle_table
     from cryofield.io.mrc import read_mrc
     from cryofield.io.particles import ParticleSource
@@ -213,7 +213,7 @@ def run_het(args: argparse.Namespace, out: Path, preset: str) -> dict[str, Any]:
     from cryofield.analysis.evaluate import scored_particles
     from cryofield.analysis.metrics import MIRROR, pose_errors
     from cryofield.inference.rundir import RunDir
-    from cryofield.inference.trainer import resume, train
+    from cryofield.inference.runner import resume, train
 
     data = _simulate(preset, out, args.n_het, args.D, args.seed, args.apix)
     truth = np.load(data / "truth.npz")

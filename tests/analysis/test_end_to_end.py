@@ -14,7 +14,7 @@ from cryofield.io.metadata import load_particle_table
 @pytest.mark.slow
 def test_simulate_train_analyze_select_evaluate(tmp_path) -> None:
     from cryofield.inference.config import TrainConfig
-    from cryofield.inference.trainer import train
+    from cryofield.inference.runner import train
     from cryofield.simulate.dataset import SimulationConfig, simulate_dataset
 
     sim = simulate_dataset(

@@ -64,12 +64,12 @@ def test_traceback_only_with_debug(stack, tmp_path, capsys, monkeypatch):
 
 
 def test_error_line_goes_to_run_log(tmp_path, capsys, monkeypatch):
-    import cryofield.inference.trainer as trainer
+    import cryofield.inference.runner as runner
 
     def broken(cfg):
         raise CryofieldError(f"{cfg.particles}: row 3: bad defocus")
 
-    monkeypatch.setattr(trainer, "_load_inputs", broken)
+    monkeypatch.setattr(runner, "_load_inputs", broken)
     out = tmp_path / "run"
     assert main(["train", str(tmp_path / "p.star"), "-o", str(out)]) == 2
     line = _one_line(capsys)

@@ -174,10 +174,10 @@ def test_diverging_training_stops_with_exit_2(tiny_dataset, tmp_path, capsys, on
 
 
 def test_too_little_disk_space_is_refused(tiny_dataset, tmp_path, capsys, monkeypatch):
-    import cryofield.inference.trainer as trainer
+    import cryofield.inference.rundir as rundir
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(trainer.shutil, "disk_usage", lambda p: usage._replace(free=50_000))
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: usage._replace(free=50_000))
     out = tmp_path / "run"
     assert main(["train", str(tiny_dataset / "particles.star"), "-o", str(out), *_FAST]) == 2
     line = _err_line(capsys)

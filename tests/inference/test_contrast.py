@@ -17,7 +17,7 @@ from synth import blob_volume
 from cryofield.cli.main import main
 from cryofield.inference.config import TrainConfig
 from cryofield.inference.data import decide_inversion
-from cryofield.inference.trainer import build_trainer
+from cryofield.inference.runner import build_trainer
 from cryofield.io.metadata import load_particle_table
 from cryofield.io.mrc import read_mrc, write_mrc
 from cryofield.io.particles import ParticleSource

@@ -7,8 +7,8 @@ import math
 import torch
 from synth import field_images
 
+from cryofield.inference.loss import slice_loss
 from cryofield.inference.pose_search import FrequencyPoints
-from cryofield.inference.trainer import slice_loss
 from cryofield.model.field import HartleyField
 from cryofield.model.tables import PoseTable
 from cryofield.physics.rotation import (

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from cryofield.analysis.evaluate import evaluate_run, format_table
     from cryofield.analysis.report import analyze_run
     from cryofield.inference.rundir import RunDir
-    from cryofield.inference.trainer import resume, train
+    from cryofield.inference.runner import resume, train
     from cryofield.io.atomic import write_text_atomic
     from cryofield.logs import setup_logging
 

@@ -30,48 +30,14 @@ from typing import Any
 
 from cryofield.errors import CryofieldError
 
-#: TrainConfig keys that have a command-line flag: key -> (flag, help). The type and the
-#: default come from :class:`~cryofield.inference.config.TrainConfig`; every other key is
-#: set with --config FILE.
-FLAGS: dict[str, tuple[str, str]] = {
-    "datadir": ("--datadir", "folder to resolve relative image paths against"),
-    "ind": ("--ind", "index file (.npy/.txt) selecting particles"),
-    "D": ("-D", "training box (Fourier-cropped; default: input box)"),
-    "zdim": ("--zdim", "latent dimension (0: homogeneous)"),
-    "epochs": ("--epochs", "total epochs (default: chosen from N, see docs/train.md)"),
-    "hps_images": ("--hps-images", "images seen with global pose search (default max(3e4, 2N))"),
-    "field_images": ("--field-images", "images of field training after refinement"),
-    "batch_size": ("-b", "images per batch (default 32 on CPU, 64 on CUDA)"),
-    "lr_field": ("--lr-field", "field learning rate"),
-    "lr_pose": ("--lr-pose", "pose table learning rate (heterogeneous runs)"),
-    "lr_latent": ("--lr-latent", "latent table learning rate"),
-    "hidden": ("--hidden", "MLP width (default 128 on CPU, 256 on CUDA)"),
-    "layers": ("--layers", "residual hidden layers"),
-    "n_freqs": ("--n-freqs", "random Fourier features"),
-    "refine_iters": ("--refine-iters", "most half-map refinement iterations (0: none)"),
-    "t_extent_px": ("--t-extent", "translation search extent, px (default D/10)"),
-    "search_levels": ("--search-levels", "pose search subdivisions"),
-    "base_nside": ("--base-nside", "HEALPix nside of the base grid"),
-    "base_psi": ("--base-psi", "in-plane angles of the base grid"),
-    "radius_start_px": ("--radius-start", "first search radius, px (default from 53 A)"),
-    "radius_search_px": ("--radius-search", "last search radius, px (default from 20 A)"),
-    "radius_max_px": ("--radius-max", "training radius after the search, px (Nyquist)"),
-    "search_extend": ("--search-extend", "most extra search, in planned search epochs, while "
-                      "the poses have not settled (default 1; 0 with --epochs)"),
-    "poses_from_file": ("--poses-from-file", "use the poses of the particle file"),
-    "refine_poses": ("--refine-poses", "refine the poses (default: yes ab initio, no with "
-                     "--poses-from-file)"),
-    "contrast": ("--contrast", "particle contrast; light-on-dark stacks (RELION/cryoSPARC) "
-                 "are inverted to meet the CTF (auto: guessed from the images and logged)"),
-    "window": ("--window", "real-space soft window on the images"),
-    "device": ("--device", "auto (cuda when a GPU is seen, else cpu), cpu, cuda or cuda:N"),
-    "amp": ("--amp", "bf16 autocast on CUDA"),
-    "deterministic": ("--deterministic", "deterministic kernels"),
-    "seed": ("--seed", "random seed"),
-    "num_threads": ("--threads", "CPU threads for torch (default: all cores)"),
-}  # fmt: skip
 
-_CHOICES = {"contrast": ["auto", "light-on-dark", "dark-on-light"]}
+def _flags() -> dict[str, dataclasses.Field[Any]]:
+    """The TrainConfig fields that have a command-line flag (``metadata["flag"]``, with
+    ``metadata["help"]``), in the dataclass's order; every other key is set with
+    --config FILE."""
+    from cryofield.inference.config import TrainConfig
+
+    return {f.name: f for f in dataclasses.fields(TrainConfig) if "flag" in f.metadata}
 
 
 def _field_type(annotation: str) -> type:
@@ -89,10 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--outdir", help="output folder (new)")
     parser.add_argument("--resume", metavar="OUTDIR", help="continue the run in OUTDIR")
     parser.add_argument("--config", metavar="FILE", help="yaml file of TrainConfig keys")
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     defaults = TrainConfig()
-    for key, (flag, text) in FLAGS.items():
-        typ = _field_type(str(fields[key].type))
+    for key, f in _flags().items():
+        flag, text = f.metadata["flag"], f.metadata["help"]
+        typ = _field_type(str(f.type))
         default = getattr(defaults, key)
         if default not in (None, "") and typ is not bool:
             text = f"{text} (default {default})"
@@ -101,13 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 action=argparse.BooleanOptionalAction)  # fmt: skip
         else:
             parser.add_argument(flag, dest=key, type=typ, default=None, help=text,
-                                choices=_CHOICES.get(key))  # fmt: skip
+                                choices=f.metadata.get("choices"))  # fmt: skip
     parser.add_argument("--invert", action="store_true", help="same as --contrast light-on-dark")
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
     """TrainConfig keys given on the command line."""
-    out = {k: getattr(args, k) for k in FLAGS if getattr(args, k, None) is not None}
+    out = {k: getattr(args, k) for k in _flags() if getattr(args, k, None) is not None}
     if getattr(args, "invert", False):
         out["contrast"] = "light-on-dark"
     return out
@@ -116,11 +82,12 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Run ``cryofield train``."""
     from cryofield.inference.config import TrainConfig
-    from cryofield.inference.trainer import resume, train
+    from cryofield.inference.runner import resume, train
 
     given = _given(args)
     if args.resume:
-        ignored = sorted(FLAGS[k][0] if k in FLAGS else "--invert" for k in given if k != "epochs")
+        flags = {k: f.metadata["flag"] for k, f in _flags().items()}
+        ignored = sorted(flags.get(k, "--invert") for k in given if k != "epochs")
         if args.config or args.particles or args.outdir:
             ignored += [x for x, v in (("--config", args.config), ("PARTICLES", args.particles),
                                        ("-o", args.outdir)) if v]  # fmt: skip

@@ -20,12 +20,21 @@ CONTRASTS = ("auto", "light-on-dark", "dark-on-light")
 LATENT_INITS = ("pca", "random")
 
 
+def _flag(default: Any, flag: str, text: str, **extra: Any) -> Any:
+    """A :class:`TrainConfig` field with a flag of ``cryofield train``: the flag and its
+    help text are the field's ``metadata`` (with ``choices`` when the values are a fixed
+    set); its type and default are the field's own (:mod:`cryofield.cli.train`)."""
+    return field(default=default, metadata={"flag": flag, "help": text, **extra})
+
+
 @dataclass
 class TrainConfig:
     """All settings of a training run (the resolved values are written to config.yaml).
 
     This dataclass is the one source of truth for the defaults: ``cryofield train``,
-    ``cryofield demo`` and the benchmarks all start from it. Settings left at ``None``
+    ``cryofield demo`` and the benchmarks all start from it. A field with a flag of
+    ``cryofield train`` names it, with its help text, in its ``metadata`` (``_flag``); the
+    other fields are keys of config.yaml only (``--config FILE``). Settings left at ``None``
     are chosen by :meth:`resolved` from the data (box ``D``, pixel size, number of images
     ``N``) and the device, and the chosen values are logged and written to config.yaml:
 
@@ -51,29 +60,35 @@ class TrainConfig:
 
     particles: str = ""
     outdir: str = ""
-    datadir: str | None = None
-    ind: str | None = None
-    D: int | None = None
-    zdim: int = 0
+    datadir: str | None = _flag(None, "--datadir", "folder to resolve relative image paths against")
+    ind: str | None = _flag(None, "--ind", "index file (.npy/.txt) selecting particles")
+    D: int | None = _flag(None, "-D", "training box (Fourier-cropped; default: input box)")
+    zdim: int = _flag(0, "--zdim", "latent dimension (0: homogeneous)")
     # field (hidden None: 128 on CPU, 256 on CUDA)
-    hidden: int | None = None
-    layers: int = 3
-    n_freqs: int = 64
+    hidden: int | None = _flag(None, "--hidden", "MLP width (default 128 on CPU, 256 on CUDA)")
+    layers: int = _flag(3, "--layers", "residual hidden layers")
+    n_freqs: int = _flag(64, "--n-freqs", "random Fourier features")
     sigma: float = 0.5
     # schedule (None: chosen from N, see the class docstring)
-    epochs: int | None = None
-    hps_images: int | None = None
-    field_images: int | None = None
+    epochs: int | None = _flag(
+        None, "--epochs", "total epochs (default: chosen from N, see docs/train.md)"
+    )
+    hps_images: int | None = _flag(
+        None, "--hps-images", "images seen with global pose search (default max(3e4, 2N))"
+    )
+    field_images: int | None = _flag(
+        None, "--field-images", "images of field training after refinement"
+    )
     sgd_epochs: int = 1
-    batch_size: int | None = None
-    lr_field: float = 2e-3
+    batch_size: int | None = _flag(None, "-b", "images per batch (default 32 on CPU, 64 on CUDA)")
+    lr_field: float = _flag(2e-3, "--lr-field", "field learning rate")
     steps_per_batch: int = 3
-    lr_pose: float = 1e-3
+    lr_pose: float = _flag(1e-3, "--lr-pose", "pose table learning rate (heterogeneous runs)")
     # gold-standard refinement against back-projected half maps (homogeneous runs)
-    refine_iters: int = 4
+    refine_iters: int = _flag(4, "--refine-iters", "most half-map refinement iterations (0: none)")
     refine_prior_deg: float = 1.0
     refine_global: bool = True
-    lr_latent: float = 1e-2
+    lr_latent: float = _flag(1e-2, "--lr-latent", "latent table learning rate")
     latent_l2: float = 0.0
     latent_init_std: float = 0.1
     latent_warmup: float = 0.0
@@ -82,23 +97,36 @@ class TrainConfig:
     latent_init_iters: int = 20
     latent_refresh: bool = True
     # pose search
-    base_nside: int = 4
-    base_psi: int = 24
-    search_levels: int = 4
+    base_nside: int = _flag(4, "--base-nside", "HEALPix nside of the base grid")
+    base_psi: int = _flag(24, "--base-psi", "in-plane angles of the base grid")
+    search_levels: int = _flag(4, "--search-levels", "pose search subdivisions")
     n_keep: int = 8
-    t_extent_px: float | None = None
+    t_extent_px: float | None = _flag(
+        None, "--t-extent", "translation search extent, px (default D/10)"
+    )
     t_ngrid: int = 7
     search_start_res_A: float = 53.0
     search_end_res_A: float = 20.0
-    radius_start_px: float | None = None
-    radius_search_px: float | None = None
-    radius_max_px: float | None = None
+    radius_start_px: float | None = _flag(
+        None, "--radius-start", "first search radius, px (default from 53 A)"
+    )
+    radius_search_px: float | None = _flag(
+        None, "--radius-search", "last search radius, px (default from 20 A)"
+    )
+    radius_max_px: float | None = _flag(
+        None, "--radius-max", "training radius after the search, px (Nyquist)"
+    )
     # the stopping rule of the search (homogeneous ab initio): while more images than the
     # verdict's pose-stability limit changed basin in the last search epoch, search one
     # more epoch, the radius still growing at the planned rate up to search_cap_res_A (and
     # 3/4 of Nyquist), at most search_extend x the planned search epochs (0: never; None:
     # 1, or 0 when the number of epochs is given: --epochs N means N epochs)
-    search_extend: float | None = None
+    search_extend: float | None = _flag(
+        None,
+        "--search-extend",
+        "most extra search, in planned search epochs, while the poses have not settled "
+        "(default 1; 0 with --epochs)",
+    )
     search_cap_res_A: float = 10.0
     # images over which the search radius grows from radius_start_px to radius_search_px
     # (None: all the search images; set when the search is extended)
@@ -115,22 +143,34 @@ class TrainConfig:
     local_iters: int = 1
     local_oversample: int = 2
     # poses
-    poses_from_file: bool = False
+    poses_from_file: bool = _flag(False, "--poses-from-file", "use the poses of the particle file")
     # None: refine after an ab initio search, keep known poses (--poses-from-file) fixed
-    refine_poses: bool | None = None
+    refine_poses: bool | None = _flag(
+        None,
+        "--refine-poses",
+        "refine the poses (default: yes ab initio, no with --poses-from-file)",
+    )
     # data: contrast 'auto' (guess from the images), 'light-on-dark' (RELION/cryoSPARC
     # stacks; multiplied by -1 before meeting the CTF) or 'dark-on-light'; ``invert`` is
     # the resolved decision (see docs/dev/contracts.md, "Contrast and CTF sign")
-    contrast: str = "auto"
+    contrast: str = _flag(
+        "auto",
+        "--contrast",
+        "particle contrast; light-on-dark stacks (RELION/cryoSPARC) are inverted to meet the "
+        "CTF (auto: guessed from the images and logged)",
+        choices=CONTRASTS,
+    )
     invert: bool = False
-    window: bool = True
+    window: bool = _flag(True, "--window", "real-space soft window on the images")
     norm_images: int = 1000
     # runtime
-    device: str = "auto"  # auto: cuda when torch sees a GPU, else cpu
-    amp: bool = True
-    deterministic: bool = False
-    seed: int = 0
-    num_threads: int | None = None
+    device: str = _flag(
+        "auto", "--device", "auto (cuda when a GPU is seen, else cpu), cpu, cuda or cuda:N"
+    )
+    amp: bool = _flag(True, "--amp", "bf16 autocast on CUDA")
+    deterministic: bool = _flag(False, "--deterministic", "deterministic kernels")
+    seed: int = _flag(0, "--seed", "random seed")
+    num_threads: int | None = _flag(None, "--threads", "CPU threads for torch (default: all cores)")
     max_rollbacks: int = 3
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -1,4 +1,6 @@
-"""Read access to a ``cryofield train`` output directory.
+"""A ``cryofield train`` output directory: its layout, the writing of its checkpoints
+(:func:`write_epoch`, :func:`append_metrics`, :func:`write_config`) and read access to
+it (:class:`RunDir`).
 
 Layout (see ``docs/dev/contracts.md``, section "Train output directory")::
 
@@ -17,8 +19,8 @@ Layout (see ``docs/dev/contracts.md``, section "Train output directory")::
     OUTDIR/.lock                  while a train runs (cryofield.lock)
 
 Epochs are numbered from 1; ``epoch_000`` does not exist. The names above are the
-constants below (``CONFIG_FILE``, ``POSES_FILE``, ...): the writer
-(:meth:`cryofield.inference.trainer.Trainer.save_epoch`) and this reader share them.
+constants below (``CONFIG_FILE``, ``POSES_FILE``, ...): the writers and the reader below
+share them.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,9 +41,11 @@ import torch
 import yaml
 
 from cryofield.errors import CryofieldError, InputFileError
+from cryofield.io.atomic import atomic_path, write_text_atomic
 from cryofield.logs import get_logger
 
 if TYPE_CHECKING:
+    from cryofield.inference.config import TrainConfig
     from cryofield.io.metadata import ParticleTable
     from cryofield.model.field import HartleyField
 
@@ -165,6 +171,118 @@ def _gerund(verb: str) -> str:
     return (verb[:-1] if verb.endswith("e") else verb) + "ing"
 
 
+# ---------------------------------------------------------------- writing a run
+def write_config(outdir: str | Path, cfg: TrainConfig) -> None:
+    """Write ``OUTDIR/config.yaml`` (the resolved configuration)."""
+    write_text_atomic(Path(outdir) / CONFIG_FILE, cfg.to_yaml())
+
+
+def write_epoch(
+    outdir: str | Path,
+    epoch: int,
+    *,
+    weights: dict[str, Any],
+    state: dict[str, Any],
+    rotations: np.ndarray,
+    shifts_px: np.ndarray,
+    apix_A: float,
+    particle_index: np.ndarray,
+    residual: np.ndarray,
+    power: np.ndarray,
+    metrics: dict[str, Any],
+    latents: np.ndarray | None = None,
+    volume: Callable[[], np.ndarray] | None = None,
+) -> Path:
+    """Write ``OUTDIR/epoch_NNN`` (``DONE`` last) and its line of metrics.jsonl.
+
+    ``weights``: ``{"state_dict", "hparams"}`` of the field; ``state``: everything a
+    resume needs (tensors and plain values only); ``rotations (N, 3, 3)``, ``shifts_px
+    (N, 2)`` in training px of pixel size ``apix_A``; ``residual``, ``power`` ``(N,)``;
+    ``latents (N, zdim)`` (heterogeneous runs) or ``volume`` (homogeneous runs: called
+    after the other files are written; what it raises leaves the epoch without ``DONE``).
+    """
+    d = Path(outdir) / epoch_dirname(epoch)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / DONE_FILE).unlink(missing_ok=True)
+    with atomic_path(d / WEIGHTS_FILE) as tmp:
+        torch.save(weights, tmp)
+    with atomic_path(d / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+    with atomic_path(d / POSES_FILE) as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh, rotations=rotations.astype(np.float32), shifts_px=shifts_px.astype(np.float32),
+            shifts_A=(shifts_px * apix_A).astype(np.float32),
+            particle_index=np.asarray(particle_index, dtype=np.int64),
+        )  # fmt: skip
+    with atomic_path(d / RESIDUALS_FILE) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, residual=residual, power=power)
+    if latents is not None:
+        with atomic_path(d / LATENTS_FILE) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, z=latents.astype(np.float32))
+    elif volume is not None:
+        from cryofield.io.mrc import write_mrc
+
+        write_mrc(d / VOLUME_FILE, volume(), apix_A)
+    append_metrics(outdir, epoch, metrics)
+    (d / DONE_FILE).write_text("ok\n")
+    return d
+
+
+def append_metrics(outdir: str | Path, epoch: int, metrics: dict[str, Any]) -> None:
+    """Write ``metrics`` as the line of ``epoch`` in ``OUTDIR/metrics.jsonl``: the lines of
+    this and later epochs (from a run that was resumed before them) are dropped."""
+    mpath = Path(outdir) / METRICS_FILE
+    lines = [ln for ln in (mpath.read_text().splitlines() if mpath.exists() else []) if ln]
+    lines = [ln for ln in lines if json.loads(ln)["epoch"] < epoch]
+    lines.append(json.dumps(metrics))
+    write_text_atomic(mpath, "\n".join(lines) + "\n")
+
+
+def checkpoint_bytes(
+    field: torch.nn.Module,
+    poses: torch.nn.Module,
+    latents: torch.nn.Module | None,
+    n_images: int,
+    D: int,
+    zdim: int,
+) -> int:
+    """Bytes one ``epoch_NNN`` folder takes (see :func:`write_epoch`): weights.pt, state.pt
+    (field, pose and latent tables with their two Adam moments each), poses.npz,
+    residuals.npz, latents.npz or volume.mrc."""
+
+    def nbytes(module: torch.nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+    tables = nbytes(poses) + (nbytes(latents) if latents is not None else 0)
+    per_image = (9 + 2 + 2 + 2) * 4 + 8 + (zdim * 4 if latents else 0)
+    volume = 0 if latents is not None else D**3 * 4 + 1024
+    return 4 * nbytes(field) + 3 * tables + n_images * per_image + volume + 64 * 1024
+
+
+def check_free_space(outdir: Path, per_epoch: int, n_epochs: int) -> None:
+    """Refuse to start when ``outdir``'s disk cannot hold ``n_epochs`` checkpoints of
+    ``per_epoch`` bytes (every epoch folder is kept)."""
+    if n_epochs <= 0:
+        return
+    need = per_epoch * n_epochs
+    free = shutil.disk_usage(outdir).free
+    if free < need:
+        raise CryofieldError(
+            f"{outdir}: not enough free disk space: {n_epochs} epoch checkpoints of about "
+            f"{_size(per_epoch)} need {_size(need)} and {_size(free)} are free; free some space, "
+            "choose another -o, or train fewer --epochs"
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+# ---------------------------------------------------------------- reading a run
 class RunDir:
     """A training output directory.
 

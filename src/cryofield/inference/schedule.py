@@ -40,18 +40,73 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from enum import Enum
 
 from cryofield.inference.config import TrainConfig
 
 
+class Phase(str, Enum):
+    """What an epoch does; the value is the ``phase`` written to metrics.jsonl.
+
+    The per-phase behaviour is asked of the phase (:attr:`searches_poses`, ...) and of the
+    :class:`StepPlan` (what also depends on the configuration), never by comparing names.
+    """
+
+    #: global hierarchical pose search for every batch, then gradient steps
+    HPS = "hps"
+    #: gold-standard refinement of every pose against half maps (homogeneous runs)
+    REFINE = "refine"
+    #: field epochs at the refined poses (homogeneous ab initio runs)
+    FIELD = "field"
+    #: field epochs at the poses of the input file (``--poses-from-file``)
+    FIXED = "fixed"
+    #: gradient steps on the field, the latent table and the pose table (if refined)
+    SGD = "sgd"
+    #: local pose search around the current poses for every batch, then gradient steps
+    LOCAL = "local"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def searches_poses(self) -> bool:
+        """Every batch gets fresh poses from the global hierarchical search."""
+        return self is Phase.HPS
+
+    @property
+    def refines_locally(self) -> bool:
+        """Every batch gets a local search around its poses on a voxel grid of the field."""
+        return self is Phase.LOCAL
+
+    @property
+    def refines_half_maps(self) -> bool:
+        """The whole epoch is one gold-standard refinement of every pose against
+        back-projected half maps (:mod:`cryofield.inference.refine`): no batches, the
+        field takes no steps (every other phase trains it batch by batch)."""
+        return self is Phase.REFINE
+
+    @property
+    def pose_gradient(self) -> bool:
+        """The pose table may take gradient steps (heterogeneous runs that refine poses:
+        :attr:`StepPlan.refines_pose_table`)."""
+        return self in (Phase.SGD, Phase.FIXED)
+
+
 @dataclass(frozen=True)
 class StepPlan:
-    """What one batch does: phase name, training radius, search radii (px)."""
+    """What one batch does: phase, training radius, search radii (px) and the
+    per-batch behaviour that depends on the configuration as well as on the phase."""
 
-    phase: str
+    phase: Phase
     radius_train_px: float
     search_lo_px: float
     search_hi_px: float
+    #: the pose table takes gradient steps
+    refines_pose_table: bool = False
+    #: heterogeneous warm-up: z is held at 0 (a consensus search, ``latent_warmup``)
+    z_frozen: bool = False
+    #: gradient steps per batch
+    steps: int = 1
 
 
 class Schedule:
@@ -97,19 +152,21 @@ class Schedule:
         #: poses: :meth:`phase_of_epoch` returns "fixed" there)
         self.research_from = max(self.hps_epochs + 1, self.local_from - (cfg.research_epochs or 0))
 
-    def phase_of_epoch(self, epoch: int) -> str:
+    def phase_of_epoch(self, epoch: int) -> Phase:
         """Phase of 1-based ``epoch``."""
         if self.cfg.zdim == 0:
             if epoch <= self.hps_epochs:
-                return "hps"
+                return Phase.HPS
             if epoch == self.refine_epoch:
-                return "refine"
-            return "fixed" if self.cfg.poses_from_file else "field"
+                return Phase.REFINE
+            return Phase.FIXED if self.cfg.poses_from_file else Phase.FIELD
         if epoch >= self.local_from:
-            return "local"
+            return Phase.LOCAL
         if self.cfg.poses_from_file:
-            return "fixed"
-        return "hps" if epoch <= self.hps_epochs or epoch >= self.research_from else "sgd"
+            return Phase.FIXED
+        if epoch <= self.hps_epochs or epoch >= self.research_from:
+            return Phase.HPS
+        return Phase.SGD
 
     def plan(self, epoch: int, images_seen: int) -> StepPlan:
         """Plan for the next batch of 1-based ``epoch`` after ``images_seen`` images in all."""
@@ -117,9 +174,40 @@ class Schedule:
         phase = self.phase_of_epoch(epoch)
         assert c.radius_start_px is not None and c.radius_search_px is not None
         assert c.radius_max_px is not None
-        if phase != "hps":
-            return StepPlan(phase, c.radius_max_px, c.radius_search_px, c.radius_search_px)
+        if not phase.searches_poses:
+            refine = bool(c.refine_poses) and phase.pose_gradient and c.zdim > 0
+            return StepPlan(phase, c.radius_max_px, c.radius_search_px, c.radius_search_px,
+                            refines_pose_table=refine)  # fmt: skip
         ramp = c.search_ramp_images if c.search_ramp_images else self.hps_total
         f = min(1.0, images_seen / max(ramp, 1))
         hi = c.radius_start_px + (c.radius_search_px - c.radius_start_px) * f
-        return StepPlan(phase, hi, (c.radius_start_px + hi) / 2, hi)
+        frozen = epoch <= self.consensus_epochs
+        return StepPlan(phase, hi, (c.radius_start_px + hi) / 2, hi, z_frozen=frozen,
+                        steps=c.steps_per_batch)  # fmt: skip
+
+    def final_search_plan(self) -> StepPlan:
+        """The plan of the search's last batch (at the full search radius): the global
+        search that the half-map refinement may start from (``refine_global``)."""
+        c = self.cfg
+        assert c.radius_start_px is not None and c.radius_search_px is not None
+        return StepPlan(Phase.HPS, c.radius_search_px, (c.radius_start_px + c.radius_search_px) / 2,
+                        c.radius_search_px)  # fmt: skip
+
+    def latent_init_due(self, epoch: int, last_init: int) -> bool:
+        """Whether the latents are set by PCA (variability analysis) at the start of
+        ``epoch``; ``last_init`` is the last epoch whose start set them (0: none yet).
+
+        Due in the first epoch after the consensus search (with known poses: the first
+        epoch), every later search epoch (``latent_refresh``; the search-again epochs
+        always) and the first epoch after a search epoch, from the current poses.
+        """
+        c = self.cfg
+        if c.zdim == 0 or c.latent_init != "pca":
+            return False
+        if last_init == 0:
+            return epoch > self.consensus_epochs and (epoch > 1 or c.poses_from_file)
+        if last_init >= epoch:
+            return False
+        if self.phase_of_epoch(epoch).searches_poses:
+            return c.latent_refresh or epoch >= self.research_from
+        return epoch > 1 and self.phase_of_epoch(epoch - 1).searches_poses
