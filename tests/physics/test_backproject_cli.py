@@ -134,3 +134,21 @@ def test_interop_toy_projections_give_a_sharp_map(interop_data: Path, tmp_path: 
     np.savez(wrong, rotations=R.transpose(0, 2, 1))
     bad = _half_map_fsc(star, wrong, tmp_path / "wrong.mrc")
     assert float(bad[4:11].mean()) < float(curve[4:11].mean()) - 0.2, (bad, curve)
+
+
+def test_contrast_takes_the_vocabulary_of_train(tmp_path: Path, blobs32) -> None:
+    """--contrast light-on-dark / dark-on-light name the images as in 'cryofield train' and
+    the one rule decides: with a CTF, light-on-dark is inverted (the same map as 'invert'),
+    dark-on-light is not (the negative map here, as 'as-is')."""
+    star = _relion_dataset(tmp_path, blobs32)
+    maps = {}
+    for c in ("light-on-dark", "invert", "dark-on-light", "as-is"):
+        out = tmp_path / f"{c}.mrc"
+        assert main(["backproject", str(star), "-o", str(out), "--pad", "1", "--contrast", c]) == 0
+        with mrcfile.open(out) as m:
+            maps[c] = torch.from_numpy(m.data.copy())
+    assert torch.equal(maps["light-on-dark"], maps["invert"])
+    assert torch.equal(maps["dark-on-light"], maps["as-is"])
+    assert (
+        float((maps["light-on-dark"] * blobs32).sum()) > 0 > float((maps["as-is"] * blobs32).sum())
+    )

@@ -40,10 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctf", help="cryoDRGN ctf.pkl (read without executing code)")
     parser.add_argument("--no-ctf", action="store_true", help="ignore the CTF (no correction)")
     parser.add_argument(
-        "--contrast", choices=("auto", "as-is", "invert"), default="auto",
-        help="image sign: 'auto' inverts light-on-dark images when the CTF is applied "
-        "(see docs/backproject.md); 'as-is' or 'invert' force it",
-    )  # fmt: skip
+        "--contrast",
+        default="auto",
+        choices=("auto", "light-on-dark", "dark-on-light", "as-is", "invert"),
+        help="particle contrast, as in 'cryofield train': 'auto' guesses it from the images; "
+        "light-on-dark stacks are inverted when the CTF is applied (see docs/backproject.md); "
+        "'as-is' or 'invert' force the sign",
+    )
     parser.add_argument("--first", type=int, help="use only the first N particles")
     parser.add_argument("--half-maps", action="store_true", help="also write half maps + FSC")
     parser.add_argument("--chunk", type=int, default=500, help="images per chunk (memory)")

@@ -2,7 +2,7 @@
 
 Choose particles by k-means cluster (--clusters: the clusters 'cryofield analyze' saved
 for the epoch, numbered as in its report) or by an index file (--ind: .npy or text of
-rows of the training input file, e.g. the junk_indices.npy of analyze); --invert keeps
+rows of the training input file, e.g. the junk_indices.npy of analyze); --complement keeps
 the others. Each -o file holds the chosen particles with the learned poses of the epoch,
 their latents (rlnCryofieldZ01.., cryofield/z01..) and clusters (rlnClassNumber /
 alignments3D/class), every original column and the optics block, written by the same
@@ -18,7 +18,7 @@ clusters here with that K (same seed as analyze).
 examples:
   cryofield analyze out/ --ksample 10
   cryofield select out/ --clusters 1,3 -o good.star -o good.cs
-  cryofield select out/ --ind out/analyze.20/junk_indices.npy --invert -o clean.star
+  cryofield select out/ --ind out/analyze.20/junk_indices.npy --complement -o clean.star
   cryofield select out/ --drop-junk -o clean.star
   cryofield select out_64px/ --clusters 0 --epoch 20 -o state0_full_res.star
 """
@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--clusters", help="comma-separated k-means cluster numbers, e.g. 1,3")
     src.add_argument("--ind", help=".npy/.txt indices: rows of the training input file")
-    parser.add_argument("--invert", action="store_true", help="keep the particles NOT chosen")
+    parser.add_argument("--complement", "--invert", dest="invert", action="store_true",
+                        help="keep the particles NOT chosen (--invert: the older name)")  # fmt: skip
     parser.add_argument(
         "--drop-junk", action="store_true",
         help="leave out the particles analyze flagged as junk (analyze.EPOCH/junk.npz); alone: "
