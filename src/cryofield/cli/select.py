@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--clusters", help="comma-separated k-means cluster numbers, e.g. 1,3")
     src.add_argument("--ind", help=".npy/.txt indices: rows of the training input file")
     parser.add_argument("--complement", "--invert", dest="invert", action="store_true",
-                        help="keep the particles NOT chosen (--invert: the older name)")  # fmt: skip
+                        help="keep the particles NOT chosen (--invert: older name)")  # fmt: skip
     parser.add_argument(
         "--drop-junk", action="store_true",
         help="leave out the particles analyze flagged as junk (analyze.EPOCH/junk.npz); alone: "
