@@ -59,8 +59,7 @@ def interop_data() -> Path:
     path = _interop_dir()
     if path is None:
         pytest.skip(
-            "interop data not found: set CRYOFIELD_INTEROP_DATA or provide "
-            "../shared/data/interop"
+            "interop data not found: set CRYOFIELD_INTEROP_DATA or provide ../shared/data/interop"
         )
     return path
 
