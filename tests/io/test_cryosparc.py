@@ -102,17 +102,6 @@ def test_bad_cs_files(tmp_path):
 
 
 # --------------------------------------------- pixel size, CTF block, bad fields
-@pytest.fixture
-def io_records(caplog):
-    """INFO and above of the ``cryofield.io`` logger (which may not propagate)."""
-    logger = logging.getLogger("cryofield.io")
-    logger.addHandler(caplog.handler)
-    caplog.handler.setLevel(logging.INFO)
-    old = logger.level
-    logger.setLevel(logging.INFO)
-    yield caplog
-    logger.setLevel(old)
-    logger.removeHandler(caplog.handler)
 
 
 _CTF = {"ctf/df1_A": 15000.0, "ctf/df2_A": 14000.0, "ctf/df_angle_rad": 0.5,

@@ -326,19 +326,6 @@ _HEAD = ("data_particles\nloop_\n_rlnImageName #1\n_rlnDefocusU #2\n_rlnDefocusV
 _ROWS = "1@a.mrcs 10000 9000 10 300 2.7 0.1\n2@a.mrcs 11000 9500 20 300 2.7 0.1\n"
 
 
-@pytest.fixture
-def io_records(caplog):
-    """INFO and above of the ``cryofield.io`` logger (which may not propagate)."""
-    logger = logging.getLogger("cryofield.io")
-    logger.addHandler(caplog.handler)
-    caplog.handler.setLevel(logging.INFO)
-    old = logger.level
-    logger.setLevel(logging.INFO)
-    yield caplog
-    logger.setLevel(old)
-    logger.removeHandler(caplog.handler)
-
-
 def _messages(caplog, level=logging.INFO) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= level)
 
