@@ -103,8 +103,9 @@ def test_heterogeneous_known_pose_run_same_from_star_and_cs(tiny_states, tmp_pat
     assert z_star.shape == (60, 2) and np.isfinite(z_star).all()
     # the CTF columns differ at float precision (1e-3 A of defocus) between the two files
     assert np.allclose(z_star, z_cs, atol=1e-4), np.abs(z_star - z_cs).max()
-    assert "variability analysis" in (runs["star"].path / "run.log").read_text()
-    assert runs["star"].config()["latent_init"] == "pca"
+    log = (runs["star"].path / "run.log").read_text()
+    assert "3-D classification" in log and "class embedding" in log
+    assert runs["star"].config()["latent_init"] == "classes"
 
 
 def test_config_file_sets_keys_and_resume_refuses_flags_it_would_ignore(tiny_dataset, tmp_path):

@@ -168,6 +168,11 @@ def test_latent_warmup_splits_the_search_into_consensus_then_per_state(tmp_path,
     assert [tr.schedule.phase_of_epoch(e) for e in (6, 7, 8)] == ["sgd", "hps", "local"]
     tr.latent_init_epoch = 6
     assert [tr._wants_latent_init(e) for e in (7, 8)] == [True, True]
+    # refreshes during a search are linear; a start at settled poses classifies
+    assert [tr.schedule.latent_init_method(e) for e in (5, 6, 7, 8)] == [
+        "pca", "classes", "pca", "classes"]  # fmt: skip
+    tr.cfg.latent_init = "pca"
+    assert tr.schedule.latent_init_method(8) == "pca"
     with pytest.raises(CryofieldError, match="latent_warmup"):
         TrainConfig(latent_warmup=1.5).validate()
 

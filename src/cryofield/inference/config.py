@@ -16,8 +16,10 @@ from cryofield.errors import CryofieldError
 #: accepted values of ``TrainConfig.contrast``
 CONTRASTS = ("auto", "light-on-dark", "dark-on-light")
 #: accepted values of ``TrainConfig.latent_init``: linear variability analysis at the
-#: consensus poses (:mod:`cryofield.inference.variability`) or the random start alone
-LATENT_INITS = ("pca", "random")
+#: consensus poses (:mod:`cryofield.inference.variability`), 3-D classification at the
+#: settled poses with the classes embedded (:mod:`cryofield.inference.classify`; the
+#: refreshes during the search stay linear), or the random start alone
+LATENT_INITS = ("classes", "pca", "random")
 
 
 def _flag(default: Any, flag: str, text: str, **extra: Any) -> Any:
@@ -92,7 +94,13 @@ class TrainConfig:
     latent_l2: float = 0.0
     latent_init_std: float = 0.1
     latent_warmup: float = 0.0
-    latent_init: str = "pca"
+    latent_init: str = _flag(
+        "classes", "--latent-init",
+        "latent start once the poses settle: 3-D classification embedded in z ('classes'), "
+        "linear variability analysis ('pca'), or none ('random')",
+        choices=LATENT_INITS,
+    )  # fmt: skip
+    latent_init_classes: int | None = None
     latent_init_radius_px: float | None = None
     latent_init_iters: int = 20
     latent_refresh: bool = True
@@ -313,6 +321,8 @@ class TrainConfig:
             (self.search_levels >= 0 and self.n_keep >= 1, "search levels >= 0, n_keep >= 1"),
             (self.latent_init in LATENT_INITS, f"latent_init must be one of {LATENT_INITS}"),
             (self.latent_init_iters >= 1, "latent_init_iters must be >= 1"),
+            (self.latent_init_classes is None or self.latent_init_classes >= 2,
+             "latent_init_classes must be >= 2 (or null: clip(2 zdim, 4, 16))"),
             (0.0 <= self.latent_warmup <= 1.0, "latent_warmup must be in [0, 1]"),
             (self.local_refine_epochs >= 0, "local_refine_epochs must be >= 0"),
             (self.research_epochs is None or self.research_epochs >= 0,

@@ -191,7 +191,7 @@ class SearchSettings:
     radius_hi_px: float = 12.0
 
 
-def _cross_terms(
+def cross_terms(
     x_c: torch.Tensor, ctf: torch.Tensor, w: torch.Tensor, slices: torch.Tensor
 ) -> torch.Tensor:
     """``-2 Re<C X_t, S> + <C^2, |S|^2>`` (weighted); lower is better.
@@ -306,7 +306,7 @@ def search_poses(
         sl = slice(b0, b0 + chunk)
         shifts = t_center_px[sl, None, :] + t0[None]  # (b, T, 2)
         xc = centre_images(images_ft[sl][:, idx], fr, shifts)  # (b, T, M)
-        per_ref = [_cross_terms(xc, ctf[sl][:, idx], w, sg).min(dim=1) for sg in slices0]
+        per_ref = [cross_terms(xc, ctf[sl][:, idx], w, sg).min(dim=1) for sg in slices0]
         err_g = torch.stack([e for e, _ in per_ref])  # (G, b, Q)
         ref = err_g.amin(dim=2).argmin(dim=0)  # (b,)
         cols = torch.arange(len(ref), device=dev)
@@ -474,7 +474,7 @@ def local_refine_poses(
             shifts = t[:, None, :] + tstep * local_t  # (B, 9, 2)
             xc = centre_images(xb, fr, shifts)  # (B, 9, M)
             sli = slice_grid(grid_ft, D_grid, cand, fr)  # (B, 27, M)
-            e = _cross_terms(xc, cb, w, sli).reshape(B, -1)  # (B, 9 * 27)
+            e = cross_terms(xc, cb, w, sli).reshape(B, -1)  # (B, 9 * 27)
             err, best = e.min(dim=1)
             if soft:
                 sigma2 = ((err + x2) / w.sum()).clamp_min(1e-12)  # (B,)

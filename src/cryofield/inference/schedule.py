@@ -193,16 +193,27 @@ class Schedule:
         return StepPlan(Phase.HPS, c.radius_search_px, (c.radius_start_px + c.radius_search_px) / 2,
                         c.radius_search_px)  # fmt: skip
 
+    def latent_init_method(self, epoch: int) -> str:
+        """How a latent start due at ``epoch`` is made: ``"pca"`` (variability analysis)
+        while the poses are still searched (the refreshes that keep the heterogeneous
+        search's references apart, where speed matters more than the last bit of
+        separation), ``cfg.latent_init`` once they have settled (known poses, or the
+        first epoch after a search epoch)."""
+        if self.phase_of_epoch(epoch).searches_poses:
+            return "pca"
+        return self.cfg.latent_init
+
     def latent_init_due(self, epoch: int, last_init: int) -> bool:
-        """Whether the latents are set by PCA (variability analysis) at the start of
-        ``epoch``; ``last_init`` is the last epoch whose start set them (0: none yet).
+        """Whether the latents are set by a latent start (:meth:`latent_init_method`) at
+        the start of ``epoch``; ``last_init`` is the last epoch whose start set them (0:
+        none yet).
 
         Due in the first epoch after the consensus search (with known poses: the first
         epoch), every later search epoch (``latent_refresh``; the search-again epochs
         always) and the first epoch after a search epoch, from the current poses.
         """
         c = self.cfg
-        if c.zdim == 0 or c.latent_init != "pca":
+        if c.zdim == 0 or c.latent_init == "random":
             return False
         if last_init == 0:
             return epoch > self.consensus_epochs and (epoch > 1 or c.poses_from_file)

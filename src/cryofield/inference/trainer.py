@@ -182,17 +182,30 @@ class Trainer:
         return self.schedule.latent_init_due(epoch, self.latent_init_epoch)
 
     @torch.no_grad()
-    def _init_latents(self) -> None:
-        """Start the latent table from linear variability analysis at the current poses
-        (:mod:`cryofield.inference.variability`)."""
+    def _init_latents(self, epoch: int) -> None:
+        """Start the latent table at the current poses, by linear variability analysis
+        (:mod:`cryofield.inference.variability`) or 3-D classification with the classes
+        embedded (:mod:`cryofield.inference.classify`), as
+        :meth:`~cryofield.inference.schedule.Schedule.latent_init_method` says."""
+        from cryofield.inference.classify import (
+            ClassifySettings,
+            classification_latents,
+            default_n_classes,
+        )
         from cryofield.inference.variability import variability_latents
 
-        assert self.latents is not None and self.cfg.latent_init_radius_px is not None
+        c = self.cfg
+        assert self.latents is not None and c.latent_init_radius_px is not None
         R, t = self.poses.all()
-        z = variability_latents(
-            self.batches, R, t, self.cfg.zdim, self.cfg.latent_init_radius_px,
-            iters=self.cfg.latent_init_iters, seed=self.cfg.seed,
-        )  # fmt: skip
+        method = self.schedule.latent_init_method(epoch)
+        if method == "classes":
+            k = c.latent_init_classes or default_n_classes(c.zdim)
+            settings = ClassifySettings(n_classes=k, init_radius_px=c.latent_init_radius_px,
+                                        init_zdim=c.zdim, seed=c.seed)  # fmt: skip
+            z = classification_latents(self.batches, R, t, c.zdim, settings)
+        else:
+            z = variability_latents(self.batches, R, t, c.zdim, c.latent_init_radius_px,
+                                    iters=c.latent_init_iters, seed=c.seed)  # fmt: skip
         self.latents.set(torch.arange(self.N, device=self.device), z)
         self.latent_init_epoch = self.epoch + 1
 
@@ -317,7 +330,7 @@ class Trainer:
         if phase.refines_half_maps:
             return self._refine_epoch(epoch, t0, R_before, t_before)
         if self._wants_latent_init(epoch):
-            self._init_latents()
+            self._init_latents(epoch)
         if phase.refines_locally:
             self._prepare_local()
         bar = tqdm(

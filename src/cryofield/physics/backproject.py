@@ -70,6 +70,9 @@ class FourierBackprojector:
         self._freqs = freqs[self._inside]  # (M, 2)
         self._half = torch.where(self._freqs[:, 0] == 0, 0.5, 1.0)  # (M,)
         self.n_images = 0
+        #: ``(P, P, P)`` per-voxel Wiener term ``1 / tau^2`` of :meth:`volume_ft`
+        #: (None: the relative ``wiener_eps``)
+        self.prior: torch.Tensor | None = None
 
     def add(
         self,
@@ -156,13 +159,16 @@ class FourierBackprojector:
             c = compute_ctf(self._freqs, apix, ctf.to(self.device))  # (N, M) inserted points
         self._insert(f, rotations, shifts_px, c)
 
-    def merge(self, other: FourierBackprojector) -> FourierBackprojector:
-        """A new accumulator holding the insertions of both (e.g. two half sets)."""
-        if (other.D, other.P) != (self.D, self.P):
+    def merge(self, *others: FourierBackprojector) -> FourierBackprojector:
+        """A new accumulator holding the insertions of this one and ``others`` (e.g. two
+        half sets, or all folds but one); its ``prior`` is None."""
+        if any((o.D, o.P) != (self.D, self.P) for o in others):
             raise ValueError("cannot merge back-projectors of different sizes")
         out = FourierBackprojector(self.D, self.P // self.D, self.device)
-        out._acc = self._acc + other._acc.to(self.device)
-        out.n_images = self.n_images + other.n_images
+        out._acc = self._acc.clone()
+        for o in others:
+            out._acc += o._acc.to(self.device)
+        out.n_images = self.n_images + sum(o.n_images for o in others)
         return out
 
     def ctf_freqs(self) -> torch.Tensor:
@@ -181,22 +187,31 @@ class FourierBackprojector:
         src = torch.cat([val, wgt[:, None]], dim=1)  # (K, 3): Re, Im, weight
         self._acc.index_add_(0, lin, (src[:, None, :] * w[:, :, None]).reshape(-1, 3))
 
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Friedel-completed sums on the padded lattice: ``num`` ``(P, P, P)`` complex64
+        (``sum C X`` gridded) and ``den`` ``(P, P, P)`` float32 (``sum C^2`` gridded)."""
+        P = self.P
+        full = self._acc.reshape(P + 1, P + 1, P + 1, 3)
+        mirror = full.flip(0, 1, 2)  # index i <-> P - i, i.e. k <-> -k
+        mirror = mirror * torch.tensor([1.0, -1.0, 1.0], device=self.device)  # conjugate
+        acc = (full + mirror)[:P, :P, :P]
+        return torch.complex(acc[..., 0], acc[..., 1]), acc[..., 2]
+
     def volume_ft(self, wiener_eps: float = 1e-3) -> torch.Tensor:
-        """Current estimate of the centred 3-D transform on the padded lattice.
+        """Current estimate of the centred 3-D transform on the padded lattice:
+        ``num / (den + eps)`` with ``eps = wiener_eps * mean(den)`` over the occupied
+        voxels, or ``num / (den + prior)`` when :attr:`prior` (``(P, P, P)`` per-voxel
+        ``1 / tau^2``, e.g. a per-shell signal prior) is set.
 
         Returns
         -------
         torch.Tensor
             ``(P, P, P)`` complex64 (no gridding correction).
         """
-        P = self.P
-        full = self._acc.reshape(P + 1, P + 1, P + 1, 3)
-        mirror = full.flip(0, 1, 2)  # index i <-> P - i, i.e. k <-> -k
-        mirror = mirror * torch.tensor([1.0, -1.0, 1.0], device=self.device)  # conjugate
-        acc = (full + mirror)[:P, :P, :P]
-        num = torch.complex(acc[..., 0], acc[..., 1])
-        den = acc[..., 2]
+        num, den = self.sums()
         occupied = den > 0
+        if self.prior is not None:
+            return torch.where(occupied, num / (den + self.prior), 0)
         mean_w = den[occupied].mean() if bool(occupied.any()) else torch.tensor(1.0)
         eps = wiener_eps * mean_w
         return torch.where(occupied, num / (den + eps), 0)

@@ -1,0 +1,682 @@
+"""Maximum-likelihood 3-D classification at fixed poses, and a latent start made from it.
+
+With the poses of a consensus run fixed, image ``i`` is modelled as a CTF-modulated
+projection of one of ``K`` class maps plus white Gaussian noise of its own variance:
+
+``X_i(k) = C_i(k) V_{c_i}(R_i^T [k, 0]) + n_i(k)``,  ``P(c_i = j) = pi_j``,
+``E|n_i(k)|^2 = sigma_i^2`` per complex Fourier coefficient,
+
+on the frequencies ``|k| <= r`` (half plane: each independent coefficient once). The
+class maps, class priors and noise variances are estimated by expectation maximisation,
+as RELION's 3-D classification does at fixed orientations (Scheres 2012, J. Mol. Biol.
+415:406, "A Bayesian view on cryo-EM structure determination"; Scheres 2012, J. Struct.
+Biol. 180:519; Dempster, Laird & Rubin 1977):
+
+* E-step, per image ``i`` and class ``j``: ``E_ij = sum_k w_k |X_ik - C_ik S_ij(k)|^2``
+  with ``S_ij`` the central slice of class ``j`` at ``R_i``
+  (:func:`~cryofield.inference.refine.reference_grid` and
+  :func:`~cryofield.inference.pose_search.slice_grid`, the projections of pose search and
+  gold-standard refinement; ``w`` the Friedel weights of
+  :meth:`~cryofield.inference.pose_search.FrequencyPoints.half_index`), log-likelihood
+  ``L_ij = -E_ij / (2 sigma_i^2) - (W / 2) log(pi sigma_i^2)`` (``W = sum w``),
+  responsibilities ``r_ij = softmax_j(log pi_j + L_ij)``;
+* M-step: ``pi_j = mean_i r_ij``; every class map is the Wiener-regularised weighted
+  Fourier back-projection ``V_j = sum_i a_ij C_i X_i / (sum_i a_ij C_i^2 + 1 / tau^2)``
+  with ``a_ij = r_ij / sigma_i^2``
+  (:class:`~cryofield.physics.backproject.FourierBackprojector`; the weight enters as
+  ``sqrt(a_ij)`` on both image and CTF); ``sigma_i^2 = sum_j r_ij E_ij / W`` is updated
+  with the new maps before the next E-step (a conditional-maximisation step of ECM,
+  Meng & Rubin 1993, Biometrika 80:267, so the log-likelihood still cannot fall except
+  through the approximations of gridding).
+
+The prior ``tau^2`` (signal power per shell, RELION's ``tau2``) comes from the half maps
+of all images (:func:`~cryofield.inference.refine.backproject_halves_batched`): their FSC
+gives the full map's spectral SNR ``SSNR = 2 FSC / (1 - FSC)``, and on the back-projection
+lattice ``SSNR = tau^2 * den`` with ``den`` the shell-mean weight of all images, so
+``1 / tau^2 = mean(den_all) / SSNR`` needs no knowledge of the lattice's oversampling. A
+class holding a fraction ``f`` of the images is then shrunk towards zero where
+``f * SSNR < 1``: classes with few images do not blow up at high frequency. The same FSC
+sets the scoring radius (0.143 shell plus a margin, at most Nyquist).
+
+Scored against maps it contributed to, an image finds its own noise in its class: at
+``D = 64`` a class of a few hundred images holds a given Fourier voxel from only ~10 of
+them, so the self-match is worth tens to hundreds of nats per image, more than a small
+domain, and the EM freezes at its starting partition (measured on het_domain: 0 of 6000
+images changed class in 20 iterations). By default the images are therefore split into
+``folds`` sets (image index modulo ``folds``; 2 is the even / odd split of
+:mod:`cryofield.inference.refine`) and every image is scored against class maps
+back-projected from the other folds only (cross-validation: the back-projection sums are
+kept per fold, so the leave-one-fold-out maps cost one Wiener division each), Wiener
+filtered with the SSNR of that fraction ``q = (folds - 1) / folds`` of the data
+(``2 q FSC / (1 - FSC)``). More folds give less noisy maps (``q`` = 1/2, 3/4, 7/8 ...)
+for ``folds`` times the accumulator memory. With two folds the maps of the halves share
+no image, so classes the data cannot tell apart chase each other's noise and can come
+out permuted between the halves: after every M-step the second half's classes are
+matched to the first's (Hungarian method on the maps' squared differences); with three
+or more the maps of any two folds share most of their images and stay matched. The
+objective is a cross-validated likelihood, which is not bound to rise at every iteration
+(``folds = 1``: the plain EM, whose log-likelihood cannot fall).
+
+The classes start from a partition: k-means (k-means++) of the linear variability codes
+(:func:`~cryofield.inference.variability.variability_latents`), or a random one. A class
+whose prior falls below ``min_class_fraction / K`` can be reseeded with a random part of
+the largest class; by default it is not (measured: reseeding keeps splitting one state
+into interchangeable classes and lowered the ARI on het_domain at SNR 0.05 from 0.91 to
+0.85): a class that empties is the data saying that fewer classes are distinguishable.
+
+:func:`class_embedding` turns the responsibilities into latent codes for an auto-decoder:
+``z_i = sum_j r_ij e_j`` with ``e_j`` the coordinates of class map ``j`` on the first
+principal axes of the class maps (population-weighted PCA of their transforms inside the
+scoring radius). Images of similar classes get close codes, and classes that tile a
+continuous motion come out ordered along the first axes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cryofield.inference.data import BatchMaker
+from cryofield.inference.pose_search import centre_images, cross_terms, slice_grid
+from cryofield.inference.refine import backproject_halves_batched, reference_grid
+from cryofield.logs import get_logger
+from cryofield.physics.backproject import FourierBackprojector
+from cryofield.physics.ctf import compute_ctf
+from cryofield.physics.fourier import fft3_centered, ifft2_centered
+from cryofield.physics.fsc import fsc, resolution_at
+from cryofield.physics.lattice import radial_index_3d
+
+__all__ = [
+    "ClassifyResult",
+    "ClassifySettings",
+    "class_embedding",
+    "classification_latents",
+    "classify_3d",
+    "default_n_classes",
+]
+
+log = get_logger("train")
+
+INITS = ("pca", "random")
+
+
+@dataclass
+class ClassifySettings:
+    """Settings of :func:`classify_3d` (radii in Fourier px of the training box).
+
+    Attributes
+    ----------
+    n_classes
+        ``K``.
+    iters
+        Most EM iterations.
+    tol
+        Stop early once at most this fraction of the images changed class in two
+        iterations in a row (0: run all ``iters``).
+    patience
+        With several folds: stop once the cross-validated log-likelihood has not risen
+        for this many iterations; the result is the iteration where it was highest.
+    radius_px
+        Scoring radius; None: the half maps' FSC 0.143 shell plus ``margin_px``.
+    margin_px
+        Added to the FSC radius.
+    init
+        ``"pca"``: k-means of the variability codes; ``"random"``: a random partition.
+    init_radius_px
+        Radius of the variability analysis of ``init="pca"`` (None: ``D / 4``, the
+        trainer's default).
+    init_zdim
+        Components of that analysis.
+    pad_factor
+        Oversampling of the back-projection lattice (1: 8x less memory and work; 2:
+        accurate gridding).
+    oversample
+        Oversampling of the sliced reference grids (2: accurate trilinear slices).
+    tau_fudge
+        Multiplies ``tau^2`` (RELION's ``--tau2_fudge``: above 1 trusts the data more).
+    min_weight
+        Responsibilities below this are not back-projected.
+    min_class_fraction
+        A class whose prior falls below ``min_class_fraction / K`` is reseeded (0: never).
+    folds
+        Cross-validation folds: every image is scored against class maps made from the
+        other folds (see the module docstring); 1: the plain EM.
+    max_images
+        EM runs on at most this many images (a seeded random subset, kept in memory);
+        the responsibilities of the others come from a final E-step.
+    chunk
+        Images per block.
+    seed
+        Random seed (subset, initial partition, reseeding).
+    """
+
+    n_classes: int = 16
+    iters: int = 20
+    tol: float = 0.002
+    patience: int = 4
+    radius_px: float | None = None
+    margin_px: float = 2.0
+    init: str = "pca"
+    init_radius_px: float | None = None
+    init_zdim: int = 8
+    pad_factor: int = 1
+    oversample: int = 2
+    tau_fudge: float = 1.0
+    min_weight: float = 1e-3
+    min_class_fraction: float = 0.0
+    folds: int = 4
+    max_images: int = 20000
+    chunk: int = 256
+    seed: int = 0
+
+
+@dataclass
+class ClassifyResult:
+    """Output of :func:`classify_3d`.
+
+    Attributes
+    ----------
+    resp
+        ``(N, K)`` responsibilities (rows sum to 1).
+    maps
+        ``(K, D, D, D)`` class maps (normalised image units, origin at ``D // 2``).
+    priors
+        ``(K,)`` class priors.
+    sigma2
+        ``(N,)`` noise variance per complex Fourier coefficient of every image.
+    radius_px
+        Scoring radius used.
+    fsc0143_px
+        Half-map FSC 0.143 shell of all images (nan when ``radius_px`` was given).
+    loglik
+        Mean log-likelihood per image of the fitted images at every iteration's E-step
+        (cross-validated with several folds; with one fold non-decreasing up to gridding
+        error). ``resp``, ``maps`` and ``priors`` are those of its highest value.
+    history
+        Per iteration: ``loglik``, ``changed`` (fraction of images whose most likely
+        class changed), ``reseeded``, ``max_prior``, ``min_prior``, ``seconds``.
+    """
+
+    resp: torch.Tensor
+    maps: torch.Tensor
+    priors: torch.Tensor
+    sigma2: torch.Tensor
+    radius_px: float
+    fsc0143_px: float
+    loglik: list[float] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def default_n_classes(zdim: int) -> int:
+    """Classes for a latent start of ``zdim`` dims: ``clip(2 zdim, 4, 16)``.
+
+    At least ``zdim + 1`` classes are needed for ``zdim`` non-trivial axes; twice as many
+    let a continuous motion be tiled finely enough to come out ordered and leave room to
+    over-split discrete states rather than merge them. Classes the data cannot tell
+    apart empty out (no reseeding), so a generous ``K`` costs time, not accuracy: on the
+    built-in hinge motion (D=64, N=6000, SNR 0.1, true poses) 16 classes ended in 5
+    populated ones and |Spearman| 0.98 with the motion, 8 classes in 7 and 0.95. Each
+    class costs one slice per image per iteration, and more than 16 leave too few images
+    per class at the usual ``N ~ 10^4``.
+    """
+    return int(min(16, max(4, 2 * int(zdim))))
+
+
+@dataclass
+class _Fit:
+    """The fitted images kept in memory (``n`` images, ``M`` half-plane points)."""
+
+    rows: np.ndarray  # (n,) image indices
+    fold: torch.Tensor  # (n,) long, the cross-validation fold (0 with one fold)
+    R: torch.Tensor  # (n, 3, 3)
+    t: torch.Tensor  # (n, 2)
+    x: torch.Tensor  # (n, M) complex, centred transforms at the half-plane points
+    c: torch.Tensor  # (n, M) CTF there
+    x2: torch.Tensor  # (n,) sum_k w |X|^2
+    img: torch.Tensor  # (n, D, D) real training images (for back-projection)
+
+
+class _Scorer:
+    """Half-plane points inside the scoring radius and the E-step errors."""
+
+    def __init__(self, batches: BatchMaker, radius_px: float, oversample: int) -> None:
+        self.batches = batches
+        self.radius = float(radius_px)
+        self.oversample = int(oversample)
+        self.idx, self.w = batches.points.half_index(radius_px)
+        self.freqs = batches.points.freqs[self.idx]
+        self.W = float(self.w.sum())
+        self._ones = torch.ones(batches.points.D // 2 + 1)
+
+    def observe(
+        self, idx: np.ndarray, R: torch.Tensor, t: torch.Tensor, fold: torch.Tensor,
+        keep_images: bool,
+    ) -> _Fit:  # fmt: skip
+        """Centred transforms, CTFs (and real images) of images ``idx`` at poses ``R, t``."""
+        b = self.batches
+        D = b.points.D
+        x2s, xs, cs, imgs = [], [], [], []
+        for a in range(0, len(idx), 256):
+            part = idx[a : a + 256]
+            f = b.images_ft(part)
+            x = centre_images(f[:, self.idx], self.freqs, t[a : a + 256, None, :])[:, 0]
+            xs.append(x)
+            cs.append(b.ctf(part)[:, self.idx])
+            x2s.append((self.w * (x.real**2 + x.imag**2)).sum(-1))
+            if keep_images:  # inverse of images_ft's crop (as backproject_halves_batched)
+                full = torch.zeros(len(part), D * D, dtype=torch.complex64, device=b.device)
+                full[:, b.points.flat_index] = f
+                imgs.append(ifft2_centered(full.reshape(-1, D, D)).real)
+        img = torch.cat(imgs) if keep_images else torch.empty(0)
+        return _Fit(np.asarray(idx), fold, R, t, torch.cat(xs), torch.cat(cs), torch.cat(x2s),
+                    img)  # fmt: skip
+
+    def errors(self, maps: torch.Tensor, o: _Fit, pos: torch.Tensor, chunk: int) -> torch.Tensor:
+        """``(len(pos), K)`` squared residuals ``sum_k w |X - C S_j|^2`` of the images at
+        positions ``pos`` of ``o`` against the ``(K, D, D, D)`` maps (one reference grid
+        in memory at a time)."""
+        E = torch.empty(len(pos), maps.shape[0], device=o.x.device)
+        for j, m in enumerate(maps):
+            if not bool(m.any()):  # an empty class: its map is zero, its slices too
+                E[:, j] = o.x2[pos]
+                continue
+            grid, Dg = reference_grid(m, self._ones, self.radius, self.oversample)
+            for a in range(0, len(pos), chunk):
+                p = pos[a : a + chunk]
+                sl = slice_grid(grid, Dg, o.R[p], self.freqs)  # (B, M)
+                e = cross_terms(o.x[p][:, None], o.c[p], self.w, sl[:, None])[:, 0, 0]
+                E[a : a + chunk, j] = e + o.x2[p]
+        return E.clamp_min(0.0)
+
+    def loglik(self, E: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+        """``(B, K)`` log-likelihoods of errors ``E`` at noise variances ``sigma2 (B,)``."""
+        s = sigma2[:, None]
+        return -E / (2 * s) - 0.5 * self.W * torch.log(math.pi * s)
+
+
+def _all_errors(scorer: _Scorer, maps: torch.Tensor, o: _Fit, chunk: int) -> torch.Tensor:
+    """``(n, K)`` errors of every image of ``o`` against the maps of its fold
+    (``maps (F, K, D, D, D)``, ``maps[f]`` made without fold ``f``)."""
+    E = torch.empty(len(o.rows), maps.shape[1], device=o.x.device)
+    for f in range(maps.shape[0]):
+        pos = torch.nonzero(o.fold == f).squeeze(1)
+        if pos.numel():
+            E[pos] = scorer.errors(maps[f], o, pos, chunk)
+    return E
+
+
+def _initial_partition(
+    batches: BatchMaker,
+    R: torch.Tensor,
+    t: torch.Tensor,
+    rows: np.ndarray,
+    K: int,
+    s: ClassifySettings,
+) -> np.ndarray:
+    """``(n,)`` initial class of each fitted image."""
+    rng = np.random.default_rng(s.seed)
+    if s.init == "random":
+        return rng.integers(0, K, len(rows))
+    from sklearn.cluster import KMeans
+
+    from cryofield.inference.variability import variability_latents
+
+    D = batches.points.D
+    r0 = s.init_radius_px if s.init_radius_px is not None else D / 4
+    r0 = min(float(r0), D / 2 - 1)
+    ti = torch.as_tensor(rows, device=R.device)
+    sub = _RowSubset(batches, rows)
+    z = variability_latents(sub, R[ti], t[ti], min(s.init_zdim, K), r0, seed=s.seed)  # type: ignore[arg-type]
+    km = KMeans(K, n_init=4, random_state=s.seed).fit(z.cpu().double().numpy())
+    return km.labels_.astype(np.int64)
+
+
+class _RowSubset:
+    """A :class:`BatchMaker` view of some of its rows (index ``i`` -> ``rows[i]``)."""
+
+    def __init__(self, batches: BatchMaker, rows: np.ndarray) -> None:
+        self._b, self._rows = batches, np.asarray(rows)
+        self.points, self.device = batches.points, batches.device
+
+    def images_ft(self, idx: np.ndarray) -> torch.Tensor:
+        return self._b.images_ft(self._rows[np.asarray(idx)])
+
+    def ctf(self, idx: np.ndarray) -> torch.Tensor:
+        return self._b.ctf(self._rows[np.asarray(idx)])
+
+
+def _shell_prior(
+    bps: list[FourierBackprojector], ssnr: torch.Tensor, tau_fudge: float
+) -> torch.Tensor:
+    """``(P, P, P)`` ``1 / tau^2 = mean(den) / (tau_fudge SSNR)`` per shell, ``den`` the
+    summed weights of ``bps`` (all images of one half set, or all), ``ssnr`` ``(S,)`` the
+    spectral SNR of a map made of them (the module docstring); infinite past shell ``S``."""
+    P, D = bps[0].P, bps[0].D
+    den = sum(bp.sums()[1] for bp in bps)
+    assert isinstance(den, torch.Tensor)
+    shell = (radial_index_3d(P, device=den.device) * D / P).round().long()
+    S = ssnr.shape[0]
+    inside = shell < S
+    sh = shell[inside]
+    d = den[inside]
+    occ = d > 0
+    tot = torch.zeros(S, device=den.device).index_add_(0, sh[occ], d[occ])
+    cnt = torch.zeros(S, device=den.device).index_add_(0, sh[occ], torch.ones_like(d[occ]))
+    inv_tau2 = (tot / cnt.clamp_min(1)) / (tau_fudge * ssnr.to(den.device))
+    out = torch.full((P, P, P), float("inf"), device=den.device)
+    out[inside] = inv_tau2[sh]
+    return out
+
+
+def _ssnr(curve: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``(S,)`` spectral SNR of a map of a ``fraction`` of the images from their half-map
+    FSC: ``2 fraction FSC / (1 - FSC)`` (a half map: ``FSC / (1 - FSC)``); DC: the largest."""
+    f = curve.float().clamp(1e-3, 0.999)
+    ssnr = 2.0 * fraction * f / (1 - f)
+    if ssnr.shape[0] > 1:
+        ssnr[0] = ssnr[1:].max()
+    return ssnr
+
+
+def _combined(bps: list[FourierBackprojector]) -> FourierBackprojector:
+    """One back-projector holding the insertions of all of ``bps``."""
+    return bps[0].merge(*bps[1:])
+
+
+def _m_step(
+    scorer: _Scorer,
+    fit: _Fit,
+    resp: torch.Tensor,
+    sigma2: torch.Tensor,
+    curve: torch.Tensor,
+    F: int,
+    s: ClassifySettings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Wiener-regularised weighted back-projections: ``(F, K, D, D, D)`` the maps that
+    score every fold (made without it; with ``F = 1`` the full maps), ``(K, D, D, D)`` the
+    full maps, and ``resp`` (with two folds, the classes of fold 0 relabelled to match)."""
+    b = scorer.batches
+    K = resp.shape[1]
+    D = b.points.D
+    bps = [[FourierBackprojector(D, s.pad_factor, b.device) for _ in range(K)] for _ in range(F)]
+    freqs = bps[0][0].ctf_freqs()
+    a_all = resp / sigma2[:, None]  # (n, K)
+    for f in range(F):
+        pos_f = torch.nonzero(fit.fold == f).squeeze(1)
+        for a0 in range(0, len(pos_f), s.chunk):
+            pos = pos_f[a0 : a0 + s.chunk]
+            rows = fit.rows[pos.cpu().numpy()]
+            if b.ctf_params is not None:
+                p = b.ctf_params.subset(torch.as_tensor(rows)).to(b.device)
+                ctf = compute_ctf(freqs, b.apix_A, p).float()  # (B, P, P)
+            else:
+                ctf = torch.ones(len(rows), *freqs.shape[:2], device=b.device)
+            img, R, t, r, a = fit.img[pos], fit.R[pos], fit.t[pos], resp[pos], a_all[pos]
+            for j, bp in enumerate(bps[f]):
+                sel = torch.nonzero(r[:, j] >= s.min_weight).squeeze(1)
+                if sel.numel() == 0:
+                    continue
+                g = a[sel, j].sqrt()[:, None, None]
+                bp.add(img[sel] * g, R[sel], t[sel], ctf[sel] * g)
+
+    def volumes(sets: list[FourierBackprojector], fraction: float) -> torch.Tensor:
+        prior = _shell_prior(sets, _ssnr(curve, fraction), s.tau_fudge)
+        for bp in sets:
+            bp.prior = prior
+        return torch.stack([bp.volume() for bp in sets])
+
+    if F == 1:
+        full_maps = volumes(bps[0], 1.0)
+        return full_maps[None], full_maps, resp
+    q = (F - 1) / F
+    cv = [
+        volumes([_combined([bps[g][j] for g in range(F) if g != f]) for j in range(K)], q)
+        for f in range(F)
+    ]
+    if F == 2:
+        # the halves share no image: classes the data cannot tell apart chase each
+        # other's noise and can come out permuted; relabel fold 0's classes (its maps
+        # score fold 1, cv[1]) to match fold 1's (cv[0]), in its images too
+        perm = _matching(cv[0], cv[1])
+        if not np.array_equal(perm, np.arange(K)):
+            bps[0] = [bps[0][j] for j in perm]
+            cv[1] = cv[1][torch.as_tensor(perm, device=cv[1].device)]
+            resp = resp.clone()
+            rows = fit.fold == 0
+            resp[rows] = resp[rows][:, torch.as_tensor(perm, device=resp.device)]
+    full_maps = volumes([_combined([bps[f][j] for f in range(F)]) for j in range(K)], 1.0)
+    return torch.stack(cv), full_maps, resp
+
+
+def _matching(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """``(K,)`` permutation ``perm`` pairing map ``a[j]`` with ``b[perm[j]]`` (least total
+    squared difference, Hungarian method) of two ``(K, D, D, D)`` sets."""
+    from scipy.optimize import linear_sum_assignment
+
+    K = a.shape[0]
+    cost = torch.cdist(a.reshape(K, -1).double(), b.reshape(K, -1).double()) ** 2
+    return np.asarray(linear_sum_assignment(cost.cpu().numpy())[1])
+
+
+@torch.no_grad()
+def classify_3d(
+    batches: BatchMaker,
+    rotations: torch.Tensor,
+    shifts_px: torch.Tensor,
+    settings: ClassifySettings | None = None,
+    init_labels: np.ndarray | None = None,
+) -> ClassifyResult:
+    """Maximum-likelihood 3-D classification of all images at fixed poses (module docstring).
+
+    Parameters
+    ----------
+    batches
+        Training images and CTFs of the ``N`` particles (normalised units).
+    rotations, shifts_px
+        ``(N, 3, 3)`` poses and ``(N, 2)`` shifts in training px.
+    settings
+        :class:`ClassifySettings`.
+    init_labels
+        ``(N,)`` starting class of every image (in ``[0, K)``; e.g. k-means labels of the
+        current latents); None: ``settings.init``.
+
+    Returns
+    -------
+    ClassifyResult
+    """
+    s = settings or ClassifySettings()
+    if s.init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {s.init!r}")
+    K = int(s.n_classes)
+    if K < 2:
+        raise ValueError(f"n_classes must be >= 2, got {K}")
+    dev = batches.device
+    D = batches.points.D
+    nyq = D / 2 - 1
+    R = rotations.float().to(dev)
+    t = shifts_px.float().to(dev)
+    N = R.shape[0]
+    F = int(s.folds)
+    if F < 1:
+        raise ValueError(f"folds must be >= 1, got {F}")
+    gen = np.random.default_rng(s.seed)
+    rows = np.sort(gen.permutation(N)[: min(N, s.max_images)])
+    ti = torch.as_tensor(rows, device=dev)
+
+    # half maps of the fitted images: FSC (radius, prior) and the noise start
+    h1, h2 = backproject_halves_batched(batches, R[ti], t[ti], s.chunk, rows=rows)
+    curve = fsc(h1, h2)
+    res_px = float(resolution_at(curve, 0.143, batches.apix_A)[0])
+    radius = s.radius_px if s.radius_px is not None else res_px + s.margin_px
+    # reference_grid's crop (2 (ceil(r os) + 2) voxels) must fit the os * D lattice
+    radius = float(min(radius, nyq, D / 2 - 2 / max(int(s.oversample), 1)))
+    scorer = _Scorer(batches, radius, s.oversample)
+    fold = torch.as_tensor(rows % F, device=dev)
+    fit = scorer.observe(rows, R[ti], t[ti], fold, keep_images=True)
+    n = len(rows)
+    cons = ((h1 + h2) / 2)[None]
+    E0 = scorer.errors(cons, fit, torch.arange(n, device=dev), s.chunk)[:, 0]
+    sigma2 = (E0 / scorer.W).clamp_min(1e-12)  # residual to the consensus
+
+    if init_labels is not None:
+        labels = np.asarray(init_labels, np.int64)[rows]
+        if labels.min() < 0 or labels.max() >= K:
+            raise ValueError(f"init_labels must lie in [0, {K})")
+    else:
+        labels = _initial_partition(batches, R, t, rows, K, s)
+    resp = torch.nn.functional.one_hot(torch.as_tensor(labels), K).float().to(dev)
+    log.info(
+        "3-D classification: %d classes, %d images, radius %.1f px (half-map FSC 0.143 at "
+        "%.1f px), init %s%s", K, n, radius, res_px,
+        "given" if init_labels is not None else s.init,
+        f", {F}-fold cross-validated" if F > 1 else "",
+    )  # fmt: skip
+    history: list[dict[str, float]] = []
+    loglik: list[float] = []
+    maps, full_maps, resp = _m_step(scorer, fit, resp, sigma2, curve, F, s)
+    priors = resp.mean(0)
+    best = resp.argmax(1)
+    kept: tuple = (-math.inf,)
+    for it in range(1, s.iters + 1):
+        t0 = time.perf_counter()
+        E = _all_errors(scorer, maps, fit, s.chunk)  # (n, K)
+        # CM step of the noise variances with the new maps and the last responsibilities
+        sigma2 = ((resp * E).sum(1) / scorer.W).clamp_min(1e-12)
+        logp = scorer.loglik(E, sigma2) + torch.log(priors.clamp_min(1e-30))[None]
+        loglik.append(float(torch.logsumexp(logp, 1).mean()))
+        resp = torch.softmax(logp, 1)
+        new_best = resp.argmax(1)
+        changed = float((new_best != best).float().mean())
+        best = new_best
+        priors = resp.mean(0)
+        if loglik[-1] > kept[0]:  # the maps and what they say of the fitted images
+            kept = (loglik[-1], it, resp.clone(), sigma2.clone(), maps, full_maps, priors)
+        reseeded = 0
+        for j in torch.nonzero(priors < s.min_class_fraction / K).squeeze(1).tolist():
+            big = int(priors.argmax())
+            members = torch.nonzero(resp.argmax(1) == big).squeeze(1)
+            take = members[torch.as_tensor(gen.random(len(members)) < 0.5, device=dev)]
+            resp[take] = torch.nn.functional.one_hot(torch.tensor(j), K).float().to(dev)
+            priors = resp.mean(0)
+            reseeded += 1
+        maps, full_maps, resp = _m_step(scorer, fit, resp, sigma2, curve, F, s)
+        best, priors = resp.argmax(1), resp.mean(0)
+        rec = dict(
+            iteration=float(it), loglik=loglik[-1], changed=changed, reseeded=float(reseeded),
+            max_prior=float(priors.max()), min_prior=float(priors.min()),
+            seconds=time.perf_counter() - t0,
+        )  # fmt: skip
+        history.append(rec)
+        log.info(
+            "classify %d: log-lik %.6g, %.1f%% changed class, priors %.3f-%.3f%s (%.0f s)",
+            it, loglik[-1], 100 * changed, rec["min_prior"], rec["max_prior"],
+            f", {reseeded} reseeded" if reseeded else "", rec["seconds"],
+        )  # fmt: skip
+        settled = len(history) >= 2 and max(h["changed"] for h in history[-2:]) <= s.tol
+        worse = F > 1 and len(kept) > 1 and it - kept[1] >= s.patience
+        if reseeded == 0 and (settled or worse):
+            break
+
+    # the iteration of the highest (cross-validated) log-likelihood: its responsibilities
+    # of the fitted images; the full maps for the rest
+    if len(kept) > 1:
+        _, it_best, resp, sigma2, maps, full_maps, priors = kept
+        if it_best < len(history):
+            log.info("classify: keeping iteration %d (highest log-likelihood)", it_best)
+    else:  # no iteration: the E-step of the starting maps
+        E = _all_errors(scorer, maps, fit, s.chunk)
+        logp = scorer.loglik(E, sigma2) + torch.log(priors.clamp_min(1e-30))[None]
+        resp = torch.softmax(logp, 1)
+    logpi = torch.log(priors.clamp_min(1e-30))[None]
+    full_resp = torch.empty(N, K, device=dev)
+    full_s2 = torch.empty(N, device=dev)
+    full_resp[ti], full_s2[ti] = resp, sigma2
+    rest = np.setdiff1d(np.arange(N), rows)
+    for a in range(0, len(rest), s.chunk):
+        idx = rest[a : a + s.chunk]
+        tj = torch.as_tensor(idx, device=dev)
+        o = scorer.observe(idx, R[tj], t[tj], torch.zeros_like(tj), keep_images=False)
+        E = scorer.errors(full_maps, o, torch.arange(len(idx), device=dev), s.chunk)
+        s2 = (E.min(1).values / scorer.W).clamp_min(1e-12)
+        for _ in range(3):  # fixed point of the noise variance and the responsibilities
+            r = torch.softmax(scorer.loglik(E, s2) + logpi, 1)
+            s2 = ((r * E).sum(1) / scorer.W).clamp_min(1e-12)
+        full_resp[tj] = torch.softmax(scorer.loglik(E, s2) + logpi, 1)
+        full_s2[tj] = s2
+    fsc_px = res_px if s.radius_px is None else float("nan")
+    return ClassifyResult(full_resp, full_maps, priors, full_s2, radius, fsc_px, loglik, history)
+
+
+def class_embedding(
+    resp: torch.Tensor,
+    maps: torch.Tensor,
+    zdim: int,
+    radius_px: float | None = None,
+    priors: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Latent codes ``(N, zdim)`` from a classification.
+
+    ``z_i = sum_j r_ij e_j``: ``e_j`` are the coordinates of class map ``j`` on the
+    first ``zdim`` principal axes of the class maps (PCA of their centred 3-D transforms
+    inside ``radius_px``, each class weighted by its prior, centred on the
+    prior-weighted mean map). The codes are centred and scaled so that the first
+    component has unit variance (the others keep their ratios, so the ordering of the
+    axes by variance is kept); axes beyond ``K - 1`` are zero.
+
+    Parameters
+    ----------
+    resp
+        ``(N, K)`` responsibilities.
+    maps
+        ``(K, D, D, D)`` class maps.
+    zdim
+        Latent dimension.
+    radius_px
+        Fourier radius (px) of the comparison; None: Nyquist.
+    priors
+        ``(K,)`` class weights of the PCA; None: ``resp.mean(0)``.
+    """
+    D = maps.shape[-1]
+    dev = resp.device
+    pri = (resp.mean(0) if priors is None else priors.to(dev)).double()
+    r = D / 2 - 1 if radius_px is None else float(radius_px)
+    ball = radial_index_3d(D, device=maps.device) <= r
+    feats = torch.stack([torch.view_as_real(fft3_centered(m.float())[ball]).reshape(-1)
+                         for m in maps]).to(dev, torch.float64)  # (K, F)  # fmt: skip
+    mean = (pri[:, None] * feats).sum(0) / pri.sum().clamp_min(1e-30)
+    Y = (feats - mean) * pri.sqrt()[:, None]
+    _, sv, Vt = torch.linalg.svd(Y, full_matrices=False)  # Vt (min(K, F), F)
+    q = min(zdim, int((sv > 1e-6 * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0)
+    e = (feats - mean) @ Vt[:q].T  # (K, q)
+    z = resp.double() @ e  # (N, q)
+    z = z - z.mean(0)
+    if q > 0 and z.shape[0] > 1 and float(z[:, 0].std()) > 0:
+        z = z / z[:, 0].std()
+    out = torch.zeros(resp.shape[0], zdim, dtype=torch.float32, device=dev)
+    out[:, :q] = z.float()
+    return out
+
+
+def classification_latents(
+    batches: BatchMaker,
+    rotations: torch.Tensor,
+    shifts_px: torch.Tensor,
+    zdim: int,
+    settings: ClassifySettings | None = None,
+) -> torch.Tensor:
+    """Latent codes ``(N, zdim)`` from 3-D classification at fixed poses: a drop-in
+    alternative to :func:`~cryofield.inference.variability.variability_latents`.
+
+    ``settings.n_classes`` is replaced by :func:`default_n_classes` ``(zdim)`` when
+    ``settings`` is None.
+    """
+    s = settings or ClassifySettings(n_classes=default_n_classes(zdim))
+    res = classify_3d(batches, rotations, shifts_px, s)
+    z = class_embedding(res.resp, res.maps, zdim, res.radius_px, res.priors)
+    var = z.var(0).tolist()
+    log.info("class embedding: code variances %s", ", ".join(f"{v:.3g}" for v in var))
+    return z
