@@ -53,7 +53,7 @@ def _train_cfg(args: argparse.Namespace, particles: Path, outdir: Path, zdim: in
 
     base = TrainConfig.load(args.config) if args.config else TrainConfig()
     base.particles, base.outdir, base.zdim = str(particles), str(outdir), zdim
-    base.seed, base.num_threads = args.seed, args.threads
+    base.seed, base.num_threads, base.device = args.seed, args.threads, args.device
     if args.epochs is not None:
         base.epochs = args.epochs
     return base
@@ -278,6 +278,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="auto", help="auto (cuda when seen), cpu, cuda, cuda:N")
     return p.parse_args(argv)
 
 

@@ -200,3 +200,15 @@ def test_help_has_an_example(capsys: pytest.CaptureFixture) -> None:
         main(["export", "--help"])
     assert info.value.code == 0
     assert "cryofield export out/ -o" in capsys.readouterr().out
+
+
+def test_export_names_the_point_group_of_a_symmetric_run(tmp_path, capsys) -> None:
+    from cryofield.cli.export import _symmetry_note
+
+    (tmp_path / "config.yaml").write_text("symmetry: d7\n")
+    _symmetry_note(str(tmp_path), "out.star")
+    out = capsys.readouterr().out
+    assert "symmetry D7" in out and "2-fold on x" in out
+    (tmp_path / "config.yaml").write_text("symmetry: C1\n")
+    _symmetry_note(str(tmp_path), "out.star")
+    assert capsys.readouterr().out == ""

@@ -109,9 +109,9 @@ def test_divergence_rolls_back_and_halves_learning_rates(tmp_path, one_thread, c
     calls = {"n": 0}
     orig = tr._step
 
-    def flaky(idx, plan):
+    def flaky(idx, plan, *batch):
         calls["n"] += 1
-        return float("nan") if calls["n"] == 1 else orig(idx, plan)
+        return float("nan") if calls["n"] == 1 else orig(idx, plan, *batch)
 
     tr._step = flaky  # type: ignore[method-assign]
     tr.fit()

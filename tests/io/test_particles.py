@@ -163,3 +163,25 @@ def test_paths_relative_to_project_folder(tmp_path, monkeypatch):
     assert t.image_paths[0] == str(tmp_path / "Extract" / "job2" / "a.mrcs")
     np.testing.assert_array_equal(ParticleSource(t)[0].numpy(), data[[1]])
     assert star.exists()
+
+
+def test_positioned_reads_of_runs_duplicates_other_dtypes_and_reopened_files(tmp_path):
+    import pickle
+
+    import mrcfile
+
+    rng = np.random.default_rng(3)
+    data = rng.integers(-300, 300, size=(12, 16, 16)).astype(np.int16)
+    with mrcfile.new(tmp_path / "s.mrcs") as m:  # mode 1 (int16), read into float32
+        m.set_data(data)
+        m.header.ispg = 0
+        m.voxel_size = 2.0
+    src = ParticleSource(load_particle_table(tmp_path / "s.mrcs"))
+    idx = np.array([11, 3, 4, 5, 5, 0, 10, 9, 3])  # runs, repeats, any order
+    np.testing.assert_array_equal(src[idx].numpy(), data[idx].astype(np.float32))
+    src.close()  # reading again reopens the file
+    np.testing.assert_array_equal(src[[7]].numpy(), data[[7]].astype(np.float32))
+    copy = pickle.loads(pickle.dumps(src))  # open files are not carried over
+    np.testing.assert_array_equal(copy[idx].numpy(), src[idx].numpy())
+    assert src.lazy
+    assert not ParticleSource(load_particle_table(tmp_path / "s.mrcs"), lazy=False).lazy

@@ -152,3 +152,25 @@ def test_contrast_takes_the_vocabulary_of_train(tmp_path: Path, blobs32) -> None
     assert (
         float((maps["light-on-dark"] * blobs32).sum()) > 0 > float((maps["as-is"] * blobs32).sum())
     )
+
+
+def test_symmetry_inserts_every_image_at_its_equivalent_poses(tmp_path: Path, blobs32, capsys):
+    """--symmetry C4 on a C4-symmetric map from few images: 4x the insertions, a better
+    map than without; an unknown group is a one-line error naming the accepted forms."""
+    from cryofield.physics.symmetry import symmetrize_volume, symmetry_operators
+
+    vol = symmetrize_volume(blobs32, symmetry_operators("C4"))
+    star = _relion_dataset(tmp_path, vol, n=60)
+    maps = {}
+    for sym in ("C1", "c4"):
+        out = tmp_path / f"{sym}.mrc"
+        args = ["backproject", str(star), "-o", str(out), "--pad", "1", "--symmetry", sym]
+        assert main(args) == 0
+        maps[sym] = torch.from_numpy(mrcfile.read(out).copy())
+    assert "symmetry C4" in capsys.readouterr().out
+    c1, c4 = fsc(maps["C1"], vol)[1 : D // 2], fsc(maps["c4"], vol)[1 : D // 2]
+    assert float(c4.mean()) > float(c1.mean()) + 0.03, (c1, c4)
+    assert float(c4.min()) > 0.85, c4
+    assert main(["backproject", str(star), "-o", str(tmp_path / "x.mrc"), "--symmetry", "C4v"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--symmetry" in err and "C<n>" in err and len(err.splitlines()) == 1

@@ -17,7 +17,7 @@ from cryofield.physics.ctf import CTFParams
 from cryofield.physics.fsc import fsc
 from cryofield.physics.handedness import flip_hand_volume
 from cryofield.simulate.dataset import SimulationConfig, preset_config, simulate_dataset
-from cryofield.simulate.volumes import protein_like
+from cryofield.simulate.volumes import protein_like, two_domain
 
 D = 32
 LOW_RES = slice(1, D // 4 + 1)  # shells 1..8 at D=32: resolution down to 4 px
@@ -189,6 +189,18 @@ def test_continuous_truth(tmp_path: Path) -> None:
     np.testing.assert_allclose(t["frame_coords"], [0, 0.25, 0.5, 0.75, 1.0])
     np.testing.assert_allclose(t["coord"], t["frame_coords"][t["labels"]])
     assert len(t["volume_paths"]) == 5 and len(set(t["labels"])) == 5
+
+
+def test_motion_amplitude_scales_the_swing(tmp_path: Path) -> None:
+    """The last frame of a 30% motion is the full motion's frame at c = 0.3."""
+    cfg = preset_config("demo-continuous", n_particles=20, D=D, n_frames=2, seed=2,
+                        motion_amplitude=0.3, snr=None)  # fmt: skip
+    t = _truth(simulate_dataset(cfg, tmp_path / "c30"))
+    last = read_mrc(tmp_path / "c30" / t["volume_paths"][-1], mmap=False)[0]
+    np.testing.assert_allclose(last, two_domain(D, 0.3), atol=1e-5)
+    np.testing.assert_allclose(t["frame_coords"], [0.0, 1.0])  # the coordinate keeps [0, 1]
+    with pytest.raises(CryofieldError, match="motion_amplitude"):
+        preset_config("demo-continuous", motion_amplitude=0.0).validate()
 
 
 def test_volume_files_as_input(tmp_path: Path) -> None:

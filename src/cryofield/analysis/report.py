@@ -337,7 +337,8 @@ def half_map_fsc(run: RunDir, epoch: int, max_particles: int = 20000) -> dict[st
     """Reconstruct two half maps with the run's poses and return their FSC.
 
     Halves: RELION ``rlnRandomSubset`` when the input has it, else even/odd particles.
-    At most ``max_particles`` (evenly spaced) are used.
+    At most ``max_particles`` (evenly spaced) are used. A run with a point group
+    (``symmetry`` of config.yaml) inserts every image at its equivalent poses.
     """
     import torch
 
@@ -346,6 +347,7 @@ def half_map_fsc(run: RunDir, epoch: int, max_particles: int = 20000) -> dict[st
     from cryofield.io.particles import ParticleSource
     from cryofield.physics.ctf import CTFParams
     from cryofield.physics.fsc import resolution_at
+    from cryofield.physics.symmetry import symmetry_operators
 
     table = run.table()
     poses = run.poses(epoch)
@@ -367,6 +369,7 @@ def half_map_fsc(run: RunDir, epoch: int, max_particles: int = 20000) -> dict[st
         torch.as_tensor(poses["shifts_px"][rows], dtype=torch.float32),
         None if table.ctf is None else CTFParams.from_table(table, rows),
         apix, rows=rows, sets=half,
+        symmetry=symmetry_operators(str(run.config().get("symmetry") or "C1")),
     )  # fmt: skip
     maps = [bp.volume().numpy() for bp in bps]
     curve = fsc_curve(maps[0], maps[1])

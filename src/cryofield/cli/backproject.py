@@ -8,11 +8,14 @@ from --poses (a cryoDRGN pose .pkl, or a training poses.npz) and --ctf (a cryoDR
 ctf.pkl). With --half-maps the particles are split into two halves (even/odd rows), both
 half maps are written next to the output and the gold-standard FSC resolution is
 printed; a sharp map needs correct poses, so this is the quickest check of a pose file.
+With --symmetry (RELION's point groups and axes: C<n>, D<n>, T, O, I) every image is
+inserted at its equivalent poses, as RELION's relion_reconstruct --sym does.
 
 examples:
   cryofield backproject particles.star -o map.mrc --datadir /data/project
   cryofield backproject J24_particles.cs -o map.mrc -D 128 --half-maps
   cryofield backproject projections.star --poses angles.pkl -o toy.mrc --half-maps
+  cryofield backproject run_data.star -o map.mrc --symmetry D7
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--first", type=int, help="use only the first N particles")
     parser.add_argument("--half-maps", action="store_true", help="also write half maps + FSC")
+    parser.add_argument(
+        "--symmetry", default="C1",
+        help="point group of the map in RELION's axes: C<n>, D<n> (2-fold on x), T, O, "
+        "I (= I2), I1-I4; every image is inserted at its equivalent poses (default C1)",
+    )  # fmt: skip
     parser.add_argument("--chunk", type=int, default=500, help="images per chunk (memory)")
     parser.add_argument(
         "--pad", type=int, choices=(1, 2), default=2,
@@ -86,8 +94,13 @@ def run(args: argparse.Namespace) -> int:
     from cryofield.io.mrc import write_mrc
     from cryofield.io.particles import ParticleSource
     from cryofield.physics.fsc import fsc, resolution_at
+    from cryofield.physics.symmetry import SymmetryError, canonical_symmetry, symmetry_operators
 
     out = Path(args.output)
+    try:
+        symmetry = canonical_symmetry(args.symmetry)
+    except SymmetryError as err:
+        raise CryofieldError(f"--symmetry: {err}") from None
     if out.suffix.lower() not in (".mrc", ".map"):
         raise CryofieldError(f"{out}: the output map must end in .mrc")
     if args.chunk < 1:
@@ -107,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     rec = reconstruct_particles(
         source, use_ctf=use_ctf, invert=decision.invert, half_maps=args.half_maps,
         chunk=args.chunk, pad_factor=args.pad, wiener=args.wiener,
+        symmetry=symmetry_operators(symmetry),
     )  # fmt: skip
     apix = rec.apix_A
     apix_out = float(apix[0])
@@ -122,5 +136,6 @@ def run(args: argparse.Namespace) -> int:
             shell, res = resolution_at(curve, thr, apix_out)
             print(f"half-map FSC = {thr}: shell {shell:.1f} px, {res:.2f} A")
     write_mrc(out, rec.volume.numpy(), apix_out)
-    print(f"wrote {out}: {len(table)} particles, box {rec.D} px, {apix_out:.4g} A/px")
+    sym = "" if symmetry == "C1" else f", symmetry {symmetry}"
+    print(f"wrote {out}: {len(table)} particles, box {rec.D} px, {apix_out:.4g} A/px{sym}")
     return 0

@@ -13,6 +13,8 @@ that 'cryofield analyze' saved go to rlnClassNumber (cluster + 1) / alignments3D
 --flip-hand mirrors the poses so that they reconstruct the mirror image of the map, and
 writes the mirrored map of the epoch (homogeneous runs) next to the output as
 <name>_flipped_hand.mrc. An unfinished run exports its last complete epoch and says so.
+A run trained with --symmetry says which point group its poses assume (RELION's axes:
+give the same --sym to RELION; see docs/train.md for cryoSPARC's dihedral axes).
 
 examples:
   cryofield export out/ -o out/refine_me.star
@@ -90,4 +92,24 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     hand = ", hand flipped" if args.flip_hand else ""
     print(f"wrote {n} particles (epoch {ep}{hand}) to {path}")
+    _symmetry_note(args.outdir, path)
     return 0
+
+
+def _symmetry_note(outdir: str, path: object) -> None:
+    """Say which point group the exported poses assume (config.yaml ``symmetry``)."""
+    from cryofield.inference.rundir import RunDir
+    from cryofield.physics.symmetry import SymmetryError, canonical_symmetry
+
+    try:
+        sym = canonical_symmetry(str(RunDir(outdir).config().get("symmetry") or "C1"))
+    except (SymmetryError, CryofieldError, OSError):
+        return
+    if sym == "C1":
+        return
+    extra = ""
+    if sym.startswith("D"):
+        extra = (" (RELION's axes: 2-fold on x; cryoSPARC puts it on y, see docs/train.md, "
+                 "'Symmetry')")  # fmt: skip
+    print(f"note: {path}: the run imposed symmetry {sym}; each pose is one of the image's "
+          f"equivalent poses: reconstruct or refine them with symmetry {sym}{extra}")  # fmt: skip

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--n-states", type=int, help="built-in discrete states (2-4)")
     opt.add_argument("--n-frames", type=int, help="built-in continuous frames")
     opt.add_argument(
+        "--motion-amplitude", type=float, help="built-in motion: fraction (0, 1] of the hinge swing"
+    )
+    opt.add_argument(
         "--bfactor", type=float, dest="atomic_bfactor_A2", help="B (A^2) added to atoms"
     )
     opt.add_argument(
@@ -102,7 +105,8 @@ def build_config(args: argparse.Namespace):
     if args.pdb:
         cfg = dataclasses.replace(cfg, source="atomic", atomic_path=args.pdb, D=None, apix_A=None)
     simple = [
-        "n_particles", "D", "apix_A", "weights", "n_states", "n_frames", "atomic_bfactor_A2",
+        "n_particles", "D", "apix_A", "weights", "n_states", "n_frames", "motion_amplitude",
+        "atomic_bfactor_A2",
         "rotations_path", "shift_px", "shift_distribution", "astig_max_A", "voltage_kV",
         "cs_mm", "amp_contrast", "ctf_bfactor_A2", "snr_region", "junk_fraction",
         "junk_kinds", "oversample", "chunk_size", "seed",

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from cryofield.errors import CryofieldError
+from cryofield.physics.symmetry import SymmetryError, canonical_symmetry
 
 #: accepted values of ``TrainConfig.contrast``
 CONTRASTS = ("auto", "light-on-dark", "dark-on-light")
@@ -104,6 +105,17 @@ class TrainConfig:
     latent_init_radius_px: float | None = None
     latent_init_iters: int = 20
     latent_refresh: bool = True
+    # point-group symmetry of the map (cryofield.physics.symmetry, RELION's axes): once
+    # imposed, the global search covers one asymmetric unit, the field learns from every
+    # image at its equivalent poses, the back-projected maps are symmetrised
+    symmetry: str = _flag(
+        "C1", "--symmetry",
+        "point-group symmetry of the map, in RELION's axes: C<n>, D<n>, T, O, I (= I2), "
+        "I1-I4 (default C1: none)",
+    )  # fmt: skip
+    # ab initio runs search without the symmetry, then align the map's axes to the
+    # group's and impose it (Trainer.align_symmetry); true: impose it from the first search
+    symmetry_in_search: bool = False
     # pose search
     base_nside: int = _flag(4, "--base-nside", "HEALPix nside of the base grid")
     base_psi: int = _flag(24, "--base-psi", "in-plane angles of the base grid")
@@ -225,6 +237,10 @@ class TrainConfig:
         later, when the trainer knows N); without ``apix_A`` the radii follow the box only.
         """
         c = dataclasses.replace(self, D=int(D))
+        try:  # "i" -> "I2", "d7" -> "D7" (a bad name is left to validate())
+            c.symmetry = canonical_symmetry(c.symmetry)
+        except SymmetryError:
+            pass
         nyq = D / 2 - 1
         if c.device == "auto":
             import torch
@@ -334,3 +350,7 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise CryofieldError(msg)
+        try:
+            canonical_symmetry(self.symmetry)
+        except SymmetryError as err:
+            raise CryofieldError(f"--symmetry: {err}") from None

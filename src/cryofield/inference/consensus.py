@@ -46,6 +46,7 @@ def backproject_sets(
     chunk: int = 512,
     pad_factor: int = 2,
     progress: str | None = None,
+    symmetry: torch.Tensor | None = None,
 ) -> list[FourierBackprojector]:
     """Back-project images into ``n_sets`` maps: by default the even and the odd images.
 
@@ -76,6 +77,10 @@ def backproject_sets(
     chunk, pad_factor, progress
         Images read at once; Fourier oversampling (:class:`FourierBackprojector`); the
         label of a progress bar (None: no bar).
+    symmetry
+        ``(G, 3, 3)`` point-group operators
+        (:func:`cryofield.physics.symmetry.symmetry_operators`): each image is inserted at
+        its ``G`` equivalent poses; None: no symmetry.
 
     Returns
     -------
@@ -97,7 +102,7 @@ def backproject_sets(
                 imgs = sign * imgs
             if not bps:
                 bps = [
-                    FourierBackprojector(imgs.shape[-1], pad_factor, device=imgs.device)
+                    FourierBackprojector(imgs.shape[-1], pad_factor, imgs.device, symmetry)
                     for _ in range(n_sets)
                 ]
             for h, bp in enumerate(bps):
@@ -124,6 +129,7 @@ def backproject_halves(
     apix_A: float,
     sign: float = 1.0,
     chunk: int = 512,
+    symmetry: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Back-project even and odd particles separately (:func:`backproject_sets`).
 
@@ -144,6 +150,8 @@ def backproject_halves(
         ``-1`` to invert light-on-dark images so they meet the CTF model.
     chunk
         Images read at once.
+    symmetry
+        ``(G, 3, 3)`` point-group operators, or None (:func:`backproject_sets`).
 
     Returns
     -------
@@ -152,7 +160,7 @@ def backproject_halves(
     """
     h1, h2 = backproject_sets(
         images, rotations, shifts_px, ctf, apix_A, sign=sign, chunk=chunk,
-        progress="consensus map",
+        progress="consensus map", symmetry=symmetry,
     )  # fmt: skip
     return h1.merge(h2).volume(), h1.volume(), h2.volume()
 
@@ -178,6 +186,7 @@ def reconstruct_particles(
     chunk: int = 500,
     pad_factor: int = 2,
     wiener: float = 1e-3,
+    symmetry: torch.Tensor | None = None,
 ) -> Reconstruction:
     """Map of a particle set with the poses of its table (``cryofield backproject``).
 
@@ -185,7 +194,9 @@ def reconstruct_particles(
     (``rotations``; shifts in px of the stacks, rescaled to the source's box ``D``) and,
     for ``use_ctf``, CTF parameters. ``invert`` multiplies the images by -1
     (:func:`cryofield.inference.data.decide_inversion`). With ``half_maps`` the even and
-    odd particles are back-projected separately and the map is their merge.
+    odd particles are back-projected separately and the map is their merge. ``symmetry``
+    (``(G, 3, 3)`` point-group operators) inserts every image at its ``G`` equivalent
+    poses.
     """
     table = source.table
     D, n = source.D, len(source)
@@ -198,7 +209,7 @@ def reconstruct_particles(
     bps = backproject_sets(
         source, R, t, CTFParams.from_table(table) if use_ctf else None, apix,
         n_sets=2 if half_maps else 1, sign=-1.0 if invert else 1.0, chunk=chunk,
-        pad_factor=pad_factor, progress="backproject",
+        pad_factor=pad_factor, progress="backproject", symmetry=symmetry,
     )  # fmt: skip
     if half_maps:
         halves = (bps[0].volume(wiener), bps[1].volume(wiener))
@@ -216,12 +227,17 @@ def write_consensus_map(
     ctf: CTFParams | None,
     apix_A: float,
     sign: float = 1.0,
+    symmetry: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Write ``consensus.mrc``, ``consensus_half1/2.mrc`` and ``consensus_fsc.txt``.
 
-    Returns the half-map FSC resolutions at 0.143 and 0.5 (A), also logged.
+    ``symmetry``: ``(G, 3, 3)`` point-group operators of the run (each image inserted at
+    its ``G`` equivalent poses), or None. Returns the half-map FSC resolutions at 0.143 and
+    0.5 (A), also logged.
     """
-    full, h1, h2 = backproject_halves(images, rotations, shifts_px, ctf, apix_A, sign)
+    full, h1, h2 = backproject_halves(
+        images, rotations, shifts_px, ctf, apix_A, sign, symmetry=symmetry
+    )
     for name, vol in (("consensus", full), ("consensus_half1", h1), ("consensus_half2", h2)):
         write_mrc(outdir / f"{name}.mrc", vol.numpy().astype(np.float32), apix_A)
     curve = fsc(h1, h2)

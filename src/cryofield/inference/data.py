@@ -1,8 +1,17 @@
-"""Image batches for training: windowing, contrast, Fourier transform, normalisation, CTF."""
+"""Image batches for training: windowing, contrast, Fourier transform, normalisation, CTF.
+
+:meth:`BatchMaker.iter_batches` serves an epoch's batches; from a lazy stack
+(:class:`~cryofield.io.particles.ParticleSource` with ``lazy=True``, what ``cryofield
+train`` uses) a background thread (:class:`~cryofield.io.prefetch.Prefetcher`) reads the
+next chunk of batches (their indices merged and sorted, one read per chunk), crops and
+normalises them while the current batch trains; in-memory sources are served in the
+calling thread. Both give the same batches.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -11,6 +20,7 @@ import torch
 
 from cryofield.inference.pose_search import FrequencyPoints
 from cryofield.io.metadata import common_pixel_size
+from cryofield.io.prefetch import Prefetcher
 from cryofield.physics.ctf import CTFParams, compute_ctf
 from cryofield.physics.fourier import fft2_centered
 
@@ -108,6 +118,36 @@ def decide_inversion(contrast: str, use_ctf: bool, source: Any) -> ContrastDecis
     return ContrastDecision(light if use_ctf else not light, seen, guessed)
 
 
+@dataclass
+class Batch:
+    """One training batch, ready for a step: images and CTF at the frequency points."""
+
+    #: ``(B,)`` image indices (numpy, host)
+    idx: np.ndarray
+    #: ``(B,)`` the same indices on the training device
+    index: torch.Tensor
+    #: ``(B, M)`` complex normalised transforms (:meth:`BatchMaker.images_ft`)
+    images_ft: torch.Tensor
+    #: ``(B, M)`` CTF (:meth:`BatchMaker.ctf`)
+    ctf: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def part(self, rows: np.ndarray) -> Batch:
+        """The batch of rows ``rows`` (positions in this batch)."""
+        r = torch.as_tensor(rows, dtype=torch.long, device=self.images_ft.device)
+        return Batch(self.idx[rows], self.index[r], self.images_ft[r], self.ctf[r])
+
+
+#: images per chunk that the prefetching reader reads at once (:meth:`BatchMaker.iter_batches`),
+#: at most; fewer for large boxes (:data:`PREFETCH_CHUNK_BYTES` of images), at least a batch
+PREFETCH_CHUNK_IMAGES = 512
+PREFETCH_CHUNK_BYTES = 32 * 2**20
+#: chunks prepared ahead of the one in use
+PREFETCH_DEPTH = 2
+
+
 def soft_window(D: int, inner: float = 0.85, outer: float = 0.99) -> torch.Tensor:
     """``(D, D)`` real-space window: 1 inside ``inner * D/2``, cosine edge to ``outer * D/2``."""
     c = torch.arange(D, dtype=torch.float32) - D // 2
@@ -150,6 +190,10 @@ class BatchMaker:
         self.window = soft_window(points.D).to(device) if window else None
         self.scale = float(scale)
         self.device = torch.device(device)
+        self._cuda = self.device.type == "cuda"
+        # on a GPU the CTF parameters of all images live there (no copy per batch)
+        self._ctf_dev = None if ctf_params is None or not self._cuda else ctf_params.to(device)
+        self._apix_dev: torch.Tensor | None = None
         table = getattr(source, "table", None)
         self.apix_A = common_pixel_size(
             source.apix_A,
@@ -159,7 +203,11 @@ class BatchMaker:
 
     def images_ft(self, idx: np.ndarray) -> torch.Tensor:
         """``(B, M)`` complex normalised transforms at all frequency points."""
-        img = torch.as_tensor(self.source[idx]).to(self.device, torch.float32)
+        return self.transform(self.source[idx])
+
+    def transform(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`images_ft` of images already read (``(B, D, D)``, any device)."""
+        img = torch.as_tensor(images).to(self.device, torch.float32, non_blocking=True)
         if img.shape[-1] != self.points.D:
             raise ValueError(f"images are {img.shape[-1]} px, training box is {self.points.D}")
         if self.invert:
@@ -173,9 +221,102 @@ class BatchMaker:
         """``(B, M)`` CTF at the frequency points (ones without CTF)."""
         if self.ctf_params is None:
             return torch.ones(len(idx), self.points.freqs.shape[0], device=self.device)
+        if self._ctf_dev is not None:
+            return self._device_ctf(self.device_index(idx))
         p = self.ctf_params.subset(torch.as_tensor(np.asarray(idx), dtype=torch.long))
         p = p.to(self.device)
         return compute_ctf(self.points.freqs, self.apix_A, p).float()
+
+    def device_index(self, idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``idx`` as a long tensor on the device (on a GPU, copied from pinned memory
+        without waiting for the device)."""
+        t = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        if not self._cuda:
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def batch(self, idx: np.ndarray) -> Batch:
+        """The :class:`Batch` of images ``idx``, read in this thread."""
+        idx = np.asarray(idx)
+        return Batch(idx, self.device_index(idx), self.images_ft(idx), self.ctf(idx))
+
+    def iter_batches(
+        self,
+        batches: Sequence[np.ndarray],
+        prefetch: bool | None = None,
+        chunk_images: int | None = None,
+        depth: int = PREFETCH_DEPTH,
+    ) -> Iterator[Batch]:
+        """The :class:`Batch` of each index array of ``batches``, in order.
+
+        With ``prefetch`` (default: when the source reads lazily from disk, ``source.lazy``)
+        a background thread prepares the batches ``depth`` chunks of about
+        ``chunk_images`` images ahead (default :data:`PREFETCH_CHUNK_IMAGES`, fewer above
+        D=128 so that a chunk's images stay within :data:`PREFETCH_CHUNK_BYTES`): the
+        indices of a chunk's batches are merged and read at once in file order (the disk
+        reads of the next chunk are started first, ``source.will_need``), then cropped,
+        windowed, transformed and normalised
+        (on a GPU the thread reads into pinned memory and the transforms run on the
+        device here). Without it each batch is read here when asked for. The batches are
+        the same either way. A generator: ``close()`` it (``contextlib.closing``) when
+        stopping early, which stops the thread.
+        """
+        if prefetch is None:
+            prefetch = bool(getattr(self.source, "lazy", False))
+        if not prefetch:
+            for idx in batches:
+                yield self.batch(idx)
+            return
+        if chunk_images is None:
+            D = self.points.D
+            chunk_images = min(PREFETCH_CHUNK_IMAGES, PREFETCH_CHUNK_BYTES // (4 * D * D))
+        per_chunk = max(1, chunk_images // max(1, max((len(b) for b in batches), default=1)))
+        chunks = [batches[i : i + per_chunk] for i in range(0, len(batches), per_chunk)]
+        # each chunk with the next one, whose disk reads start while this one is prepared
+        work = list(zip(chunks, [*chunks[1:], None], strict=True))
+        with Prefetcher(work, self._prepare_chunk, depth, "cryofield-batches") as pf:
+            for prepared in pf:
+                for item in prepared:
+                    yield item if isinstance(item, Batch) else self._finish(*item)
+
+    def _prepare_chunk(
+        self, work: tuple[Sequence[np.ndarray], Sequence[np.ndarray] | None]
+    ) -> list[Any]:
+        """Worker thread: start the disk reads of the next chunk (``source.will_need``),
+        read the images of this chunk's batches at once (sorted), split them into the
+        batches; on the CPU finish the batches here, on a GPU hand over pinned images and
+        indices."""
+        chunk = [np.asarray(b) for b in work[0]]
+        hint = getattr(self.source, "will_need", None)
+        if work[1] is not None and hint is not None:
+            hint(np.concatenate(work[1]))
+        every = np.sort(np.concatenate(chunk)) if chunk else np.zeros(0, np.int64)
+        images = torch.as_tensor(self.source[every])
+        out: list[Any] = []
+        for idx in chunk:
+            img = images[torch.as_tensor(np.searchsorted(every, idx), dtype=torch.long)]
+            if self._cuda:
+                index = torch.as_tensor(idx, dtype=torch.long)
+                out.append((idx, img.pin_memory(), index.pin_memory()))
+            else:
+                out.append(Batch(idx, torch.as_tensor(idx, dtype=torch.long),
+                                 self.transform(img), self.ctf(idx)))  # fmt: skip
+        return out
+
+    def _finish(self, idx: np.ndarray, images: torch.Tensor, index: torch.Tensor) -> Batch:
+        """Main thread, GPU: copy a prepared batch to the device and transform it there."""
+        ti = index.to(self.device, non_blocking=True)
+        ctf = self._device_ctf(ti) if self._ctf_dev is not None else self.ctf(idx)
+        return Batch(idx, ti, self.transform(images), ctf)
+
+    def _device_ctf(self, index: torch.Tensor) -> torch.Tensor:
+        """GPU: the CTF of images ``index`` (on the device) from the parameters there; the
+        pixel size goes in as a device tensor (a Python float would be copied to the
+        device, and wait for it, at every batch)."""
+        assert self._ctf_dev is not None
+        if self._apix_dev is None:
+            self._apix_dev = torch.tensor(self.apix_A, dtype=torch.float32, device=self.device)
+        return compute_ctf(self.points.freqs, self._apix_dev, self._ctf_dev.subset(index)).float()
 
     def estimate_scale(self, n: int, generator: torch.Generator) -> float:
         """Set :attr:`scale` to the RMS Fourier amplitude of ``n`` random images."""

@@ -67,10 +67,11 @@ def slice_loss(
     return ((obs - pred) ** 2).mean(-1)
 
 
-def image_power(images_ft: torch.Tensor) -> np.ndarray:
-    """``(B,)`` mean ``|X|^2`` of each image on its points: the scale of its loss (with
-    the loss, ``epoch_NNN/residuals.npz`` for the junk score)."""
-    return (images_ft.real**2 + images_ft.imag**2).mean(-1).float().cpu().numpy()
+def image_power(images_ft: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` float32 mean ``|X|^2`` of each image on its points, on the images' device:
+    the scale of its loss (with the loss, ``epoch_NNN/residuals.npz`` for the junk
+    score)."""
+    return (images_ft.real**2 + images_ft.imag**2).mean(-1).float()
 
 
 def check_loss(

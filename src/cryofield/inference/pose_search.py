@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from cryofield.physics import so3_grid
 from cryofield.physics.rotation import axis_angle_to_matrix
+from cryofield.physics.symmetry import symmetry_operators
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,11 @@ class SearchSettings:
         ``t_extent_px = 0`` disables the translation search.
     radius_lo_px, radius_hi_px
         Search radius at level 0 and at the last level (linear in between).
+    symmetry
+        Point group of the map (:mod:`cryofield.physics.symmetry`, e.g. ``"C4"``): level 0
+        holds only the points of one asymmetric unit
+        (:func:`cryofield.physics.so3_grid.asymmetric_level_points`), the poses found are
+        one of the ``|G|`` equivalent ones ``R g``; ``"C1"``: the whole grid.
     """
 
     base_nside: int = 4
@@ -189,6 +195,7 @@ class SearchSettings:
     t_ngrid: int = 7
     radius_lo_px: float = 6.0
     radius_hi_px: float = 12.0
+    symmetry: str = "C1"
 
 
 def cross_terms(
@@ -295,7 +302,9 @@ def search_poses(
 
     # ---- level 0: every base rotation for every image
     grid_def = dict(base_nside=s.base_nside, base_psi=s.base_psi, pole_offset=False)
-    rots0, pix0, psi0 = so3_grid.level_points(0, **grid_def)
+    rots0, pix0, psi0 = so3_grid.asymmetric_level_points(
+        symmetry_operators(s.symmetry), 0, **grid_def
+    )
     rots0 = rots0.to(dev)
     idx, w = points.half_index(radii[0])
     fr = points.freqs[idx]

@@ -22,6 +22,7 @@ def search_settings(cfg: TrainConfig, plan: StepPlan) -> SearchSettings:
         t_ngrid=cfg.t_ngrid if cfg.t_extent_px else 1,
         radius_lo_px=plan.search_lo_px,
         radius_hi_px=plan.search_hi_px,
+        symmetry=cfg.symmetry,
     )
 
 

@@ -45,6 +45,7 @@ from cryofield.physics.fourier import fft3_centered, ifft2_centered
 from cryofield.physics.fsc import fsc, resolution_at
 from cryofield.physics.lattice import radial_index_3d
 from cryofield.physics.rotation import geodesic_distance_rad
+from cryofield.physics.symmetry import symmetry_operators
 
 log = get_logger("train")
 
@@ -68,6 +69,9 @@ class RefineSettings:
     #: in a wrong basin, which a local search cannot leave); None: no global search
     global_search: SearchSettings | None = None
     prior_deg: float | None = 1.0
+    #: point group of the map (:mod:`cryofield.physics.symmetry`): the half maps insert
+    #: every image at its equivalent poses
+    symmetry: str = "C1"
 
 
 @dataclass
@@ -169,13 +173,16 @@ def backproject_halves_batched(
     shifts_px: torch.Tensor,
     chunk: int = 256,
     rows: np.ndarray | None = None,
+    symmetry: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Half maps (even / odd image index) of the training images at the given poses.
 
     The images are the training ones (:class:`TrainingImages`), so the maps are in the
     units of the field's normalised images. ``rows`` (``(n,)`` image indices; default
     all) back-projects a subset: ``rotations`` and ``shifts_px`` then hold the poses of
-    those rows, in that order. See :func:`cryofield.inference.consensus.backproject_sets`.
+    those rows, in that order. ``symmetry`` (``(G, 3, 3)`` point-group operators) inserts
+    every image at its ``G`` equivalent poses. See
+    :func:`cryofield.inference.consensus.backproject_sets`.
 
     Returns
     -------
@@ -188,7 +195,7 @@ def backproject_halves_batched(
     h1, h2 = backproject_sets(
         TrainingImages(batches), rotations, shifts_px,
         None if ctf is None else ctf.subset(torch.as_tensor(rows)), batches.apix_A,
-        rows=rows, chunk=chunk,
+        rows=rows, chunk=chunk, symmetry=symmetry,
     )  # fmt: skip
     return h1.volume(), h2.volume()
 
@@ -229,8 +236,9 @@ def refine_poses_gold_standard(
     last_t = s.t_step_px / 2 ** (s.levels - 1)
     history: list[dict[str, float]] = []
     best_px = 0.0
+    ops = symmetry_operators(s.symmetry)
     for it in range(1, s.max_iters + 1):
-        h1, h2 = backproject_halves_batched(batches, R, t, s.chunk)
+        h1, h2 = backproject_halves_batched(batches, R, t, s.chunk, symmetry=ops)
         curve = fsc(h1, h2)
         res_px, res_A = resolution_at(curve, 0.143, batches.apix_A)
         weights = halfmap_weights(curve)

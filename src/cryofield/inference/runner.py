@@ -77,7 +77,10 @@ def _judge(trainer: Trainer, final: dict[str, Any]) -> None:
     R, _ = trainer.poses.all()
     final.update(apix_A=trainer.batches.apix_A, radius_start_px=c.radius_start_px)
     if not c.poses_from_file:
-        final["view_coverage"] = dg.view_coverage(R.detach().cpu())
+        from cryofield.inference.epoch_metrics import symmetric_views
+
+        views = symmetric_views(R.detach().cpu(), trainer.active_symmetry)
+        final["view_coverage"] = dg.view_coverage(views)
     if trainer.latents is not None:
         final["latent_structure"] = dg.latent_structure(trainer.latents.all().cpu(), seed=c.seed)
     history = RunDir(trainer.outdir).metrics()
@@ -217,14 +220,19 @@ def _resume(run: RunDir, cfg: TrainConfig) -> Path:
 def _finish(trainer: Trainer, table: Any) -> None:
     log.info("peak memory %.0f MB", _peak_memory_mb())
     final: dict[str, Any] = {}
+    if trainer.active_symmetry != trainer.cfg.symmetry:
+        log.warning("the run ended in the global search, before symmetry %s was imposed: "
+                    "its outputs have none", trainer.cfg.symmetry)  # fmt: skip
     if trainer.latents is None:
         from cryofield.inference.consensus import write_consensus_map
+        from cryofield.physics.symmetry import symmetry_operators
 
         R, t = trainer.poses.all()
         b = trainer.batches
         final.update(write_consensus_map(
             trainer.outdir, b.source, R.detach().cpu(), t.detach().cpu(), b.ctf_params,
             b.apix_A, sign=-1.0 if b.invert else 1.0,
+            symmetry=symmetry_operators(trainer.active_symmetry),
         ))  # fmt: skip
     _judge(trainer, final)
     from cryofield.io.export import write_particles

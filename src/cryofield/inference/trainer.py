@@ -9,6 +9,7 @@ The loss is :func:`cryofield.inference.loss.slice_loss`; the entry points
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from cryofield.errors import CryofieldError
 from cryofield.inference import rundir as layout
 from cryofield.inference.config import TrainConfig
-from cryofield.inference.data import BatchMaker, ImageSource
+from cryofield.inference.data import Batch, BatchMaker, ImageSource
 from cryofield.inference.epoch_metrics import epoch_checks
 from cryofield.inference.loss import check_loss, image_power, slice_loss
 from cryofield.inference.pose_search import FrequencyPoints, local_refine_poses, search_poses
@@ -33,8 +34,19 @@ from cryofield.logs import get_logger
 from cryofield.model.field import HartleyField, fourier_grid, hartley_grid_to_fourier
 from cryofield.model.tables import LatentTable, PoseTable
 from cryofield.physics.ctf import CTFParams
+from cryofield.physics.symmetry import symmetry_operators
 
 log = get_logger("train")
+
+#: batches between two reads of the batch losses from the device (the divergence check,
+#: :func:`~cryofield.inference.loss.check_loss`); the steps in between never wait for it
+LOSS_CHECK_EVERY = 8
+
+#: what a step that ran out of memory raises (``torch.cuda.OutOfMemoryError`` is one)
+OUT_OF_MEMORY: tuple[type[BaseException], ...] = tuple(
+    {getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)}
+    - {None}
+)
 
 
 class Trainer:
@@ -76,6 +88,10 @@ class Trainer:
         self.D = int(cfg.D)
         self.particle_index = np.arange(self.N) if particle_index is None else particle_index
         self.points = FrequencyPoints.build(self.D, self.device)
+        # the same points on the host: a step's point count without reading from the device
+        self._points_host = (
+            self.points if self.device.type == "cpu" else FrequencyPoints.build(self.D)
+        )
         self.batches = BatchMaker(
             source, ctf_params, self.points, cfg.invert, cfg.window, device=self.device
         )
@@ -108,9 +124,17 @@ class Trainer:
         #: loss of the run's very first step (before any update): the divergence reference
         self.loss_start: float | None = None
         self._local: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
-        #: per-image loss at its last step (epoch_NNN/residuals.npz, for the junk score)
-        self._residual = np.full(self.N, np.nan, dtype=np.float32)
-        self._power = np.full(self.N, np.nan, dtype=np.float32)  # mean |X|^2 on those points
+        self._loss_first: torch.Tensor | None = None  # loss_start, still on the device
+        #: per-image loss at its last step (epoch_NNN/residuals.npz, for the junk score),
+        #: kept on the device
+        self._residual = torch.full((self.N,), float("nan"), device=self.device)
+        self._power = torch.full((self.N,), float("nan"), device=self.device)  # mean |X|^2
+        #: read lazy stacks with the prefetching reader (:meth:`BatchMaker.iter_batches`;
+        #: ``None``: when the source is lazy)
+        self.prefetch: bool | None = None
+        #: images per step at most, set when a step ran out of memory (``None``: a batch)
+        self.max_step_images: int | None = None
+        self.loss_check_every = LOSS_CHECK_EVERY
         scale = self.batches.estimate_scale(cfg.norm_images, gen)
         self.field.output_scale.fill_(scale)
         self.field.set_envelope(self.batches.estimate_envelope(cfg.norm_images, gen))
@@ -130,6 +154,7 @@ class Trainer:
             "rollbacks": self.rollbacks,
             "latent_init_epoch": self.latent_init_epoch,
             "search_extended": self.search_extended,
+            "symmetry_aligned": getattr(self, "_symmetry_aligned", False),
             "loss_start": self.loss_start,
             "scale": self.batches.scale,
             "field": self.field.state_dict(),
@@ -148,6 +173,7 @@ class Trainer:
         self.rollbacks = int(st.get("rollbacks", 0))
         self.latent_init_epoch = int(st.get("latent_init_epoch", 0))
         self.search_extended = int(st.get("search_extended", 0))
+        self._symmetry_aligned = bool(st.get("symmetry_aligned", False))
         start = st.get("loss_start")  # absent in older checkpoints: set by the next step
         self.loss_start = None if start is None else float(start)
         self.batches.scale = float(st["scale"])
@@ -209,6 +235,65 @@ class Trainer:
         self.latents.set(torch.arange(self.N, device=self.device), z)
         self.latent_init_epoch = self.epoch + 1
 
+    @property
+    def active_symmetry(self) -> str:
+        """The point group in force: ``cfg.symmetry`` once the map's axes are where the
+        group has them (known poses or ``symmetry_in_search``: from the start; ab initio:
+        from :meth:`align_symmetry`, after the global search), else C1."""
+        c = self.cfg
+        if getattr(self, "_symmetry_aligned", False) or c.poses_from_file or c.symmetry_in_search:
+            return c.symmetry
+        return "C1"
+
+    @torch.no_grad()
+    def align_symmetry(self) -> None:
+        """Put the map's symmetry axes where ``cfg.symmetry`` has them (RELION's axes) and
+        impose the symmetry from now on. The images (at most ``DIAG_MAX_IMAGES``) are
+        back-projected at their poses without symmetry; :func:`~cryofield.physics.symmetry.
+        symmetry_alignment` finds ``A`` with ``V(A x)`` symmetric; every pose becomes
+        ``R A`` and the field ``V(A x)`` (:meth:`HartleyField.set_frame`), so images, poses
+        and field agree as before (RELION 4 runs its initial model in C1 and aligns the
+        symmetry axes afterwards the same way)."""
+        from cryofield.inference.epoch_metrics import DIAG_MAX_IMAGES
+        from cryofield.inference.refine import backproject_halves_batched
+        from cryofield.physics.symmetry import symmetry_alignment
+
+        c = self.cfg
+        self._symmetry_aligned = True
+        ops = symmetry_operators(c.symmetry)
+        if ops.shape[0] <= 1:
+            return
+        R, t = self.poses.all()
+        rows = np.unique(np.linspace(0, self.N - 1, min(self.N, DIAG_MAX_IMAGES)).round())
+        rows = rows.astype(np.int64)
+        h1, h2 = backproject_halves_batched(self.batches, R[rows], t[rows], rows=rows)
+        # the map to the search's last radius (box 2 r; at most 32 px: the axes need no more)
+        box = min(self.D, 32, max(16, 2 * round(float(c.radius_search_px or self.D / 4))))
+        A, score = symmetry_alignment((h1 + h2).cpu(), ops, max_D=box)
+        A = A.to(self.device, torch.float32)
+        self.poses.set(torch.arange(self.N, device=self.device), R @ A, t)
+        self.field.set_frame(A)
+        self._sym_ops = None
+        log.info("symmetry %s imposed from here: the map's axes aligned to RELION's (mean "
+                 "correlation with its symmetry mates %.3f); poses and field rotated",
+                 c.symmetry, score)  # fmt: skip
+
+    def _equivalent_pose(self, R: torch.Tensor) -> torch.Tensor:
+        """``R g`` with ``g`` drawn per image from the point group in force
+        (:attr:`active_symmetry`; C1: ``R``). A symmetric map gives the same image at every
+        ``R g``, so the expected loss over ``g`` is the loss of the data set with every
+        image at its ``|G|`` equivalent poses (RELION's symmetry expansion): the field
+        learns the symmetric map, at the cost of one pose per image and step
+        (docs/train.md, "Symmetry")."""
+        ops = getattr(self, "_sym_ops", None)
+        if ops is None:
+            ops = symmetry_operators(self.active_symmetry, device=R.device)
+            self._sym_ops = ops
+        if ops.shape[0] <= 1:
+            return R
+        k = torch.randint(ops.shape[0], (R.shape[0],)).to(R.device)  # the saved CPU RNG
+        return R @ ops[k].to(R.dtype)
+
     def _batch_z(self, ti: torch.Tensor, plan: StepPlan) -> torch.Tensor | None:
         if self.latents is None:
             return None
@@ -221,7 +306,8 @@ class Trainer:
         """Poses of a batch by hierarchical search. Heterogeneous runs search against the
         field at the k-means centres of the batch's latents (``het_search_groups``
         references); each image takes the reference that explains it best."""
-        settings = search_settings(self.cfg, plan)
+        settings = dataclasses.replace(search_settings(self.cfg, plan),
+                                       symmetry=self.active_symmetry)  # fmt: skip
         with self._autocast():
             if self.latents is None or plan.z_frozen:
                 z0 = None if self.latents is None else self._batch_z(torch.zeros(1), plan)
@@ -273,10 +359,13 @@ class Trainer:
                                             t0[m], c.radius_max_px, **kw)[:2]  # fmt: skip
         return R, t
 
-    def _step(self, idx: np.ndarray, plan: StepPlan) -> float:
-        ti = torch.as_tensor(idx, device=self.device)
-        xft = self.batches.images_ft(idx)
-        ctf = self.batches.ctf(idx)
+    def _step(self, idx: np.ndarray, plan: StepPlan, batch: Batch | None = None) -> torch.Tensor:
+        """One batch: its poses (search or local refinement, by phase), then
+        ``plan.steps`` gradient steps. Returns the batch loss as a 0-d tensor left on the
+        device (reading it would wait for the device; :meth:`_check_losses` reads them in
+        groups). ``batch``: the images of ``idx`` already prepared."""
+        b = self.batches.batch(idx) if batch is None else batch
+        ti, xft, ctf = b.index, b.images_ft, b.ctf
         if plan.phase.searches_poses:
             R, t = self._search(idx, xft, ctf, plan)
             self.poses.set(ti, R, t)
@@ -284,12 +373,13 @@ class Trainer:
             R, t = self._local_refine(ti, xft, ctf)
             self.poses.set(ti, R, t)
         refine = plan.refines_pose_table
-        n = self.points.count(plan.radius_train_px)
+        n = self._points_host.count(plan.radius_train_px)
         held = self._z_held(plan)
         for _ in range(max(1, plan.steps)):
             R, t = self.poses(ti)
             if not refine:
                 R, t = R.detach(), t.detach()
+            R = self._equivalent_pose(R)
             z = self._batch_z(ti, plan)
             if held and z is not None:
                 z = z.detach()
@@ -298,15 +388,16 @@ class Trainer:
                     self.field, R, t, z, xft[:, :n], ctf[:, :n], self.points.freqs[:n]
                 )
             loss = per_img.mean()
-            if self.loss_start is None and torch.isfinite(loss):
-                self.loss_start = float(loss.detach())
-            self._residual[idx] = per_img.detach().float().cpu().numpy()
-            self._power[idx] = image_power(xft[:, :n])
+            if self.loss_start is None and self._loss_first is None:
+                self._loss_first = loss.detach()
+            self._residual[ti] = per_img.detach().float()
+            self._power[ti] = image_power(xft[:, :n])
             total = loss
             if z is not None and self.cfg.latent_l2 > 0:
                 total = total + self.cfg.latent_l2 * (z**2).sum(-1).mean()
-            if not torch.isfinite(total):
-                return float("nan")
+            # no finiteness test here (it would wait for the device): a non-finite loss
+            # is found by _check_losses within loss_check_every batches and the epoch is
+            # rolled back, undoing these steps
             for o in self._optimizers().values():
                 o.zero_grad(set_to_none=True)
             total.backward()
@@ -315,7 +406,67 @@ class Trainer:
                 self.opt_pose.step()
             if self.opt_latent is not None and not held:
                 self.opt_latent.step()
-        return float(loss.detach())
+        return loss.detach()
+
+    def _train_batch(self, batch: Batch, plan: StepPlan) -> torch.Tensor:
+        """:meth:`_step` on ``batch``, in steps of at most :attr:`max_step_images` images.
+
+        Out of memory (``torch.OutOfMemoryError``, CUDA's included) during a step: the
+        allocator's cache is freed, the limit becomes half the failed step's images (for
+        the rest of the run; logged) and the batch is run again as separate steps of the
+        halves (each its own search and optimiser step; no gradient accumulation). A
+        single image that does not fit raises. Returns the batch's mean loss (device).
+        """
+        limit = self.max_step_images
+        if limit is None or len(batch) <= limit:
+            try:
+                return self._step(batch.idx, plan, batch)
+            except OUT_OF_MEMORY:
+                if len(batch) <= 1:
+                    raise
+            # out of the except block: the failed step's tensors are released
+            self._reduce_step_images(len(batch))
+            return self._train_batch(batch, plan)
+        losses = []
+        for s in range(0, len(batch), limit):
+            rows = np.arange(s, min(s + limit, len(batch)))
+            losses.append(self._train_batch(batch.part(rows), plan) * len(rows))
+        return torch.stack(losses).sum() / len(batch)
+
+    def _reduce_step_images(self, failed: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        new = max(1, failed // 2)
+        first = self.max_step_images is None
+        self.max_step_images = new if first else min(self.max_step_images or new, new)
+        msg = (
+            "out of %s memory in a step of %d images: from now on batches are run as "
+            "separate steps of at most %d images (a smaller --batch-size avoids the retries)"
+        )
+        (log.warning if first else log.info)(msg, self.device.type.upper(), failed, new)
+
+    def _check_losses(
+        self, pending: list[torch.Tensor | float], losses: list[float], epoch: int, first: int
+    ) -> None:
+        """Read the losses of the batches ``first, first + 1, ...`` (0-based) from the
+        device at once, set :attr:`loss_start` from the run's first step, and run the
+        divergence check (:func:`~cryofield.inference.loss.check_loss`) on each in order;
+        appends them to ``losses`` and empties ``pending``."""
+        vals = [torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(())
+                for v in pending]  # fmt: skip
+        probe = self.loss_start is None and self._loss_first is not None
+        if probe:
+            vals.append(self._loss_first.float())  # type: ignore[union-attr]
+        read = torch.stack(vals).tolist() if vals else []
+        if probe:
+            start = read.pop()
+            self._loss_first = None
+            if math.isfinite(start):
+                self.loss_start = start
+        pending.clear()
+        for j, v in enumerate(read):
+            check_loss(v, losses, self.loss_start, epoch, first + j)
+            losses.append(v)
 
     # ---------------------------------------------------------------- epochs
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
@@ -323,6 +474,8 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         perm = torch.randperm(self.N, generator=gen).numpy()
         phase = self.schedule.phase_of_epoch(epoch)
+        if not phase.searches_poses and self.active_symmetry != cfg.symmetry:
+            self.align_symmetry()  # the search (without symmetry) is over
         t0 = time.perf_counter()
         losses: list[float] = []
         plan = self.schedule.plan(epoch, self.images_seen)
@@ -337,18 +490,21 @@ class Trainer:
             total=self.N, desc=f"epoch {epoch}/{cfg.epochs} [{phase}]", unit="img",
             disable=None, leave=False, dynamic_ncols=True,
         )  # fmt: skip
+        order = [np.sort(perm[b0 : b0 + cfg.batch_size]) for b0 in range(0, self.N, cfg.batch_size)]
+        pending: list[torch.Tensor | float] = []  # batch losses not yet read from the device
+        stream = self.batches.iter_batches(order, self.prefetch)
         try:
-            for b0 in range(0, self.N, cfg.batch_size):
-                idx = np.sort(perm[b0 : b0 + cfg.batch_size])
-                plan = self.schedule.plan(epoch, self.images_seen)
-                loss = self._step(idx, plan)
-                check_loss(loss, losses, self.loss_start, epoch, b0 // cfg.batch_size)
-                losses.append(loss)
-                self.images_seen += len(idx)
-                bar.update(len(idx))
-                rate = bar.n / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{loss:.4g}", r_px=f"{plan.radius_train_px:.1f}",
-                                img_s=f"{rate:.0f}")  # fmt: skip
+            with contextlib.closing(stream):
+                for k, batch in enumerate(stream):
+                    plan = self.schedule.plan(epoch, self.images_seen)
+                    pending.append(self._train_batch(batch, plan))
+                    self.images_seen += len(batch)
+                    bar.update(len(batch))
+                    if len(pending) >= self.loss_check_every or k == len(order) - 1:
+                        self._check_losses(pending, losses, epoch, k + 1 - len(pending))
+                        rate = bar.n / max(time.perf_counter() - t0, 1e-9)
+                        bar.set_postfix(loss=f"{losses[-1]:.4g}", img_s=f"{rate:.0f}",
+                                        r_px=f"{plan.radius_train_px:.1f}")  # fmt: skip
         finally:
             bar.close()
             self._local = None
@@ -356,7 +512,8 @@ class Trainer:
         return dict(
             epoch=epoch, phase=phase.value, loss=float(np.mean(losses)),
             radius_px=float(plan.radius_train_px), images_s=self.N / dt, time_s=dt,
-            **epoch_checks(cfg, self.batches, self.poses, self.latents, R_before, t_before),
+            **epoch_checks(dataclasses.replace(cfg, symmetry=self.active_symmetry),
+                           self.batches, self.poses, self.latents, R_before, t_before),
         )  # fmt: skip
 
     def _refine_epoch(
@@ -371,7 +528,7 @@ class Trainer:
         settings = RefineSettings(
             max_iters=c.refine_iters, step_deg=c.local_step_deg, t_step_px=c.local_t_step_px,
             levels=c.local_levels, prior_deg=c.refine_prior_deg, radius_max_px=c.radius_max_px,
-            global_search=search,
+            global_search=search, symmetry=self.active_symmetry,
         )  # fmt: skip
         res = refine_poses_gold_standard(self.batches, R0, tr0, settings)
         self.poses.set(torch.arange(self.N, device=self.device), res.rotations, res.shifts_px)
@@ -495,7 +652,8 @@ class Trainer:
             weights={"state_dict": self.field.state_dict(), "hparams": self.field.hparams},
             state=self.state(), rotations=R.cpu().numpy(), shifts_px=t.cpu().numpy(),
             apix_A=self.batches.apix_A, particle_index=self.particle_index,
-            residual=self._residual, power=self._power, metrics=metrics,
+            residual=self._residual.cpu().numpy(), power=self._power.cpu().numpy(),
+            metrics=metrics,
             latents=None if self.latents is None else self.latents.all().cpu().numpy(),
             volume=self._epoch_map if self.latents is None else None,
         )  # fmt: skip

@@ -1,17 +1,26 @@
 """Lazy access to particle images: ``ParticleSource(table)[indices] -> (B, D, D)``.
 
-Images are read from memory-mapped stacks (one header read per stack, frames gathered
-per file), converted to float32, optionally Fourier-cropped to a smaller box ``D``
+Images are read from the stacks with positioned reads (``os.preadv`` into a buffer; one
+header read per stack, frames gathered per file and runs of consecutive frames read in
+one call), converted to float32, optionally Fourier-cropped to a smaller box ``D``
 (:func:`cryofield.physics.filters.fourier_crop`, which keeps pixel values) and
 contrast-inverted. Every stack is checked once when the source is built (exists, square,
 same box as the table, every referenced frame inside the stack), and every batch is
 checked for NaN/inf pixels, so a bad file fails with one line naming the file, the frame
 and the particle.
+
+Reading with ``os.preadv`` instead of a memory map keeps the resident memory of a long
+training flat: the pages of a memory-mapped stack that has been read stay mapped into the
+process and count towards its RSS (measured: a 1 GB stack read once through ``np.memmap``
+left 1017 MB of file-backed RSS; read with ``os.preadv``, 17 MB), while ``preadv`` only
+leaves them in the kernel's page cache, which the system reclaims. Platforms without
+``os.preadv`` fall back to memory maps.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -60,6 +69,17 @@ def guess_contrast(images: np.ndarray | torch.Tensor, threshold: float = 3.0) ->
     return "unclear"
 
 
+def _runs(frames: np.ndarray) -> list[tuple[int, int]]:
+    """``(start, end)`` positions of the runs of consecutive values of sorted ``frames``."""
+    cut = np.flatnonzero(np.diff(frames) != 1) + 1
+    return list(zip(np.r_[0, cut].tolist(), np.r_[cut, len(frames)].tolist(), strict=True))
+
+
+def _close(handle: int | np.ndarray) -> None:
+    if isinstance(handle, int):
+        os.close(handle)
+
+
 class ParticleSource:
     """Images of a :class:`~cryofield.io.metadata.ParticleTable`, read on demand.
 
@@ -80,7 +100,7 @@ class ParticleSource:
         (docs/dev/contracts.md, "Contrast and CTF sign"; :func:`guess_contrast` tells them
         apart).
     max_open_files
-        Number of stacks kept memory-mapped at once.
+        Number of stacks kept open at once.
 
     Attributes
     ----------
@@ -103,7 +123,8 @@ class ParticleSource:
         self.table = table
         self.invert_contrast = invert_contrast
         self._max_open = max_open_files
-        self._open: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._open: OrderedDict[str, int | np.ndarray] = OrderedDict()  # fds (or memmaps)
+        self._lock = threading.Lock()  # the open files are shared by reading threads
         uniq, inverse = np.unique(table.image_paths, return_inverse=True)
         self._files = [str(u) for u in uniq]
         self._file_id = inverse.reshape(-1)
@@ -164,19 +185,104 @@ class ParticleSource:
     def __len__(self) -> int:
         return len(self.table)
 
-    def _memmap(self, k: int) -> np.ndarray:
+    @property
+    def lazy(self) -> bool:
+        """Whether images are read from the stacks on each access (not held in memory)."""
+        return self._cache is None
+
+    def _handle(self, k: int) -> int | np.ndarray:
+        """The open file descriptor of stack ``k`` (a memory map without ``os.preadv``);
+        call with ``self._lock`` held."""
         stack = self._files[k]
-        arr = self._open.get(stack)
-        if arr is None:
-            info = self._infos[k]
-            arr = np.memmap(stack, dtype=info.dtype, mode="r", offset=info.data_offset,
-                            shape=info.shape)  # fmt: skip
-            self._open[stack] = arr
+        h = self._open.get(stack)
+        if h is None:
+            if hasattr(os, "preadv"):
+                h = os.open(stack, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            else:  # pragma: no cover - Windows
+                info = self._infos[k]
+                h = np.memmap(stack, dtype=info.dtype, mode="r", offset=info.data_offset,
+                              shape=info.shape)  # fmt: skip
+            self._open[stack] = h
             if len(self._open) > self._max_open:
-                self._open.popitem(last=False)
+                _close(self._open.popitem(last=False)[1])
         else:
             self._open.move_to_end(stack)
-        return arr
+        return h
+
+    def _frames(self, k: int, frames: np.ndarray) -> np.ndarray:
+        """Frames ``frames`` (sorted) of stack ``k`` in the file's dtype, ``(n, ny, nx)``;
+        each run of consecutive frames is one positioned read."""
+        info = self._infos[k]
+        with self._lock:
+            h = self._handle(k)
+            if not isinstance(h, int):  # pragma: no cover - memory map
+                return np.asarray(h[frames])
+            n = len(frames)
+            buf = np.empty((n, *info.shape[1:]), dtype=info.dtype)
+            raw = memoryview(buf.reshape(-1).view(np.uint8))
+            size = buf[0].nbytes if n else 0
+            runs = _runs(frames)
+            if len(runs) > 1:
+                self._advise(k, h, frames, runs)
+            for s, e in runs:
+                start, want = info.data_offset + int(frames[s]) * size, (e - s) * size
+                got = 0
+                while got < want:  # preadv may return less (large reads, signals)
+                    r = os.preadv(h, [raw[s * size + got : e * size]], start + got)
+                    if r <= 0:
+                        raise InputFileError(self._files[k], f"file ends before image "
+                                             f"{int(frames[s]) + 1} (truncated?)")  # fmt: skip
+                    got += r
+        return buf
+
+    def _advise(self, k: int, h: int, frames: np.ndarray, runs: list[tuple[int, int]]) -> None:
+        """Start the disk reads of ``runs`` of sorted ``frames`` of stack ``k`` (open as
+        ``h``) at once: ``posix_fadvise(WILLNEED)`` queues them all (measured on a virtual
+        disk, 2048 random 16 kB frames: 35k frames/s instead of 12k read one by one)."""
+        if not hasattr(os, "posix_fadvise"):  # pragma: no cover - not Linux
+            return
+        info = self._infos[k]
+        size = int(np.prod(info.shape[1:])) * info.dtype.itemsize
+        for s, e in runs:
+            os.posix_fadvise(h, info.data_offset + int(frames[s]) * size, int(e - s) * size,
+                             os.POSIX_FADV_WILLNEED)  # fmt: skip
+
+    def will_need(self, indices: np.ndarray | list[int]) -> None:
+        """Tell the kernel that the images ``indices`` will be read soon: their disk reads
+        start now, in the background, into the page cache (not this process's memory).
+        The prefetching reader calls it for the next chunk while it prepares the current
+        one. No effect for in-memory sources or without ``posix_fadvise``."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self._cache is not None or not idx.size or not hasattr(os, "posix_fadvise"):
+            return
+        fid = self._file_id[idx]
+        for k in np.unique(fid):
+            frames = np.sort(self.table.image_index[idx[fid == k]])
+            with self._lock:
+                h = self._handle(int(k))
+                if isinstance(h, int):
+                    self._advise(int(k), h, frames, _runs(frames))
+
+    def close(self) -> None:
+        """Close the open stacks (reading again reopens them)."""
+        with self._lock:
+            while self._open:
+                _close(self._open.popitem()[1])
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def __getstate__(self) -> dict[str, object]:
+        st = self.__dict__.copy()
+        st["_open"], st["_lock"] = OrderedDict(), None
+        return st
+
+    def __setstate__(self, st: dict[str, object]) -> None:
+        self.__dict__.update(st)
+        self._lock = threading.Lock()
 
     def _read(self, idx: np.ndarray) -> torch.Tensor:
         out = np.empty((len(idx), self.box_px, self.box_px), dtype=np.float32)
@@ -185,7 +291,7 @@ class ParticleSource:
             pos = np.flatnonzero(fid == k)
             frames = self.table.image_index[idx[pos]]
             order = np.argsort(frames, kind="stable")
-            data = np.asarray(self._memmap(int(k))[frames[order]], dtype=np.float32)
+            data = np.asarray(self._frames(int(k), frames[order]), dtype=np.float32)
             finite = np.isfinite(data).all(axis=(1, 2))
             if not finite.all():
                 j = int(np.flatnonzero(~finite)[0])

@@ -133,6 +133,28 @@ class HartleyField(nn.Module):
         # radial amplitude envelope (normalised units) per Fourier shell 0..D/2; the MLP
         # output is multiplied by it so the network only learns O(1) values
         self.register_buffer("envelope", torch.ones(self.D // 2 + 2))
+        # frame of the map: the field at k is the MLP at k @ frame (row vectors); the
+        # identity unless the map was rotated (set_frame, e.g. onto its symmetry axes)
+        self.register_buffer("frame", torch.eye(3))
+        self._framed = False
+
+    def set_frame(self, A: torch.Tensor) -> None:
+        """Rotate the map: the field becomes ``V_new(x) = V(A x)``, exactly.
+
+        In Fourier space ``H_new(k) = H(A k)`` (a rotation keeps the Hartley transform's
+        form), so the MLP is evaluated at ``A k``: row vectors ``k @ A^T`` times the current
+        frame. The poses ``R A`` give against ``V_new`` the images ``R`` gave against ``V``
+        (docs/dev/contracts.md). ``A``: ``(3, 3)`` rotation.
+        """
+        self.frame.copy_(A.to(self.frame).T @ self.frame)
+        self._framed = not torch.equal(self.frame, torch.eye(3, device=self.frame.device))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:  # fmt: skip
+        # checkpoints written before the frame existed hold an unrotated map
+        state_dict.setdefault(prefix + "frame", torch.eye(3))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._framed = not torch.equal(self.frame, torch.eye(3, device=self.frame.device))
 
     def set_envelope(self, envelope: torch.Tensor) -> None:
         """Set the radial amplitude envelope ``(D // 2 + 2,)`` (value per integer shell)."""
@@ -162,6 +184,8 @@ class HartleyField(nn.Module):
             ``coords.shape[:-1]`` (homogeneous) or ``(B, M)`` Hartley values, normalised
             units.
         """
+        if self._framed:  # k @ frame, elementwise: autocast would run a matmul in bf16
+            coords = (coords.unsqueeze(-1) * self.frame.to(coords.dtype)).sum(-2)
         env = self._envelope_at(coords)
         x = self.input_k(self.encoding(coords))
         if self.zdim > 0:

@@ -48,10 +48,18 @@ class FourierBackprojector:
         Oversampling of the 3-D lattice (1 or 2; 2 is accurate, 1 uses 8x less memory).
     device
         Device of the accumulators.
+    symmetry
+        ``(G, 3, 3)`` point-group operators (:func:`cryofield.physics.symmetry.
+        symmetry_operators`), or None: every image is inserted at the ``G`` equivalent
+        poses ``R @ g`` (docs/dev/contracts.md), so the map has the symmetry.
     """
 
     def __init__(
-        self, D: int, pad_factor: int = 2, device: torch.device | str | None = None
+        self,
+        D: int,
+        pad_factor: int = 2,
+        device: torch.device | str | None = None,
+        symmetry: torch.Tensor | None = None,
     ) -> None:
         if D % 2:
             raise ValueError(f"box size must be even, got D={D}")
@@ -60,6 +68,11 @@ class FourierBackprojector:
         self.D = D
         self.P = P = pad_factor * D
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.symmetry = (
+            None
+            if symmetry is None or symmetry.shape[0] <= 1
+            else symmetry.to(device=self.device, dtype=torch.float32)
+        )
         # accumulator of (Re sum c I, Im sum c I, sum c^2) on a (P + 1)^3 lattice
         self._acc = torch.zeros((P + 1) ** 3, 3, dtype=torch.float32, device=self.device)
         freqs = freq_grid_2d(P, device=self.device).reshape(-1, 2)
@@ -129,8 +142,12 @@ class FourierBackprojector:
         else:
             c2 = self._half.expand(f.shape)
         f = f * self._half
-        idx = slice_coordinates(rotations.to(self.device, torch.float32), self._freqs) * P + P // 2
-        self._splat(idx.reshape(-1, 3), torch.view_as_real(f).reshape(-1, 2), c2.reshape(-1))
+        val, wgt = torch.view_as_real(f).reshape(-1, 2), c2.reshape(-1)
+        rot = rotations.to(self.device, torch.float32)
+        for g in [None] if self.symmetry is None else self.symmetry:
+            r = rot if g is None else rot @ g  # the equivalent poses R g
+            idx = slice_coordinates(r, self._freqs) * P + P // 2
+            self._splat(idx.reshape(-1, 3), val, wgt)
         self.n_images += f.shape[0]
 
     def add_particles(
@@ -164,7 +181,7 @@ class FourierBackprojector:
         half sets, or all folds but one); its ``prior`` is None."""
         if any((o.D, o.P) != (self.D, self.P) for o in others):
             raise ValueError("cannot merge back-projectors of different sizes")
-        out = FourierBackprojector(self.D, self.P // self.D, self.device)
+        out = FourierBackprojector(self.D, self.P // self.D, self.device, self.symmetry)
         out._acc = self._acc.clone()
         for o in others:
             out._acc += o._acc.to(self.device)
@@ -247,6 +264,7 @@ def reconstruct_fourier(
     wiener_eps: float = 1e-3,
     pad_factor: int = 2,
     chunk_size: int = 256,
+    symmetry: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reconstruct a volume from images with known poses.
 
@@ -268,6 +286,9 @@ def reconstruct_fourier(
         Oversampling of the Fourier lattice (2: accurate; 1: 8x less memory).
     chunk_size
         Images inserted at once.
+    symmetry
+        ``(G, 3, 3)`` point-group operators: each image is inserted at its ``G``
+        equivalent poses (:class:`FourierBackprojector`); None: no symmetry.
 
     Returns
     -------
@@ -275,7 +296,7 @@ def reconstruct_fourier(
         ``(D, D, D)`` float32 volume, same scale as the projected density.
     """
     n, D = images.shape[0], images.shape[-1]
-    bp = FourierBackprojector(D, pad_factor=pad_factor, device=images.device)
+    bp = FourierBackprojector(D, pad_factor=pad_factor, device=images.device, symmetry=symmetry)
     apix = torch.as_tensor(apix_A, dtype=torch.float32)
     for sl in _chunks(n, chunk_size):
         shifts = None if shifts_px is None else shifts_px[sl]

@@ -45,6 +45,10 @@ class SimulationConfig:
         Atomic model and its rendering (global B added to every atom; per-atom B on/off).
     n_states, n_frames
         Built-in discrete states (2-4) and continuous frames (coordinate ``k/(n_frames-1)``).
+    motion_amplitude
+        Built-in continuous motion: the arm swings over this fraction (0, 1] of the full
+        hinge angle (:data:`~cryofield.simulate.volumes.TWO_DOMAIN_MAX_ANGLE_DEG`); the
+        coordinate stays in [0, 1].
     rotations_path
         Optional file with poses to use (``.npz`` with ``rotations`` (N, 3, 3) or a
         .star/.cs file with poses); default Haar-uniform random rotations.
@@ -82,6 +86,7 @@ class SimulationConfig:
     use_atom_bfactors: bool = False
     n_states: int = 3
     n_frames: int = 40
+    motion_amplitude: float = 1.0
     rotations_path: str | None = None
     shift_px: float = 2.0
     shift_distribution: str = "gaussian"
@@ -154,6 +159,8 @@ def _first_problem(c: SimulationConfig) -> str | None:
         return f"n_states must be 2, 3 or 4, got {c.n_states}"
     if c.n_frames < 2:
         return f"n_frames must be >= 2, got {c.n_frames}"
+    if not 0.0 < c.motion_amplitude <= 1.0:
+        return f"motion_amplitude must be in (0, 1], got {c.motion_amplitude}"
     if c.shift_distribution not in ("gaussian", "uniform"):
         return f"shift_distribution must be 'gaussian' or 'uniform', got '{c.shift_distribution}'"
     if c.shift_px < 0:

@@ -128,7 +128,7 @@ def build_sources(cfg: SimulationConfig) -> Sources:
     elif cfg.source == "continuous":
         D, apix = cfg.D or 64, cfg.apix_A or 5.0
         coords = np.linspace(0.0, 1.0, cfg.n_frames)
-        vols = [builtin.two_domain(D, float(c)) for c in coords]
+        vols = [builtin.two_domain(D, float(c) * cfg.motion_amplitude) for c in coords]
     elif cfg.source == "volumes":
         read = [_read_volume(p, cfg.D) for p in cfg.volume_paths]
         vols = [v for v, _ in read]
