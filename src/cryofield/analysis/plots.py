@@ -24,6 +24,7 @@ __all__ = [
     "plot_fsc",
     "plot_junk",
     "plot_kde",
+    "plot_masked_change",
     "plot_scatter",
     "plot_training_curves",
     "plot_viewing_directions",
@@ -232,4 +233,20 @@ def plot_volume_gallery(
             for spine in ax.spines.values():
                 spine.set_color(colors[i])
                 spine.set_linewidth(3)
+    return _save(fig, path)
+
+
+def plot_masked_change(change: np.ndarray, mask: np.ndarray, path: Path, title: str) -> Path:
+    """Where the maps along a latent direction change (``change``: a 2-D projection of
+    ``V_last - V_first``, red gained, blue lost) with the outline of the mask (``mask``: its
+    projection, the contour at half its maximum) drawn over it."""
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    lim = max(float(np.abs(change).max()), 1e-30)
+    ax.imshow(change, cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
+    if float(np.ptp(mask)) > 0:
+        ax.contour(mask, levels=[0.5 * float(mask.max())], colors="black", linewidths=1.2,
+                   origin="lower")  # fmt: skip
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
     return _save(fig, path)

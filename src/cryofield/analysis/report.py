@@ -474,6 +474,7 @@ def _heterogeneous(
     z = np.asarray(run.latents(epoch), np.float64)
     N, zdim = z.shape
     summary.append(("particles / zdim", f"{N} / {zdim}"))
+    mask = _mask_summary(rep, run, summary)
     pc = latent.pca(z)
     km = kmeans_for_run(run, epoch, n_clusters)
     K = len(km.centers)
@@ -661,6 +662,64 @@ def _heterogeneous(
                 ),
                 f"projections along z of the PC{j + 1} maps",
             )
+    if mask is not None:
+        for j in range(min(n_pcs, zdim)):
+            rep.step(f"PC{j + 1} change in the mask",
+                     lambda j=j: _masked_change(rep, folder, mask, j, summary))  # fmt: skip
+
+
+def _mask_summary(rep: _Report, run: RunDir, summary: list) -> np.ndarray | None:
+    """The run's ``--mask`` (focused heterogeneity) in the summary: its path and volume
+    fraction; the mask at the training box, or None (no mask, or its file unreadable)."""
+    path = run.config().get("mask")
+    if not path:
+        return None
+    mask = rep.step("mask", run.mask)
+    if mask is None:
+        summary.append(("mask (focused heterogeneity)", f"{path} (not readable now)"))
+        return None
+    from cryofield.io.mask import mask_fraction
+
+    summary.append(("mask (focused heterogeneity)",
+                    f"{path}: {100 * mask_fraction(mask):.2f}% of the box"))  # fmt: skip
+    return mask
+
+
+def _masked_change(rep: _Report, folder: Path, mask: np.ndarray, j: int, summary: list) -> None:
+    """Where the PC maps (``pcJ/vol_*.mrc``) change, against the mask: the voxel variance
+    along the series per voxel inside the mask over that outside (mask-weighted; a field
+    whose z acts inside the mask: well above 1; noise-like change everywhere: about 1), the
+    share of the summed variance inside, and a figure of the projected difference of the
+    last and first maps with the mask's outline."""
+    from cryofield.analysis import plots
+    from cryofield.io.mrc import read_mrc
+
+    files = sorted((folder / f"pc{j + 1}").glob("vol_*.mrc"))
+    if len(files) < 2:
+        return
+    vols = np.stack([np.asarray(read_mrc(f, mmap=False)[0], np.float64) for f in files])
+    var = vols.var(0)
+    inside, outside = float((mask * var).sum()), float(((1 - mask) * var).sum())
+    share = inside / max(inside + outside, 1e-30)
+    per_in = inside / max(float(mask.sum()), 1e-30)
+    per_out = outside / max(float((1 - mask).sum()), 1e-30)
+    ratio = f"{per_in / per_out:.1f}x" if per_out > 0 else "all"
+    text = f"{ratio} that outside it per voxel ({100 * share:.0f}% of the total)"
+    summary.append((f"PC{j + 1} map change inside the mask", text))
+    change = (vols[-1] - vols[0]).sum(axis=0)
+    rep.figure(
+        "Mask",
+        plots.plot_masked_change(
+            change,
+            mask.max(axis=0),
+            folder / f"pc{j + 1}_mask_change.png",
+            f"PC{j + 1}: last - first map, mask outline",
+        ),
+        f"where the PC{j + 1} maps change: projection along z of the {PC_PERCENTILES[-1]:g}% "
+        f"map minus the {PC_PERCENTILES[0]:g}% map (red: density gained, blue: lost) with "
+        f"the mask outline (black); per voxel the maps change {ratio} as much inside the mask "
+        "as outside",
+    )
 
 
 def _next_steps(

@@ -64,6 +64,20 @@ the largest class; by default it is not (measured: reseeding keeps splitting one
 into interchangeable classes and lowered the ARI on het_domain at SNR 0.05 from 0.91 to
 0.85): a class that empties is the data saying that fewer classes are distinguishable.
 
+Focused classification (``--mask``, a soft mask ``M`` in ``[0, 1]``): the images are
+scored against ``V_j' = M V_j + (1 - M) V_all``, ``V_all`` the consensus of the same images
+(per fold: the back-projection sums of all classes, with the same prior), so the classes
+differ only inside the mask and density outside it cannot separate them. Scoring ``X_i``
+against ``V_j'`` is scoring the signal-subtracted image ``X_i - C_i P_i[(1 - M) V_all]``
+against ``M V_j`` (RELION's focused classification with partial signal subtraction, Bai
+et al. 2015, eLife 4:e11182; Nakane et al. 2018, eLife 7:e36861, whose multi-body
+refinement subtracts the other bodies the same way), without writing subtracted images:
+the residual of the variation outside the mask is common to all classes and enters only
+as extra noise. The class maps are still back-projected from the whole images (only
+``M V_j`` is ever used), the starting partition is that of the variability analysis
+restricted to the mask (:mod:`cryofield.inference.variability`), and
+:func:`classification_latents` embeds the masked maps ``M V_j``.
+
 :func:`class_embedding` turns the responsibilities into latent codes for an auto-decoder:
 ``z_i = sum_j r_ij e_j`` with ``e_j`` the coordinates of class map ``j`` on the first
 principal axes of the class maps (population-weighted PCA of their transforms inside the
@@ -316,8 +330,10 @@ def _initial_partition(
     rows: np.ndarray,
     K: int,
     s: ClassifySettings,
+    mask: torch.Tensor | None = None,
 ) -> np.ndarray:
-    """``(n,)`` initial class of each fitted image."""
+    """``(n,)`` initial class of each fitted image (with a ``mask``: of the variability
+    analysis restricted to it)."""
     rng = np.random.default_rng(s.seed)
     if s.init == "random":
         return rng.integers(0, K, len(rows))
@@ -330,7 +346,8 @@ def _initial_partition(
     r0 = min(float(r0), D / 2 - 1)
     ti = torch.as_tensor(rows, device=R.device)
     sub = _RowSubset(batches, rows)
-    z = variability_latents(sub, R[ti], t[ti], min(s.init_zdim, K), r0, seed=s.seed)  # type: ignore[arg-type]
+    z = variability_latents(sub, R[ti], t[ti], min(s.init_zdim, K), r0, seed=s.seed,  # type: ignore[arg-type]
+                            mask=mask)  # fmt: skip
     km = KMeans(K, n_init=4, random_state=s.seed).fit(z.cpu().double().numpy())
     return km.labels_.astype(np.int64)
 
@@ -395,10 +412,13 @@ def _m_step(
     curve: torch.Tensor,
     F: int,
     s: ClassifySettings,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Wiener-regularised weighted back-projections: ``(F, K, D, D, D)`` the maps that
     score every fold (made without it; with ``F = 1`` the full maps), ``(K, D, D, D)`` the
-    full maps, and ``resp`` (with two folds, the classes of fold 0 relabelled to match)."""
+    full maps, and ``resp`` (with two folds, the classes of fold 0 relabelled to match).
+    With a ``mask`` ``M`` every map is ``M V_j + (1 - M) V_all``, ``V_all`` the consensus
+    of the same images (the sum over the classes' insertions; module docstring)."""
     b = scorer.batches
     K = resp.shape[1]
     D = b.points.D
@@ -429,19 +449,28 @@ def _m_step(
             bp.prior = prior
         return torch.stack([bp.volume() for bp in sets])
 
+    def focused(maps: torch.Tensor, sets: list[FourierBackprojector], fraction: float):
+        if mask is None:
+            return maps
+        cons = volumes([_combined(sets)], fraction)[0]
+        return mask * maps + (1 - mask) * cons
+
     if F == 1:
-        full_maps = volumes(bps[0], 1.0)
+        full_maps = focused(volumes(bps[0], 1.0), bps[0], 1.0)
         return full_maps[None], full_maps, resp
     q = (F - 1) / F
-    cv = [
-        volumes([_combined([bps[g][j] for g in range(F) if g != f]) for j in range(K)], q)
-        for f in range(F)
-    ]
+    cv = []
+    for f in range(F):
+        rest = [bps[g] for g in range(F) if g != f]  # the other folds' sets of K classes
+        maps_f = volumes([_combined([r[j] for r in rest]) for j in range(K)], q)
+        cv.append(focused(maps_f, [bp for r in rest for bp in r], q))
     if F == 2:
         # the halves share no image: classes the data cannot tell apart chase each
         # other's noise and can come out permuted; relabel fold 0's classes (its maps
-        # score fold 1, cv[1]) to match fold 1's (cv[0]), in its images too
-        perm = _matching(cv[0], cv[1])
+        # score fold 1, cv[1]) to match fold 1's (cv[0]), in its images too (with a
+        # mask the maps differ inside it only)
+        a, b = (cv[0], cv[1]) if mask is None else (cv[0] * mask, cv[1] * mask)
+        perm = _matching(a, b)
         if not np.array_equal(perm, np.arange(K)):
             bps[0] = [bps[0][j] for j in perm]
             cv[1] = cv[1][torch.as_tensor(perm, device=cv[1].device)]
@@ -449,6 +478,7 @@ def _m_step(
             rows = fit.fold == 0
             resp[rows] = resp[rows][:, torch.as_tensor(perm, device=resp.device)]
     full_maps = volumes([_combined([bps[f][j] for f in range(F)]) for j in range(K)], 1.0)
+    full_maps = focused(full_maps, [bp for f in range(F) for bp in bps[f]], 1.0)
     return torch.stack(cv), full_maps, resp
 
 
@@ -469,6 +499,7 @@ def classify_3d(
     shifts_px: torch.Tensor,
     settings: ClassifySettings | None = None,
     init_labels: np.ndarray | None = None,
+    mask: torch.Tensor | None = None,
 ) -> ClassifyResult:
     """Maximum-likelihood 3-D classification of all images at fixed poses (module docstring).
 
@@ -483,10 +514,16 @@ def classify_3d(
     init_labels
         ``(N,)`` starting class of every image (in ``[0, K)``; e.g. k-means labels of the
         current latents); None: ``settings.init``.
+    mask
+        ``(D, D, D)`` soft mask in ``[0, 1]`` (:func:`cryofield.io.mask.read_mask`): the
+        classes differ inside it only (focused classification, module docstring); None:
+        everywhere.
 
     Returns
     -------
     ClassifyResult
+        With a mask, ``maps`` are the maps the images were scored against,
+        ``M V_j + (1 - M) V_all``.
     """
     s = settings or ClassifySettings()
     if s.init not in INITS:
@@ -497,6 +534,10 @@ def classify_3d(
     dev = batches.device
     D = batches.points.D
     nyq = D / 2 - 1
+    if mask is not None:
+        mask = mask.to(dev, torch.float32)
+        if mask.shape != (D, D, D):
+            raise ValueError(f"mask must be ({D}, {D}, {D}), got {tuple(mask.shape)}")
     R = rotations.float().to(dev)
     t = shifts_px.float().to(dev)
     N = R.shape[0]
@@ -527,17 +568,18 @@ def classify_3d(
         if labels.min() < 0 or labels.max() >= K:
             raise ValueError(f"init_labels must lie in [0, {K})")
     else:
-        labels = _initial_partition(batches, R, t, rows, K, s)
+        labels = _initial_partition(batches, R, t, rows, K, s, mask)
     resp = torch.nn.functional.one_hot(torch.as_tensor(labels), K).float().to(dev)
     log.info(
         "3-D classification: %d classes, %d images, radius %.1f px (half-map FSC 0.143 at "
-        "%.1f px), init %s%s", K, n, radius, res_px,
+        "%.1f px), init %s%s%s", K, n, radius, res_px,
         "given" if init_labels is not None else s.init,
         f", {F}-fold cross-validated" if F > 1 else "",
+        "" if mask is None else f", focused on a mask ({float(mask.mean()):.1%} of the box)",
     )  # fmt: skip
     history: list[dict[str, float]] = []
     loglik: list[float] = []
-    maps, full_maps, resp = _m_step(scorer, fit, resp, sigma2, curve, F, s)
+    maps, full_maps, resp = _m_step(scorer, fit, resp, sigma2, curve, F, s, mask)
     priors = resp.mean(0)
     best = resp.argmax(1)
     kept: tuple = (-math.inf,)
@@ -563,7 +605,7 @@ def classify_3d(
             resp[take] = torch.nn.functional.one_hot(torch.tensor(j), K).float().to(dev)
             priors = resp.mean(0)
             reseeded += 1
-        maps, full_maps, resp = _m_step(scorer, fit, resp, sigma2, curve, F, s)
+        maps, full_maps, resp = _m_step(scorer, fit, resp, sigma2, curve, F, s, mask)
         best, priors = resp.argmax(1), resp.mean(0)
         rec = dict(
             iteration=float(it), loglik=loglik[-1], changed=changed, reseeded=float(reseeded),
@@ -667,16 +709,20 @@ def classification_latents(
     shifts_px: torch.Tensor,
     zdim: int,
     settings: ClassifySettings | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Latent codes ``(N, zdim)`` from 3-D classification at fixed poses: a drop-in
     alternative to :func:`~cryofield.inference.variability.variability_latents`.
 
     ``settings.n_classes`` is replaced by :func:`default_n_classes` ``(zdim)`` when
-    ``settings`` is None.
+    ``settings`` is None. With a ``mask`` the classification is focused on it and the
+    embedding is that of the masked class maps ``M V_j`` (the axes of ``z`` are the
+    variability inside the mask).
     """
     s = settings or ClassifySettings(n_classes=default_n_classes(zdim))
-    res = classify_3d(batches, rotations, shifts_px, s)
-    z = class_embedding(res.resp, res.maps, zdim, res.radius_px, res.priors)
+    res = classify_3d(batches, rotations, shifts_px, s, mask=mask)
+    maps = res.maps if mask is None else res.maps * mask.to(res.maps.device, res.maps.dtype)
+    z = class_embedding(res.resp, maps, zdim, res.radius_px, res.priors)
     var = z.var(0).tolist()
     log.info("class embedding: code variances %s", ", ".join(f"{v:.3g}" for v in var))
     return z

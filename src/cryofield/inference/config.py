@@ -21,6 +21,11 @@ CONTRASTS = ("auto", "light-on-dark", "dark-on-light")
 #: settled poses with the classes embedded (:mod:`cryofield.inference.classify`; the
 #: refreshes during the search stay linear), or the random start alone
 LATENT_INITS = ("classes", "pca", "random")
+#: accepted values of ``TrainConfig.het_search``: the heterogeneous global search scores
+#: every image against its latent group's map on the level-0 grid and checks the other
+#: maps at its kept poses, or against every map on the whole grid
+#: (:func:`cryofield.inference.pose_search.search_poses`, ``hint``)
+HET_SEARCHES = ("assigned", "exhaustive")
 
 
 def _flag(default: Any, flag: str, text: str, **extra: Any) -> Any:
@@ -105,6 +110,14 @@ class TrainConfig:
     latent_init_radius_px: float | None = None
     latent_init_iters: int = 20
     latent_refresh: bool = True
+    # focused heterogeneity (docs/train.md, "Masks"): a soft mask (MRC, values in [0, 1], on
+    # the particles' box; cryofield.io.mask) restricts the latent start (classification,
+    # variability analysis) to the variability inside it; the path is stored absolute
+    mask: str | None = _flag(
+        None, "--mask",
+        "soft mask (MRC, values in [0, 1], the particles' box and pixel size): the latents "
+        "describe the variability inside it (focused heterogeneity; needs --zdim)",
+    )  # fmt: skip
     # point-group symmetry of the map (cryofield.physics.symmetry, RELION's axes): once
     # imposed, the global search covers one asymmetric unit, the field learns from every
     # image at its equivalent poses, the back-projected maps are symmetrised
@@ -152,6 +165,17 @@ class TrainConfig:
     # (None: all the search images; set when the search is extended)
     search_ramp_images: int | None = None
     het_search_groups: int = 8
+    # heterogeneous global search (the references: the field at het_search_groups k-means
+    # centres of the latents). "assigned": the centres of the whole latent table, each
+    # image searches level 0 against the map of its latent's nearest centre, every map is
+    # scored at its n_keep kept poses and the best one refines (an image that changes map
+    # searches level 0 again against it); the maps are kept between batches and
+    # het_search_refresh of them rebuilt from the field per batch (all of them at a new
+    # epoch or radius). "exhaustive": the centres of the batch's latents, every image
+    # against every map on the whole level-0 grid, the maps built for every batch (~G x
+    # the search time). inference.references; benchmarks/README.md, "bench_step.py"
+    het_search: str = "assigned"
+    het_search_refresh: int = 1
     # global search epochs again after the gradient epochs, before local refinement (None:
     # 1 for heterogeneous ab initio runs, 0 otherwise)
     research_epochs: int | None = None
@@ -252,8 +276,10 @@ class TrainConfig:
         if c.batch_size is None:
             c.batch_size = 64 if cuda else 32
         if c.num_threads is None and not cuda:
-            c.num_threads = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                else (os.cpu_count() or 1))  # fmt: skip
+            cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                     else (os.cpu_count() or 1))  # fmt: skip
+            # torchrun's processes on this node share its cores
+            c.num_threads = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         box_A = D * apix_A if apix_A else None
         if c.radius_start_px is None:
             r = 6.0 / 64.0 * D
@@ -267,6 +293,8 @@ class TrainConfig:
             c.refine_poses = not c.poses_from_file
         if c.research_epochs is None:
             c.research_epochs = 1 if c.zdim > 0 and not c.poses_from_file else 0
+        if c.mask:
+            c.mask = str(Path(c.mask).expanduser().absolute())
         if c.latent_init_radius_px is None:
             c.latent_init_radius_px = min(D / 4.0, c.radius_search_px)
         if c.t_extent_px is None:
@@ -336,10 +364,17 @@ class TrainConfig:
             (self.contrast in CONTRASTS, f"contrast must be one of {CONTRASTS}: {self.contrast}"),
             (self.search_levels >= 0 and self.n_keep >= 1, "search levels >= 0, n_keep >= 1"),
             (self.latent_init in LATENT_INITS, f"latent_init must be one of {LATENT_INITS}"),
+            (self.het_search in HET_SEARCHES, f"het_search must be one of {HET_SEARCHES}"),
+            (self.het_search_groups >= 1 and self.het_search_refresh >= 1,
+             "het_search_groups and het_search_refresh must be >= 1"),
             (self.latent_init_iters >= 1, "latent_init_iters must be >= 1"),
             (self.latent_init_classes is None or self.latent_init_classes >= 2,
              "latent_init_classes must be >= 2 (or null: clip(2 zdim, 4, 16))"),
             (0.0 <= self.latent_warmup <= 1.0, "latent_warmup must be in [0, 1]"),
+            (not self.mask or self.zdim > 0,
+             "--mask focuses the latent variability: it needs --zdim > 0"),
+            (not self.mask or self.latent_init != "random",
+             "--mask acts through the latent start: it needs --latent-init classes or pca"),
             (self.local_refine_epochs >= 0, "local_refine_epochs must be >= 0"),
             (self.research_epochs is None or self.research_epochs >= 0,
              "research_epochs must be >= 0"),

@@ -252,16 +252,32 @@ def search_poses(
     settings: SearchSettings,
     t_center_px: torch.Tensor | None = None,
     chunk: int = 64,
+    hint: torch.Tensor | None = None,
+    slices0: torch.Tensor | None = None,
 ) -> SearchResult:
     """Best pose of every image by hierarchical search, against one or several volumes.
 
-    With several reference volumes (heterogeneous runs: the field at several ``z``), every
-    image is scored against every reference on the level-0 grid and keeps the reference
-    with the lowest error at its best pose; the refinement levels use that reference.
-    This is the maximum of the expectation step of multi-reference alignment (Scheres et
-    al. 2007, J. Mol. Biol. 348:139, "Disentangling conformational states of
-    macromolecules in 3D-EM through likelihood optimization"); the error has no
-    per-reference offset, so a heavier reference does not win by default.
+    With several reference volumes (heterogeneous runs: the field at several ``z``) and no
+    ``hint`` (exhaustive), every image is scored against every reference on the level-0
+    grid and keeps the reference with the lowest error at its best pose; the refinement
+    levels use that reference. This is the maximum of the expectation step of
+    multi-reference alignment (Scheres et al. 2007, J. Mol. Biol. 348:139, "Disentangling
+    conformational states of macromolecules in 3D-EM through likelihood optimization");
+    the error has no per-reference offset, so a heavier reference does not win by default.
+
+    With a ``hint`` (assigned), every image searches level 0 (rotations x translations)
+    against its hinted reference; every other reference is scored on the level-0
+    rotations at the translation of the image's best pose, and the best of them searches
+    level 0 again at the 3 x 3 translations within one step of it; the image takes
+    whichever of the two references has the lower error (the ``n_keep`` candidates of
+    that search). The refinement levels use the chosen reference. Level 0 costs
+    ``1 + (G + 9) / T`` of a one-reference level 0 (``T = t_ngrid^2`` translations;
+    ``1 + 9 / T`` with two references) instead of ``G``. Cheaper checks fall short when
+    the hint is wrong (measured in tests/inference/test_pose_search.py, every hint wrong):
+    scoring the other references only at the hinted map's kept poses keeps most images on
+    the wrong map (the poses where it fits best), and at the best translation alone the
+    other map loses where that translation is off. With one reference, or without a
+    translation search (``T = 1``: nothing to save), ``hint`` changes nothing.
 
     Parameters
     ----------
@@ -282,6 +298,13 @@ def search_poses(
         ``(B, 2)`` centre of the translation grid (default zero).
     chunk
         Images per level-0 block (bounds memory).
+    hint
+        ``(B,)`` long: the reference each image searches level 0 against (assigned
+        search, see above); ``None``: every reference (exhaustive).
+    slices0
+        ``(G, Q, M)`` the level-0 slices of the references
+        (:func:`level0_slices`, at a radius of at least the level-0 radius: the first
+        points are used), computed here when ``None``.
 
     Returns
     -------
@@ -301,16 +324,26 @@ def search_poses(
     step = 2 * s.t_extent_px / (s.t_ngrid - 1) if s.t_ngrid > 1 else 0.0
 
     # ---- level 0: every base rotation for every image
-    grid_def = dict(base_nside=s.base_nside, base_psi=s.base_psi, pole_offset=False)
-    rots0, pix0, psi0 = so3_grid.asymmetric_level_points(
-        symmetry_operators(s.symmetry), 0, **grid_def
-    )
-    rots0 = rots0.to(dev)
+    rots0, pix0, psi0 = level0_points(s, dev)
     idx, w = points.half_index(radii[0])
     fr = points.freqs[idx]
     K = min(s.n_keep, rots0.shape[0])
+    if slices0 is None:
+        slices0 = torch.stack([slice_grid(g, D, rots0, fr) for g in refs])  # (G, Q, M)
+    elif slices0.shape[:2] != (refs.shape[0], rots0.shape[0]) or slices0.shape[2] < len(idx):
+        raise ValueError(f"slices0 {tuple(slices0.shape)} do not hold the level-0 slices of "
+                         f"{refs.shape[0]} references at {len(idx)} points")  # fmt: skip
+    else:
+        slices0 = slices0[..., : len(idx)]
+    if hint is not None and refs.shape[0] > 1 and t0.shape[0] > 1:
+        q, tk, best_err, reference = _assigned_level0(
+            images_ft[:, idx], ctf[:, idx], w, fr, slices0, hint.to(dev), t_center_px, t0,
+            translation_grid(step, 3, dev), K, chunk,
+        )  # fmt: skip
+        return _refine_levels(refs, D, images_ft, ctf, points, s, radii, step,
+                              pix0.to(dev)[q], psi0.to(dev)[q], rots0[q], tk, best_err,
+                              reference)  # fmt: skip
     keep_e, keep_q, keep_t, keep_ref = [], [], [], []
-    slices0 = [slice_grid(g, D, rots0, fr) for g in refs]  # G x (Q, M)
     for b0 in range(0, B, chunk):
         sl = slice(b0, b0 + chunk)
         shifts = t_center_px[sl, None, :] + t0[None]  # (b, T, 2)
@@ -330,13 +363,169 @@ def search_poses(
         )
     q = torch.cat(keep_q)
     reference = torch.cat(keep_ref)
-    grid_lv = refs[0] if len(refs) == 1 else refs[reference]  # shared or (B, Dc, Dc, Dc)
     pix, psi = pix0.to(dev)[q], psi0.to(dev)[q]  # (B, K)
     tk = torch.cat(keep_t)  # (B, K, 2)
     best_err = torch.cat(keep_e)  # (B, K) ascending
     rots = rots0[q]
+    return _refine_levels(refs, D, images_ft, ctf, points, s, radii, step, pix, psi, rots,
+                          tk, best_err, reference)  # fmt: skip
 
-    # ---- refinement levels
+
+def level0_points(
+    settings: SearchSettings, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The level-0 grid of the search: ``(rotations (Q, 3, 3), pix (Q,), psi (Q,))``,
+    restricted to one asymmetric unit of ``settings.symmetry``."""
+    s = settings
+    rots0, pix0, psi0 = so3_grid.asymmetric_level_points(
+        symmetry_operators(s.symmetry), 0, base_nside=s.base_nside, base_psi=s.base_psi,
+        pole_offset=False,
+    )  # fmt: skip
+    return rots0.to(device), pix0, psi0
+
+
+@torch.no_grad()
+def level0_slices(
+    grid_ft: torch.Tensor,
+    D: int,
+    points: FrequencyPoints,
+    settings: SearchSettings,
+    radius_px: float | None = None,
+) -> torch.Tensor:
+    """``(G, Q, M)`` central slices of the references at the level-0 rotations
+    (:func:`level0_points`), at the half-plane points within ``radius_px`` (default the
+    level-0 radius ``settings.radius_lo_px``): the ``slices0`` of :func:`search_poses`,
+    computed once for several searches against the same maps."""
+    refs = grid_ft[None] if grid_ft.dim() == 3 else grid_ft
+    rots0 = level0_points(settings, refs.device)[0]
+    r = settings.radius_lo_px if radius_px is None else radius_px
+    fr = points.freqs[points.half_index(r)[0]]
+    return torch.stack([slice_grid(g, D, rots0, fr) for g in refs])
+
+
+def _real_slices(slices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(..., 2M)`` real and imaginary parts interleaved (a view, no copy) and ``(..., M)``
+    ``|S|^2`` of complex slices ``(..., M)``: what :func:`cross_terms` makes of them on
+    every call, once."""
+    sr = torch.view_as_real(slices).flatten(-2)
+    return sr, slices.real**2 + slices.imag**2
+
+
+def _cross_real(
+    x_c: torch.Tensor, ctf: torch.Tensor, w: torch.Tensor, sr: torch.Tensor, s2: torch.Tensor
+) -> torch.Tensor:
+    """:func:`cross_terms` of the slices in :func:`_real_slices` form: ``x_c (b, T, M)``,
+    ``sr (Q, 2M)``, ``s2 (Q, M)`` (shared) or ``(G, Q, 2M)``, ``(G, Q, M)`` (every
+    reference). Returns ``(b, T, Q)`` or ``(G, b, T, Q)``."""
+    cw = ctf * w
+    y = x_c * cw[:, None, :]
+    yr = torch.view_as_real(y).flatten(-2)  # (b, T, 2M) interleaved as sr
+    if sr.dim() == 2:
+        return ((ctf * cw) @ s2.T)[:, None, :] - 2.0 * (yr @ sr.T)
+    cross = torch.matmul(yr.reshape(1, -1, yr.shape[-1]), sr.transpose(1, 2))  # (G, b T, Q)
+    norm = torch.matmul(ctf * cw, s2.transpose(1, 2))  # (G, b, Q)
+    return norm[:, :, None, :] - 2.0 * cross.reshape(sr.shape[0], *yr.shape[:2], -1)
+
+
+def _level0_against(
+    x: torch.Tensor,
+    ctf: torch.Tensor,
+    w: torch.Tensor,
+    fr: torch.Tensor,
+    real: tuple[torch.Tensor, torch.Tensor],
+    ref: torch.Tensor,
+    t_center_px: torch.Tensor,
+    t0: torch.Tensor,
+    K: int,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Level 0 of every image against one reference each (``ref (B,)``): its ``K`` best
+    rotations ``q (B, K)``, their best translations ``(B, K, 2)`` and errors ``(B, K)``
+    (ascending). ``x``, ``ctf`` at the level-0 points ``fr``; ``real``: the level-0 slices
+    (:func:`_real_slices`)."""
+    sr, s2 = real
+    Q = sr.shape[1]
+    keep_e, keep_q, keep_t = [], [], []
+    for b0 in range(0, x.shape[0], chunk):
+        sl = slice(b0, b0 + chunk)
+        shifts = t_center_px[sl, None, :] + t0[None]  # (b, T, 2)
+        xc = centre_images(x[sl], fr, shifts)  # (b, T, M)
+        r = ref[sl]
+        err = torch.empty(xc.shape[0], Q, device=x.device)
+        t_best = torch.empty(xc.shape[0], Q, dtype=torch.long, device=x.device)
+        for g in torch.unique(r).tolist():
+            m = torch.nonzero(r == g).squeeze(1)
+            err[m], t_best[m] = _cross_real(xc[m], ctf[sl][m], w, sr[g], s2[g]).min(dim=1)
+        e, q = torch.topk(err, K, dim=1, largest=False)  # (b, K)
+        keep_e.append(e)
+        keep_q.append(q)
+        keep_t.append(
+            torch.gather(shifts, 1, torch.gather(t_best, 1, q)[..., None].expand(-1, -1, 2))
+        )
+    return torch.cat(keep_q), torch.cat(keep_t), torch.cat(keep_e)
+
+
+def _assigned_level0(
+    x: torch.Tensor,
+    ctf: torch.Tensor,
+    w: torch.Tensor,
+    fr: torch.Tensor,
+    slices0: torch.Tensor,
+    hint: torch.Tensor,
+    t_center_px: torch.Tensor,
+    t0: torch.Tensor,
+    t_near: torch.Tensor,
+    K: int,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Level 0 of the assigned search (:func:`search_poses` with ``hint``): ``q (B, K)``,
+    translations ``(B, K, 2)``, errors ``(B, K)`` ascending, the reference ``(B,)``.
+    ``t0``: the translation grid about ``t_center_px``; ``t_near``: the 3 x 3 offsets of
+    the second reference's search about the best translation."""
+    real = _real_slices(slices0)
+    q, tk, err = _level0_against(x, ctf, w, fr, real, hint, t_center_px, t0, K, chunk)
+    t_best = tk[:, 0]  # (B, 2) the translation of each image's best pose
+    G = slices0.shape[0]
+    if G == 2:
+        other = 1 - hint
+    else:  # the best other reference on the level-0 rotations at t_best
+        other = torch.empty_like(hint)
+        for b0 in range(0, x.shape[0], chunk):
+            sl = slice(b0, b0 + chunk)
+            xc = centre_images(x[sl], fr, t_best[sl, None, :])  # (b, 1, M)
+            e = _cross_real(xc, ctf[sl], w, *real)[:, :, 0].amin(dim=2)  # (G, b)
+            e[hint[sl], torch.arange(e.shape[1], device=e.device)] = float("inf")
+            other[sl] = e.argmin(dim=0)
+    q2, t2, e2 = _level0_against(x, ctf, w, fr, real, other, t_best, t_near, K, chunk)
+    better = e2[:, 0] < err[:, 0]
+    reference = torch.where(better, other, hint)
+    q = torch.where(better[:, None], q2, q)
+    tk = torch.where(better[:, None, None], t2, tk)
+    err = torch.where(better[:, None], e2, err)
+    return q, tk, err, reference
+
+
+def _refine_levels(
+    refs: torch.Tensor,
+    D: int,
+    images_ft: torch.Tensor,
+    ctf: torch.Tensor,
+    points: FrequencyPoints,
+    s: SearchSettings,
+    radii: list[float],
+    step: float,
+    pix: torch.Tensor,
+    psi: torch.Tensor,
+    rots: torch.Tensor,
+    tk: torch.Tensor,
+    best_err: torch.Tensor,
+    reference: torch.Tensor,
+) -> SearchResult:
+    """The refinement levels of :func:`search_poses` from the level-0 candidates
+    ``(B, K)``, each image against its ``reference`` of ``refs (G, Dc, Dc, Dc)``."""
+    B = images_ft.shape[0]
+    dev = images_ft.device
+    grid_def = dict(base_nside=s.base_nside, base_psi=s.base_psi, pole_offset=False)
     local = translation_grid(1.0, 3, dev)  # (9, 2) unit offsets
     for lv in range(1, s.levels + 1):
         step = step / 2
@@ -347,7 +536,7 @@ def search_poses(
         nK = cpix.shape[1]
         shifts = tk[:, :, None, :] + step * local  # (B, K, 9, 2)
         xc = centre_images(images_ft[:, idx], fr, shifts.reshape(B, nK * 9, 2))  # (B, K*9, M)
-        sli = slice_grid(grid_lv, D, crot.reshape(B, nK * 8, 3, 3), fr)  # (B, K*8, M)
+        sli = _slices_of(refs, reference, D, crot.reshape(B, nK * 8, 3, 3), fr)  # (B, K*8, M)
         sli = sli.reshape(B, nK, 8, -1)
         xc = xc.reshape(B, nK, 9, -1)
         ctf_l = ctf[:, idx] * w
@@ -373,6 +562,27 @@ def search_poses(
         rots = rots[:, :1]
         tk = tk[:, :1]
     return SearchResult(rots[:, 0], tk[:, 0], best_err[:, 0], reference)
+
+
+def _slices_of(
+    refs: torch.Tensor,
+    reference: torch.Tensor,
+    D: int,
+    rotations: torch.Tensor,
+    freqs: torch.Tensor,
+) -> torch.Tensor:
+    """``(B, P, M)`` slices of every image's reference ``refs[reference] (B,)`` at its
+    rotations ``(B, P, 3, 3)``: one shared-grid slicing per reference in use (a copy of
+    the grid per image is slower)."""
+    if refs.shape[0] == 1:
+        return slice_grid(refs[0], D, rotations, freqs)
+    B, P = rotations.shape[:2]
+    out = torch.empty(B, P, freqs.shape[0], dtype=refs.dtype, device=refs.device)
+    for g in torch.unique(reference).tolist():
+        m = torch.nonzero(reference == g).squeeze(1)
+        rots = rotations[m].reshape(-1, 3, 3)
+        out[m] = slice_grid(refs[g], D, rots, freqs).reshape(len(m), P, -1)
+    return out
 
 
 def local_perturbations(step_rad: float, device: torch.device | str = "cpu") -> torch.Tensor:

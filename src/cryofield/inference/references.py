@@ -1,14 +1,26 @@
 """What the pose search of a training epoch compares the images against: its settings
-for a step plan, and the latent groups whose maps are the references of heterogeneous
-runs (the search and local-refinement epochs use one map per k-means centre)."""
+for a step plan, the latent groups whose maps are the references of heterogeneous
+runs (the search and local-refinement epochs use one map per k-means centre), and those
+maps kept between the batches of the assigned search (:class:`ReferenceMaps`)."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from cryofield.inference.config import TrainConfig
-from cryofield.inference.pose_search import SearchSettings
+from cryofield.inference.pose_search import FrequencyPoints, SearchSettings, level0_slices
 from cryofield.inference.schedule import StepPlan
+
+#: ``grid_fn(z (G, zdim), radius_px) -> (G, Dc, Dc, Dc)`` complex Fourier grids of the
+#: field at ``z`` on the ball of ``radius_px`` (the same ``Dc`` for the same radius)
+GridFn = Callable[[torch.Tensor, float], torch.Tensor]
+
+#: latents k-means looks at, at most (an even subsample of a larger table)
+KMEANS_MAX_ROWS = 20000
 
 
 def search_settings(cfg: TrainConfig, plan: StepPlan) -> SearchSettings:
@@ -39,3 +51,108 @@ def kmeans_groups(z: torch.Tensor, k: int, iters: int = 10) -> tuple[torch.Tenso
             if m.any():
                 centres[j] = z[m].mean(0)
     return labels, centres
+
+
+def latent_centres(z: torch.Tensor, k: int, max_rows: int = KMEANS_MAX_ROWS) -> torch.Tensor:
+    """``(k, zdim)`` k-means centres (:func:`kmeans_groups`) of the latents ``z (N, zdim)``
+    (at most ``max_rows`` of them, evenly spaced), on the CPU."""
+    z = z.detach().float().cpu()
+    if z.shape[0] > max_rows:
+        z = z[torch.linspace(0, z.shape[0] - 1, max_rows).long()]
+    return kmeans_groups(z, k)[1]
+
+
+@dataclass
+class ReferenceMaps:
+    """The references of the assigned heterogeneous search (``het_search: assigned``),
+    kept between batches: the field at the k-means centres of the whole latent table, as
+    Fourier grids and their level-0 slices (:func:`~cryofield.inference.pose_search.
+    level0_slices`), built at radii a little above the search's so that the growing
+    search radius is covered for a while. Every batch rebuilds a few of them from the
+    field as it is (:meth:`refresh`, round robin); :meth:`covers` says when all must be
+    built again (:meth:`build`).
+
+    Attributes
+    ----------
+    key
+        What the maps were built for (the trainer's epoch, roll-backs, latent start).
+    centres
+        ``(G, zdim)`` on the grids' device.
+    grids
+        ``(G, Dc, Dc, Dc)`` complex.
+    slices0
+        ``(G, Q, M)`` level-0 slices at ``radius_lo_px``.
+    radius_hi_px, radius_lo_px
+        Radii of the grids and of the slices.
+    grid_key
+        The level-0 grid and symmetry of ``slices0``.
+    next_ref
+        The map :meth:`refresh` rebuilds next.
+    """
+
+    key: tuple
+    centres: torch.Tensor
+    grids: torch.Tensor
+    slices0: torch.Tensor
+    radius_hi_px: float
+    radius_lo_px: float
+    grid_key: tuple
+    next_ref: int = 0
+
+    @staticmethod
+    def _grid_key(settings: SearchSettings) -> tuple:
+        return (settings.base_nside, settings.base_psi, settings.symmetry)
+
+    @classmethod
+    def build(
+        cls,
+        key: tuple,
+        grid_fn: GridFn,
+        z: torch.Tensor | None,
+        groups: int,
+        D: int,
+        points: FrequencyPoints,
+        settings: SearchSettings,
+        margin_px: float = 0.5,
+        centres: torch.Tensor | None = None,
+    ) -> ReferenceMaps:
+        """The maps at the ``groups`` k-means centres of ``z (N, zdim)`` (all latents), or
+        at ``centres`` (the same maps again at a larger radius): grids on the ball of the
+        next whole radius above ``settings.radius_hi_px`` (the cube the search's radius
+        needs anyway), slices at ``radius_lo_px + margin_px`` (at most ``D / 2 - 1``)."""
+        hi = min(D / 2 - 1, math.floor(settings.radius_hi_px) + 1.0)
+        lo = min(hi, settings.radius_lo_px + margin_px)
+        if centres is None:
+            assert z is not None
+            centres = latent_centres(z, groups)
+        grids = grid_fn(centres, hi)
+        slices0 = level0_slices(grids, D, points, settings, lo)
+        return cls(key, centres.to(grids.device), grids, slices0, hi, lo,
+                   cls._grid_key(settings))  # fmt: skip
+
+    def covers(self, key: tuple, settings: SearchSettings) -> bool:
+        """Whether these maps serve a search with ``settings`` under ``key``."""
+        return (
+            key == self.key
+            and self._grid_key(settings) == self.grid_key
+            and settings.radius_hi_px <= self.radius_hi_px
+            and settings.radius_lo_px <= self.radius_lo_px
+        )
+
+    @torch.no_grad()
+    def refresh(
+        self, grid_fn: GridFn, D: int, points: FrequencyPoints, settings: SearchSettings, n: int
+    ) -> None:
+        """Rebuild ``n`` maps (the next ones in turn) from the field as it is now."""
+        G = self.centres.shape[0]
+        j = (self.next_ref + torch.arange(min(n, G))) % G
+        self.next_ref = int(j[-1] + 1) % G
+        j = j.to(self.grids.device)
+        grids = grid_fn(self.centres[j], self.radius_hi_px)
+        self.grids[j] = grids
+        self.slices0[j] = level0_slices(grids, D, points, settings, self.radius_lo_px)
+
+    def assign(self, z: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` the nearest centre of every latent ``z (B, zdim)``: the map each image
+        searches level 0 against."""
+        return torch.cdist(z.detach().float(), self.centres.float()).argmin(dim=1)

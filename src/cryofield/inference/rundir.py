@@ -492,6 +492,18 @@ class RunDir:
         field.load_state_dict(ckpt["state_dict"])
         return field.to(device).eval()
 
+    def mask(self) -> np.ndarray | None:
+        """The run's ``--mask`` (config.yaml ``mask``) at the training box, ``(D, D, D)`` in
+        ``[0, 1]`` (:func:`cryofield.io.mask.read_mask`), or None when it had none; a mask
+        file that is gone or no longer fits raises :class:`InputFileError`."""
+        path = self.config().get("mask")
+        if not path:
+            return None
+        from cryofield.io.mask import read_mask
+
+        D = self.training_D()
+        return read_mask(path, int(self.table().box_px or D), D)
+
     def training_D(self) -> int:
         """Box size (px) used in training."""
         return int(self.weights()["hparams"]["D"])

@@ -7,6 +7,7 @@ and the run's final outputs (consensus map, verdict, particles.star)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import resource
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from cryofield.errors import CryofieldError
+from cryofield.inference import distributed as dist
 from cryofield.inference import rundir as layout
 from cryofield.inference.config import TrainConfig
 from cryofield.inference.data import ImageSource
@@ -166,17 +168,40 @@ def train(cfg: TrainConfig, inputs: list[str | Path | None] | None = None) -> Pa
     refuse_overwrite(run_outputs(out), [cfg.particles, cfg.ind, *(inputs or [])])
     if out.exists() and any(out.glob("epoch_*/DONE")):
         raise CryofieldError(f"{out}: already holds a run; use --resume {out} or a new -o")
-    with folder_lock(out, "cryofield train"):
-        setup_logging(out)
-        with _runtime(cfg):
-            return _train_new(cfg, out)
+    with _one_voice(cfg, out, "cryofield train"), _runtime(cfg):
+        return _train_new(cfg, out)
+
+
+@contextlib.contextmanager
+def _one_voice(cfg: TrainConfig, out: Path, command: str) -> Iterator[None]:
+    """Join a ``torchrun`` launch (:func:`~cryofield.inference.distributed.init_from_env`;
+    nothing for a single process), then: rank 0 holds the run's lock and logs to the
+    console and ``run.log``; the other ranks only report warnings and errors. The
+    process group is left at the end."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = dist.init_from_env(device)
+    try:
+        if env.is_main:
+            with folder_lock(out, command):
+                setup_logging(out)
+                if env.enabled:
+                    log.info("data-parallel: %d ranks (%s backend)", env.world, env.backend)
+                yield
+        else:
+            setup_logging(None).setLevel(logging.WARNING)
+            yield
+    finally:
+        dist.shutdown()
 
 
 def _train_new(cfg: TrainConfig, out: Path) -> Path:
     table, source = _load_inputs(cfg)
     refuse_overwrite(run_outputs(out), np.unique(table.image_paths).tolist())
     trainer = build_trainer(cfg, table, source)
-    table.save_npz(out / layout.TABLE_FILE)
+    if trainer.dist.is_main:
+        table.save_npz(out / layout.TABLE_FILE)
     _log_environment(trainer.cfg, trainer.N, trainer.D, trainer.batches.apix_A)
     trainer.fit()
     _finish(trainer, table)
@@ -186,14 +211,12 @@ def _train_new(cfg: TrainConfig, out: Path) -> Path:
 def resume(outdir: str | Path, epochs: int | None = None) -> Path:
     """Continue the run in ``outdir`` from its last complete epoch (optionally to ``epochs``)."""
     run = RunDir(outdir)
-    with folder_lock(run.path, "cryofield train --resume"):
-        cfg = run.train_config()
-        cfg.outdir = str(run.path)  # a moved or copied run continues where it is
-        if epochs is not None:  # --epochs N: exactly N epochs, no search extension
-            cfg.epochs, cfg.search_extend = int(epochs), 0.0
-        setup_logging(run.path)
-        with _runtime(cfg):
-            return _resume(run, cfg)
+    cfg = run.train_config()
+    cfg.outdir = str(run.path)  # a moved or copied run continues where it is
+    if epochs is not None:  # --epochs N: exactly N epochs, no search extension
+        cfg.epochs, cfg.search_extend = int(epochs), 0.0
+    with _one_voice(cfg, run.path, "cryofield train --resume"), _runtime(cfg):
+        return _resume(run, cfg)
 
 
 def _resume(run: RunDir, cfg: TrainConfig) -> Path:
@@ -218,6 +241,8 @@ def _resume(run: RunDir, cfg: TrainConfig) -> Path:
 
 
 def _finish(trainer: Trainer, table: Any) -> None:
+    if not trainer.dist.is_main:
+        return
     log.info("peak memory %.0f MB", _peak_memory_mb())
     final: dict[str, Any] = {}
     if trainer.active_symmetry != trainer.cfg.symmetry:

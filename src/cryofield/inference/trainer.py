@@ -22,13 +22,14 @@ import torch
 from tqdm import tqdm
 
 from cryofield.errors import CryofieldError
+from cryofield.inference import distributed as dist
 from cryofield.inference import rundir as layout
 from cryofield.inference.config import TrainConfig
 from cryofield.inference.data import Batch, BatchMaker, ImageSource
 from cryofield.inference.epoch_metrics import epoch_checks
 from cryofield.inference.loss import check_loss, image_power, slice_loss
 from cryofield.inference.pose_search import FrequencyPoints, local_refine_poses, search_poses
-from cryofield.inference.references import kmeans_groups, search_settings
+from cryofield.inference.references import ReferenceMaps, kmeans_groups, search_settings
 from cryofield.inference.schedule import Phase, Schedule, StepPlan
 from cryofield.logs import get_logger
 from cryofield.model.field import HartleyField, fourier_grid, hartley_grid_to_fourier
@@ -95,6 +96,8 @@ class Trainer:
         self.batches = BatchMaker(
             source, ctf_params, self.points, cfg.invert, cfg.window, device=self.device
         )
+        #: focused heterogeneity: ``cfg.mask`` at the training box (``(D, D, D)``), or None
+        self.mask = self._read_mask(source) if cfg.mask else None
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         self.field = HartleyField(
@@ -116,6 +119,17 @@ class Trainer:
             else None
         )
         self.schedule = Schedule(cfg, self.N)
+        #: this process's place in a data-parallel run (:mod:`cryofield.inference.distributed`)
+        self.dist = dist.current()
+        #: the field as the training step calls it: wrapped in DistributedDataParallel when
+        #: several ranks train (gradients summed over the ranks; :meth:`_step` scales)
+        self._step_field: Any = self.field
+        if self.dist.enabled:
+            self._step_field = dist.data_parallel(self.field, self.device)
+        #: ``n_rank / n_global`` of the batch being trained (1 in a single process)
+        self._share = 1.0
+        #: the global batch being trained (all ranks' images; None outside an epoch)
+        self._batch_rows: np.ndarray | None = None
         self.epoch = 0
         self.images_seen = 0
         self.rollbacks = 0
@@ -228,12 +242,25 @@ class Trainer:
             k = c.latent_init_classes or default_n_classes(c.zdim)
             settings = ClassifySettings(n_classes=k, init_radius_px=c.latent_init_radius_px,
                                         init_zdim=c.zdim, seed=c.seed)  # fmt: skip
-            z = classification_latents(self.batches, R, t, c.zdim, settings)
+            z = classification_latents(self.batches, R, t, c.zdim, settings, mask=self.mask)
         else:
             z = variability_latents(self.batches, R, t, c.zdim, c.latent_init_radius_px,
-                                    iters=c.latent_init_iters, seed=c.seed)  # fmt: skip
+                                    iters=c.latent_init_iters, seed=c.seed,
+                                    mask=self.mask)  # fmt: skip
         self.latents.set(torch.arange(self.N, device=self.device), z)
         self.latent_init_epoch = self.epoch + 1
+
+    def _read_mask(self, source: ImageSource) -> torch.Tensor:
+        """``cfg.mask`` read on the particles' box and resampled to ``D``
+        (:func:`cryofield.io.mask.read_mask`; a bad file raises before any work)."""
+        from cryofield.io.mask import mask_fraction, read_mask
+
+        assert self.cfg.mask
+        box = int(getattr(source, "box_px", None) or self.D)
+        m = read_mask(self.cfg.mask, box, self.D, self.batches.apix_A * self.D / box)
+        log.info("mask %s: %.1f%% of the box; the latent start describes the variability "
+                 "inside it", self.cfg.mask, 100 * mask_fraction(m))  # fmt: skip
+        return torch.as_tensor(m, device=self.device)
 
     @property
     def active_symmetry(self) -> str:
@@ -304,17 +331,46 @@ class Trainer:
     @torch.no_grad()
     def _search(self, idx: np.ndarray, xft: torch.Tensor, ctf: torch.Tensor, plan: StepPlan):
         """Poses of a batch by hierarchical search. Heterogeneous runs search against the
-        field at the k-means centres of the batch's latents (``het_search_groups``
-        references); each image takes the reference that explains it best."""
-        settings = dataclasses.replace(search_settings(self.cfg, plan),
+        field at ``het_search_groups`` k-means centres of the latents; each image takes
+        the reference that explains it best. ``het_search: assigned``: the centres of the
+        whole table, the maps kept between batches (:class:`~cryofield.inference.
+        references.ReferenceMaps`, ``het_search_refresh`` rebuilt per batch), level 0
+        against the map of the image's nearest centre, the others checked at its kept
+        poses; ``exhaustive``: the centres of the batch's latents, every image against
+        every map on the whole level-0 grid."""
+        c = self.cfg
+        settings = dataclasses.replace(search_settings(c, plan),
                                        symmetry=self.active_symmetry)  # fmt: skip
+        if self.latents is not None and not plan.z_frozen and c.het_search == "assigned":
+
+            def grid_fn(z: torch.Tensor, radius_px: float) -> torch.Tensor:
+                with self._autocast():
+                    grids, _ = self.field.grid_ht(radius_px, z.to(self.device))
+                return hartley_grid_to_fourier(grids.float())
+
+            key = (self.epoch, self.rollbacks, self.latent_init_epoch)
+            maps = getattr(self, "_het_maps", None)
+            if maps is None or not maps.covers(key, settings):
+                # the centres of the table as the epoch began (the same on every rank);
+                # within the epoch (the radius outgrew the maps) the same centres again
+                kept = maps.centres if maps is not None and maps.key == key else None
+                maps = ReferenceMaps.build(key, grid_fn, self.latents.all(), c.het_search_groups,
+                                           self.D, self.points, settings, centres=kept)  # fmt: skip
+                self._het_maps = maps
+            else:
+                maps.refresh(grid_fn, self.D, self.points, settings, c.het_search_refresh)
+            hint = maps.assign(self.latents(torch.as_tensor(idx, device=self.device)))
+            return search_poses(maps.grids, self.D, xft, ctf, self.points, settings, hint=hint,
+                                slices0=maps.slices0)[:2]  # fmt: skip
         with self._autocast():
             if self.latents is None or plan.z_frozen:
                 z0 = None if self.latents is None else self._batch_z(torch.zeros(1), plan)
                 grid, Dc = self.field.grid_ht(plan.search_hi_px, z0)
                 fgrid = hartley_grid_to_fourier(grid.float().reshape(Dc, Dc, Dc))
             else:
-                z = self.latents(torch.as_tensor(idx, device=self.device))
+                # the centres of the whole (global) batch: the same on every rank
+                rows = idx if self._batch_rows is None else self._batch_rows
+                z = self.latents(torch.as_tensor(rows, device=self.device))
                 centres = kmeans_groups(z.cpu(), self.cfg.het_search_groups)[1]
                 grids, _ = self.field.grid_ht(plan.search_hi_px, centres.to(self.device))
                 fgrid = hartley_grid_to_fourier(grids.float())
@@ -385,16 +441,18 @@ class Trainer:
                 z = z.detach()
             with self._autocast():
                 per_img = slice_loss(
-                    self.field, R, t, z, xft[:, :n], ctf[:, :n], self.points.freqs[:n]
+                    self._step_field, R, t, z, xft[:, :n], ctf[:, :n], self.points.freqs[:n]
                 )
-            loss = per_img.mean()
+            # this rank's share of the global batch's mean loss (the ranks' gradients are
+            # summed): the update of one process with the whole global batch
+            loss = per_img.mean() * self._share
             if self.loss_start is None and self._loss_first is None:
                 self._loss_first = loss.detach()
             self._residual[ti] = per_img.detach().float()
             self._power[ti] = image_power(xft[:, :n])
             total = loss
             if z is not None and self.cfg.latent_l2 > 0:
-                total = total + self.cfg.latent_l2 * (z**2).sum(-1).mean()
+                total = total + self.cfg.latent_l2 * (z**2).sum(-1).mean() * self._share
             # no finiteness test here (it would wait for the device): a non-finite loss
             # is found by _check_losses within loss_check_every batches and the epoch is
             # rolled back, undoing these steps
@@ -421,7 +479,13 @@ class Trainer:
         if limit is None or len(batch) <= limit:
             try:
                 return self._step(batch.idx, plan, batch)
-            except OUT_OF_MEMORY:
+            except OUT_OF_MEMORY as err:
+                if self.dist.enabled:  # the ranks step together: one cannot take more steps
+                    raise CryofieldError(
+                        f"out of {self.device.type.upper()} memory in a step of {len(batch)} "
+                        f"images on rank {self.dist.rank}: start again with a smaller "
+                        "--batch-size (data-parallel runs do not split batches)"
+                    ) from err
                 if len(batch) <= 1:
                     raise
             # out of the except block: the failed step's tensors are released
@@ -457,7 +521,9 @@ class Trainer:
         probe = self.loss_start is None and self._loss_first is not None
         if probe:
             vals.append(self._loss_first.float())  # type: ignore[union-attr]
-        read = torch.stack(vals).tolist() if vals else []
+        if vals:  # each rank holds its share of every global batch's mean loss
+            stacked = dist.all_reduce_sum(torch.stack(vals))
+        read = stacked.tolist() if vals else []
         if probe:
             start = read.pop()
             self._loss_first = None
@@ -484,22 +550,28 @@ class Trainer:
             return self._refine_epoch(epoch, t0, R_before, t_before)
         if self._wants_latent_init(epoch):
             self._init_latents(epoch)
+            if self.latents is not None:  # every rank computed it; rank 0's is kept
+                dist.broadcast_(self.latents.z.weight.data)
         if phase.refines_locally:
             self._prepare_local()
         bar = tqdm(
             total=self.N, desc=f"epoch {epoch}/{cfg.epochs} [{phase}]", unit="img",
-            disable=None, leave=False, dynamic_ncols=True,
+            disable=None if self.dist.is_main else True, leave=False, dynamic_ncols=True,
         )  # fmt: skip
-        order = [np.sort(perm[b0 : b0 + cfg.batch_size]) for b0 in range(0, self.N, cfg.batch_size)]
+        order = dist.global_batches(perm, cfg.batch_size, self.dist.world)
+        full = order
+        # data-parallel: this rank's part of every global batch (every image once per epoch)
+        order = [b[dist.batch_share(len(b), self.dist.rank, self.dist.world)] for b in order]
         pending: list[torch.Tensor | float] = []  # batch losses not yet read from the device
         stream = self.batches.iter_batches(order, self.prefetch)
         try:
             with contextlib.closing(stream):
                 for k, batch in enumerate(stream):
                     plan = self.schedule.plan(epoch, self.images_seen)
+                    self._share, self._batch_rows = len(batch) / len(full[k]), full[k]
                     pending.append(self._train_batch(batch, plan))
-                    self.images_seen += len(batch)
-                    bar.update(len(batch))
+                    self.images_seen += len(full[k])
+                    bar.update(len(full[k]))
                     if len(pending) >= self.loss_check_every or k == len(order) - 1:
                         self._check_losses(pending, losses, epoch, k + 1 - len(pending))
                         rate = bar.n / max(time.perf_counter() - t0, 1e-9)
@@ -508,6 +580,9 @@ class Trainer:
         finally:
             bar.close()
             self._local = None
+            self._share, self._batch_rows = 1.0, None
+        if self.dist.enabled:
+            self._merge_rows(np.concatenate(order) if order else np.zeros(0, np.int64))
         dt = time.perf_counter() - t0
         return dict(
             epoch=epoch, phase=phase.value, loss=float(np.mean(losses)),
@@ -515,6 +590,27 @@ class Trainer:
             **epoch_checks(dataclasses.replace(cfg, symmetry=self.active_symmetry),
                            self.batches, self.poses, self.latents, R_before, t_before),
         )  # fmt: skip
+
+    @torch.no_grad()
+    def _merge_rows(self, mine: np.ndarray) -> None:
+        """Data-parallel: every rank takes the rows of the per-image tables (poses,
+        latents, their sparse-Adam moments, residuals) from the rank that trained that
+        image this epoch (:func:`~cryofield.inference.distributed.merge_rows`)."""
+        owned = torch.zeros(self.N, dtype=torch.bool, device=self.device)
+        owned[torch.as_tensor(mine, dtype=torch.long, device=self.device)] = True
+        tables = [self.poses, *([self.latents] if self.latents is not None else [])]
+        opts = [self.opt_pose, *([self.opt_latent] if self.opt_latent is not None else [])]
+        for table, opt in zip(tables, opts, strict=True):
+            for p in table.parameters():
+                p.data.copy_(dist.merge_rows(p.data, owned))
+                for v in opt.state.get(p, {}).values():
+                    if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == self.N:
+                        v.copy_(dist.merge_rows(v, owned))
+            for b in table.buffers():  # e.g. the poses' reference rotations R0
+                if b.dim() > 0 and b.shape[0] == self.N:
+                    b.copy_(dist.merge_rows(b, owned))
+        for buf in (self._residual, self._power):
+            buf.copy_(dist.merge_rows(buf, owned))
 
     def _refine_epoch(
         self, epoch: int, t0: float, R0: torch.Tensor, tr0: torch.Tensor
@@ -532,6 +628,8 @@ class Trainer:
         )  # fmt: skip
         res = refine_poses_gold_standard(self.batches, R0, tr0, settings)
         self.poses.set(torch.arange(self.N, device=self.device), res.rotations, res.shifts_px)
+        for x in (*self.poses.parameters(), *self.poses.buffers()):  # every rank refined
+            dist.broadcast_(x.data)  # all of them; rank 0's are kept
         dt = time.perf_counter() - t0
         last = res.history[-1] if res.history else {}
         return dict(
@@ -548,8 +646,9 @@ class Trainer:
         per_epoch = layout.checkpoint_bytes(
             self.field, self.poses, self.latents, self.N, self.D, cfg.zdim
         )
-        layout.check_free_space(self.outdir, per_epoch, cfg.epochs - self.epoch)
-        layout.write_config(self.outdir, cfg)
+        if self.dist.is_main:
+            layout.check_free_space(self.outdir, per_epoch, cfg.epochs - self.epoch)
+            layout.write_config(self.outdir, cfg)
         while self.epoch < cfg.epochs:
             epoch = self.epoch + 1
             snapshot = copy.deepcopy(self.state())
@@ -634,7 +733,8 @@ class Trainer:
         c.epochs += 1
         self.search_extended += 1
         self.schedule = Schedule(c, n)
-        layout.write_config(self.outdir, c)
+        if self.dist.is_main:
+            layout.write_config(self.outdir, c)
         log.info(
             "poses have not settled (%.1f%% of the images changed basin, limit %.0f%%): "
             "searching one more epoch (%d of at most %d more), radius up to %.1f px (%.1f A)",
@@ -645,7 +745,17 @@ class Trainer:
     # ---------------------------------------------------------------- outputs
     def save_epoch(self, metrics: dict[str, Any]) -> Path:
         """Write ``OUTDIR/epoch_NNN`` (:func:`~cryofield.inference.rundir.write_epoch`)
-        and its line of metrics.jsonl."""
+        and its line of metrics.jsonl; in a data-parallel run rank 0 writes it while the
+        others wait."""
+        if not self.dist.is_main:
+            dist.barrier()
+            return self.outdir / layout.epoch_dirname(self.epoch)
+        try:
+            return self._write_epoch(metrics)
+        finally:
+            dist.barrier()
+
+    def _write_epoch(self, metrics: dict[str, Any]) -> Path:
         R, t = self.poses.all()
         return layout.write_epoch(
             self.outdir, self.epoch,

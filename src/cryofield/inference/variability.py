@@ -22,6 +22,14 @@ Nearest-neighbour assignment makes the M-step block-diagonal over voxels, so eve
 iteration is one pass over the images and an exact solve (not a small gradient step):
 the codes organise in a few iterations, where an auto-decoder table moved by gradients
 needs hundreds of epochs. The codes ``z_i`` start the latent table of a heterogeneous run.
+
+With a soft mask ``M`` (``--mask``, focused heterogeneity) the variability volumes are
+projected onto masked maps after every M-step, ``W_j <- F[M F^-1[W_j]]`` (``j >= 1``; the
+mean ``W_0`` keeps the whole map), with ``M`` resampled to the lattice of ``W`` by Fourier
+cropping: variation outside the mask has no basis vector to load on, so the codes describe
+the variability inside it (as cryoSPARC's 3-D variability with a focus mask; Punjani &
+Fleet 2021). The projection follows the unconstrained per-voxel solve, so the M-step is
+approximate (a projected EM step).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import torch
 from cryofield.inference.data import BatchMaker
 from cryofield.inference.pose_search import centre_images
 from cryofield.logs import get_logger
+from cryofield.physics.fourier import fft3_centered, ifft3_centered
 
 log = get_logger("train")
 
@@ -62,6 +71,9 @@ class VariabilityPCA:
         Number of variability components (the latent dimension).
     radius_px
         Fourier radius (px) of the frequencies used.
+    mask
+        ``(D, D, D)`` soft mask in ``[0, 1]``: the variability volumes are kept inside it
+        (module docstring); None: no mask.
     """
 
     def __init__(
@@ -71,6 +83,7 @@ class VariabilityPCA:
         shifts_px: torch.Tensor,
         K: int,
         radius_px: float,
+        mask: torch.Tensor | None = None,
     ) -> None:
         self.batches = batches
         self.R = rotations
@@ -82,6 +95,7 @@ class VariabilityPCA:
         self.Dv = 2 * (math.ceil(radius_px) + 1) + 1
         dev = self.freqs.device
         self.W = torch.zeros(self.Dv**3, self.K + 1, dtype=torch.complex64, device=dev)
+        self.mask = None if mask is None else lattice_mask(mask.to(dev), self.Dv)
 
     def observe(self, idx: np.ndarray) -> _Obs:
         """Observations of images ``idx`` (noise variance from the residual to ``W_0``)."""
@@ -142,6 +156,25 @@ class VariabilityPCA:
         sol = torch.linalg.solve(As, rhs)
         self.W.zero_()
         self.W[seen] = torch.complex(sol[..., 0], sol[..., 1])
+        if self.mask is not None:
+            Dv = self.Dv
+            w = self.W[:, 1:].T.reshape(self.K, Dv, Dv, Dv)
+            w = fft3_centered(ifft3_centered(w) * self.mask)
+            self.W[:, 1:] = w.reshape(self.K, -1).T
+
+
+def lattice_mask(mask: torch.Tensor, Dv: int) -> torch.Tensor:
+    """A ``(D, D, D)`` real-space mask resampled to the ``Dv^3`` real-space grid of a
+    ``Dv^3`` Fourier lattice of spacing ``1 / D`` (``Dv`` odd or even; its samples are
+    ``D / Dv`` px apart): the central ``Dv^3`` block of its transform (zero-padded when
+    ``Dv > D``), transformed back, clipped to ``[0, 1]``."""
+    D = mask.shape[-1]
+    f = fft3_centered(mask.to(torch.float32))
+    out = torch.zeros(Dv, Dv, Dv, dtype=f.dtype, device=f.device)
+    n = min(D, Dv)
+    a, b = D // 2 - n // 2, Dv // 2 - n // 2
+    out[b : b + n, b : b + n, b : b + n] = f[a : a + n, a : a + n, a : a + n]
+    return (ifft3_centered(out).real * (Dv / D) ** 3).clamp(0.0, 1.0)
 
 
 def variability_latents(
@@ -154,6 +187,7 @@ def variability_latents(
     max_images: int = 10000,
     chunk: int = 256,
     seed: int = 0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Latent codes ``(N, zdim)`` from linear variability analysis at fixed poses.
 
@@ -171,10 +205,12 @@ def variability_latents(
         Number of components.
     radius_px
         Fourier radius (px of the training box) of the frequencies used.
+    mask
+        ``(D, D, D)`` soft mask: the variability inside it only (module docstring).
     """
     N = rotations.shape[0]
     dev = rotations.device
-    pca = VariabilityPCA(batches, rotations, shifts_px, zdim, radius_px)
+    pca = VariabilityPCA(batches, rotations, shifts_px, zdim, radius_px, mask)
     gen = torch.Generator().manual_seed(seed)
     fit = torch.randperm(N, generator=gen)[: min(N, max_images)].sort().values.numpy()
     chunks = [fit[i : i + chunk] for i in range(0, len(fit), chunk)]
@@ -196,7 +232,8 @@ def variability_latents(
     _, s, vt = torch.linalg.svd(zc, full_matrices=False)
     var = (s**2 / max(N - 1, 1)).tolist()
     log.info(
-        "variability analysis (%d images, radius %.1f px, %d iterations): code variances %s",
-        len(fit), radius_px, iters, ", ".join(f"{v:.3g}" for v in var),
+        "variability analysis (%d images, radius %.1f px, %d iterations%s): code variances %s",
+        len(fit), radius_px, iters, "" if mask is None else ", masked",
+        ", ".join(f"{v:.3g}" for v in var),
     )  # fmt: skip
     return zc @ vt.T
