@@ -30,17 +30,27 @@ FLAGS = ["--zdim", "2", "--poses-from-file", "--epochs", "1", "-b", "20", "--hid
          "--n-freqs", "8", "--threads", "1"]  # fmt: skip
 
 
-def test_focused_run_records_the_mask(tiny_states, tmp_path, monkeypatch, one_thread):
+def test_focused_run_records_the_mask_and_holds_z(tiny_states, tmp_path, monkeypatch, one_thread):
     write_mrc(tmp_path / "mask.mrc", _ball(32, 6.0), 10.0)
     monkeypatch.chdir(tmp_path)  # a relative path is recorded absolute
-    out = tmp_path / "run"
-    args = ["train", str(tiny_states / "particles.star"), "-o", str(out), *FLAGS]
-    assert main([*args, "--mask", "mask.mrc"]) == 0
-    run = RunDir(out)
+    (tmp_path / "free.yaml").write_text("mask_hold_latents: false\n")
+    runs = {}
+    for name, more in (("held", []), ("free", ["--config", "free.yaml"])):
+        out = tmp_path / name
+        args = ["train", str(tiny_states / "particles.star"), "-o", str(out), *FLAGS, *more]
+        assert main([*args, "--epochs", "2", "--mask", "mask.mrc"]) == 0
+        runs[name] = RunDir(out)
+    run = runs["held"]
     assert run.config()["mask"] == str(tmp_path / "mask.mrc")
+    assert run.config()["mask_hold_latents"] is True
     assert run.mask().shape == (32, 32, 32) and run.latents().shape == (40, 2)
-    log = (out / "run.log").read_text()
+    log = (run.path / "run.log").read_text()
     assert "focused on a mask" in log and "masked" in log
+    # after the masked start z takes no steps (mask_hold_latents), else it moves
+    np.testing.assert_array_equal(run.latents(2), run.latents(1))
+    free = runs["free"]
+    np.testing.assert_array_equal(free.latents(1), run.latents(1))
+    assert not np.array_equal(free.latents(2), free.latents(1))
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,12 @@ def test_trainer_reads_the_mask_before_any_work(tmp_path, two_variations):
     cfg = TrainConfig(zdim=2, mask=str(good), device="cpu", epochs=1).resolved(D, 64, data.apix_A)
     tr = Trainer(cfg, src, None, tmp_path / "run")
     assert tr.mask is not None and torch.allclose(tr.mask, mask)
+    # ab initio: the latent refreshes of the search epochs (the search's references) see
+    # all the variability; the start once the poses have settled is focused
+    cfg = TrainConfig(zdim=2, mask=str(good), device="cpu").resolved(D, 64, data.apix_A)
+    tr = Trainer(cfg, src, None, tmp_path / "run3")
+    first = tr.schedule.hps_epochs + 1
+    assert not tr._masked_init(1) and not tr._masked_init(first - 1) and tr._masked_init(first)
     bad = write_mrc(tmp_path / "map.mrc", (5 * mask).numpy(), data.apix_A)
     cfg = TrainConfig(zdim=2, mask=str(bad), device="cpu", epochs=1).resolved(D, 64, data.apix_A)
     with pytest.raises(InputFileError, match=r"map\.mrc: mask values must lie in \[0, 1\]"):

@@ -118,6 +118,9 @@ class TrainConfig:
         "soft mask (MRC, values in [0, 1], the particles' box and pixel size): the latents "
         "describe the variability inside it (focused heterogeneity; needs --zdim)",
     )  # fmt: skip
+    # after a masked latent start z takes no gradient steps (measured: with steps z slowly
+    # learns the variation outside the mask, docs/train.md "Masks"); false: it does
+    mask_hold_latents: bool = True
     # point-group symmetry of the map (cryofield.physics.symmetry, RELION's axes): once
     # imposed, the global search covers one asymmetric unit, the field learns from every
     # image at its equivalent poses, the back-projected maps are symmetrised

@@ -210,10 +210,24 @@ class Trainer:
         return plan.z_frozen
 
     def _z_held(self, plan: StepPlan) -> bool:
-        """The latent table takes no steps: warm-up, or the epoch that starts from the
-        variability analysis (the field first learns to use the new codes)."""
-        return plan.z_frozen or (
-            self.latent_init_epoch > 0 and self.latent_init_epoch == self.epoch + 1
+        """The latent table takes no steps: warm-up, the epoch that starts from the
+        variability analysis (the field first learns to use the new codes), or any epoch
+        after a masked latent start (``mask_hold_latents``)."""
+        return (
+            plan.z_frozen
+            or (self.latent_init_epoch > 0 and self.latent_init_epoch == self.epoch + 1)
+            or (bool(self.cfg.mask) and self.cfg.mask_hold_latents
+                and self._masked_init(self.latent_init_epoch))
+        )  # fmt: skip
+
+    def _masked_init(self, epoch: int) -> bool:
+        """Whether a latent start at ``epoch`` uses ``cfg.mask``: once the poses have
+        settled (not in a search epoch, whose latents make the search's references and
+        must describe all the variability)."""
+        return (
+            self.mask is not None
+            and epoch > 0
+            and not self.schedule.phase_of_epoch(epoch).searches_poses
         )
 
     def _wants_latent_init(self, epoch: int) -> bool:
@@ -238,15 +252,16 @@ class Trainer:
         assert self.latents is not None and c.latent_init_radius_px is not None
         R, t = self.poses.all()
         method = self.schedule.latent_init_method(epoch)
+        mask = self.mask if self._masked_init(epoch) else None
         if method == "classes":
             k = c.latent_init_classes or default_n_classes(c.zdim)
             settings = ClassifySettings(n_classes=k, init_radius_px=c.latent_init_radius_px,
                                         init_zdim=c.zdim, seed=c.seed)  # fmt: skip
-            z = classification_latents(self.batches, R, t, c.zdim, settings, mask=self.mask)
+            z = classification_latents(self.batches, R, t, c.zdim, settings, mask=mask)
         else:
             z = variability_latents(self.batches, R, t, c.zdim, c.latent_init_radius_px,
                                     iters=c.latent_init_iters, seed=c.seed,
-                                    mask=self.mask)  # fmt: skip
+                                    mask=mask)  # fmt: skip
         self.latents.set(torch.arange(self.N, device=self.device), z)
         self.latent_init_epoch = self.epoch + 1
 
