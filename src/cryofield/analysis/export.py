@@ -7,6 +7,14 @@ learned poses, latents and cluster classes through :func:`cryofield.io.export.
 write_particles` (the one particle writer), and :func:`export_run` is ``export`` in one
 call. A run trained on the output of ``cryofield downsample`` is written as its ORIGINAL
 particles unless ``downsampled`` (see :mod:`cryofield.io.export`).
+
+Symmetry and mask: the selection carries the point group the epoch's poses assume
+(:func:`run_symmetry`) and the run's ``--mask`` (config.yaml ``mask``); the files record
+both (:mod:`cryofield.io.export`: ``# cryofield:`` lines of a .star, the sidecar
+``<name>.cs.cryofield.yaml`` of a .cs). A ``Dn`` run written to .cs has its poses in
+cryoSPARC's axes (2-fold on y, ``R Q^T``), so the map of a homogeneous run is written
+beside it rotated the same way, ``<name>_cryosparc_axes.mrc`` (or, with ``flip_hand``,
+the mirrored map ``<name>_flipped_hand.mrc`` in those axes).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cryofield.errors import CryofieldError
-from cryofield.inference.rundir import CONFIG_FILE, TABLE_FILE, RunDir
+from cryofield.inference.rundir import CONFIG_FILE, STATE_FILE, TABLE_FILE, RunDir
 from cryofield.io.atomic import refuse_overwrite
 
 if TYPE_CHECKING:
@@ -31,10 +39,14 @@ __all__ = [
     "check_output_suffix",
     "check_table",
     "cluster_labels",
+    "cryosparc_map_path",
     "export_run",
     "flipped_map_path",
     "index_file_path",
+    "output_paths",
     "read_run_indices",
+    "relion_to_cryosparc_volume",
+    "run_symmetry",
     "select_particles",
     "write_index_file",
     "write_selection",
@@ -195,6 +207,54 @@ class RunSelection:
     labels: np.ndarray | None
     #: files read to make the selection: no output may be written over them
     inputs: list[Path] = dataclasses.field(default_factory=list)
+    #: point group the poses assume, in RELION's axes (:func:`run_symmetry`)
+    symmetry: str = "C1"
+    #: the run's ``--mask`` (config.yaml ``mask``), None without one
+    mask: str | None = None
+
+
+def run_symmetry(run: RunDir, epoch: int, quiet: bool = False) -> str:
+    """The point group the poses of ``epoch`` assume (canonical, RELION's axes).
+
+    config.yaml ``symmetry``, except for an ab initio run whose epoch came before the
+    symmetry was imposed (the search runs in C1 and the map's axes are aligned to the
+    group's afterwards: ``state.pt`` ``symmetry_aligned`` false, docs/train.md): C1, with
+    a note (unless ``quiet``). Known poses (``poses_from_file``) and
+    ``symmetry_in_search`` have the symmetry from the start; an epoch without a readable
+    ``state.pt`` is taken to have it.
+    """
+    from cryofield.physics.symmetry import SymmetryError, canonical_symmetry
+
+    cfg = run.config()
+    try:
+        sym = canonical_symmetry(str(cfg.get("symmetry") or "C1"))
+    except SymmetryError as err:
+        raise CryofieldError(f"{run.path / CONFIG_FILE}: {err}") from None
+    if sym == "C1" or cfg.get("poses_from_file") or cfg.get("symmetry_in_search"):
+        return sym
+    if _symmetry_aligned(run.epoch_dir(epoch) / STATE_FILE) is False:
+        if not quiet:
+            print(
+                f"note: epoch {epoch} of {run.path} comes before symmetry {sym} was imposed "
+                "(the ab initio search runs in C1): its poses are exported as C1"
+            )
+        return "C1"
+    return sym
+
+
+def _symmetry_aligned(path: Path) -> bool | None:
+    """``symmetry_aligned`` of a ``state.pt`` (memory-mapped: the tensors are not read);
+    None when the file or the key is missing or unreadable."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # damaged or foreign: 'train --resume' says what is wrong with it
+        return None
+    value = st.get("symmetry_aligned") if isinstance(st, dict) else None
+    return None if value is None else bool(value)
 
 
 def select_particles(
@@ -267,8 +327,9 @@ def select_particles(
     if drop_junk:
         inputs.append(junk_path)
     inputs += [p for p in [run.volume_path(ep)] if p is not None]
+    mask = run.config().get("mask")
     return RunSelection(run, ep, table, poses, index, rows, None if km is None else km.labels,
-                        inputs)  # fmt: skip
+                        inputs, run_symmetry(run, ep), str(mask) if mask else None)  # fmt: skip
 
 
 def write_selection(
@@ -279,7 +340,10 @@ def write_selection(
     The particles are the run's input rows, or, when the run was trained on a star file
     written by ``cryofield downsample``, the ORIGINAL particles it links to (unless
     ``downsampled``); see :func:`cryofield.io.export.write_particles`. ``flip_hand``
-    mirrors the poses and writes the mirrored map (:func:`flipped_map_path`).
+    mirrors the poses and writes the mirrored map (:func:`flipped_map_path`). The file
+    records ``sel.symmetry`` and ``sel.mask``; a ``Dn`` selection written to .cs has its
+    poses in cryoSPARC's axes and its map is written in them too
+    (:func:`cryosparc_map_path`, or the mirrored map with ``flip_hand``).
     """
     from cryofield.io.export import write_particles
     from cryofield.io.star import has_original_link
@@ -292,18 +356,28 @@ def write_selection(
     else:  # training px -> input px through the box ratio
         scale = table.box_px / run.training_D()
         shift_kw = {"shifts_px": np.asarray(poses["shifts_px"], dtype=np.float64)[rows] * scale}
-    if flip_hand:
+    cryosparc = out.suffix.lower() == ".cs" and sel.symmetry[0] == "D"
+    if flip_hand:  # the mirror M G M of a Cn, Dn, O, I1, I2 group is the group itself
         from cryofield.physics.handedness import flip_hand_poses
 
         rotations, _ = flip_hand_poses(rotations)
-        _write_flipped_map(run, sel.epoch, out)
+        if not _mirror_keeps_axes(sel.symmetry):
+            print(
+                f"warning: {out}: the mirror image (along z) of a {sel.symmetry} map does not "
+                f"have its symmetry axes where RELION's {sel.symmetry} has them: the mirrored "
+                f"poses are not in RELION's {sel.symmetry} axes, whatever the file records"
+            )
+        _write_flipped_map(run, sel.epoch, out, cryosparc=cryosparc)
+    elif cryosparc:
+        _write_cryosparc_map(run, sel.epoch, out)
     z = run.latents(sel.epoch)
     write_particles(
         out, table, indices=rows, rotations=rotations,
         latents=None if z is None else z[rows],
         classes=None if sel.labels is None else sel.labels[rows], downsampled=downsampled,
-        **shift_kw,
+        symmetry=sel.symmetry, mask=sel.mask, **shift_kw,
     )  # fmt: skip
+    _say_recorded(out, sel.symmetry, sel.mask)
     if has_original_link(table):
         if downsampled:
             print(f"note: {out}: the downsampled particles the run was trained on, as asked")
@@ -329,7 +403,7 @@ def export_run(
     """Library form of ``cryofield export``; returns ``(path, n_written, epoch)``."""
     out = check_output_suffix(out)
     sel = select_particles(outdir, epoch, ind, clusters, n_clusters)
-    refuse_overwrite([out, flipped_map_path(out)], sel.inputs)
+    refuse_overwrite(output_paths(out), sel.inputs)
     write_selection(sel, out, flip_hand=flip_hand, downsampled=downsampled)
     return out, int(sel.rows.size), sel.epoch
 
@@ -356,7 +430,81 @@ def flipped_map_path(out: str | Path) -> Path:
     return out.with_name(out.stem + "_flipped_hand.mrc")
 
 
-def _write_flipped_map(run: RunDir, epoch: int, out: Path) -> None:
+def cryosparc_map_path(out: str | Path) -> Path:
+    """Where the map of a ``Dn`` run exported to .cs goes, in cryoSPARC's axes:
+    ``<out stem>_cryosparc_axes.mrc``."""
+    out = Path(out)
+    return out.with_name(out.stem + "_cryosparc_axes.mrc")
+
+
+def output_paths(out: str | Path) -> list[Path]:
+    """Every file writing ``out`` may create (for :func:`refuse_overwrite`): ``out``, the
+    maps of :func:`flipped_map_path` and :func:`cryosparc_map_path`, the .cs sidecar."""
+    from cryofield.io.export import sidecar_path
+
+    out = Path(out)
+    paths = [out, flipped_map_path(out), cryosparc_map_path(out)]
+    return paths + ([sidecar_path(out)] if out.suffix.lower() == ".cs" else [])
+
+
+def relion_to_cryosparc_volume(vol: np.ndarray) -> np.ndarray:
+    """A map in RELION's ``Dn`` axes turned into cryoSPARC's: ``V_cs(p) = V(Q^T p)``.
+
+    ``Q`` (:func:`cryofield.physics.symmetry.relion_to_cryosparc_dihedral`) is 90 deg
+    about z, so the map is permuted on its grid, exactly: ``Q^T (x, y, z) = (y, -x, z)``
+    gives ``V_cs[k, j, i] = V[k, (2c - i) mod D, j]`` with ``c = D // 2`` (the origin voxel
+    stays fixed; in an even box the first column wraps to the last, as in
+    :func:`cryofield.physics.handedness.flip_hand_volume`). The poses against it are
+    ``R Q^T``: they give the same images.
+
+    Parameters
+    ----------
+    vol
+        ``(D, D, D)`` map indexed ``[z, y, x]``.
+    """
+    vol = np.asarray(vol)
+    if vol.ndim != 3 or len(set(vol.shape)) != 1:
+        raise ValueError(f"relion_to_cryosparc_volume: expected a (D, D, D) map, got {vol.shape}")
+    D = vol.shape[-1]
+    m = (2 * (D // 2) - np.arange(D)) % D
+    return np.ascontiguousarray(np.swapaxes(vol[:, m, :], 1, 2))
+
+
+def _mirror_keeps_axes(symmetry: str) -> bool:
+    """Whether mirroring along z (``M G M``, ``M = diag(1, 1, -1)``) keeps the group's
+    axes: true for ``Cn``, ``Dn``, ``O``, ``I1``, ``I2``; not for RELION's ``T``, ``I3``,
+    ``I4``."""
+    import torch
+
+    from cryofield.physics.symmetry import symmetry_operators
+
+    G = symmetry_operators(symmetry, torch.float64)
+    M = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
+    dist = ((M @ G @ M)[:, None] - G[None]).abs().amax((-1, -2))
+    return bool((dist.min(1).values < 1e-6).all())
+
+
+def _say_recorded(out: Path, symmetry: str, mask: str | None) -> None:
+    """One line: where the file's symmetry and mask are recorded (nothing for C1, no mask)."""
+    from cryofield.io.export import cryosparc_axes, sidecar_path
+
+    if symmetry == "C1" and mask is None:
+        return
+    what = f"symmetry {symmetry}"
+    if out.suffix.lower() == ".cs":
+        if symmetry != "C1":
+            what += f" ({cryosparc_axes(symmetry)[1]} axes)"
+        where = f"in {sidecar_path(out)}"
+    else:
+        if symmetry != "C1":
+            what += " (RELION axes)"
+        where = f"in the '# cryofield:' lines at the top of {out}"
+    if mask is not None:
+        what += f" and mask {mask}"
+    print(f"recorded {what} {where}")
+
+
+def _write_flipped_map(run: RunDir, epoch: int, out: Path, cryosparc: bool = False) -> None:
     from cryofield.io.mrc import read_mrc, write_mrc
     from cryofield.physics.handedness import flip_hand_volume
 
@@ -365,9 +513,40 @@ def _write_flipped_map(run: RunDir, epoch: int, out: Path) -> None:
         print(
             "note: heterogeneous run: no single map to mirror; maps rendered from this run "
             "have the old hand (mirror them with cryofield.physics.handedness.flip_hand_volume)"
+            + (_CRYOSPARC_RENDER_NOTE if cryosparc else "")
         )
         return
     vol, info = read_mrc(src, mmap=False)
     dest = flipped_map_path(out)
-    write_mrc(dest, flip_hand_volume(np.asarray(vol, dtype=np.float32)), info.apix_A)
-    print(f"wrote the mirrored map of epoch {epoch} to {dest}")
+    mirrored = flip_hand_volume(np.asarray(vol, dtype=np.float32))
+    axes = ""
+    if cryosparc:
+        mirrored, axes = relion_to_cryosparc_volume(mirrored), " in cryoSPARC's axes"
+    write_mrc(dest, mirrored, info.apix_A)
+    print(f"wrote the mirrored map of epoch {epoch}{axes} to {dest}")
+
+
+#: what a heterogeneous Dn run exported to .cs says about the maps rendered from it
+_CRYOSPARC_RENDER_NOTE = (
+    " and RELION's axes (turn them into cryoSPARC's with "
+    "cryofield.analysis.export.relion_to_cryosparc_volume)"
+)
+
+
+def _write_cryosparc_map(run: RunDir, epoch: int, out: Path) -> None:
+    """The map of ``epoch`` in cryoSPARC's ``Dn`` axes, beside a .cs export."""
+    from cryofield.io.mrc import read_mrc, write_mrc
+
+    src = run.volume_path(epoch)
+    if src is None:
+        print(
+            f"note: {out}: poses in cryoSPARC's axes (2-fold on y); heterogeneous run: maps "
+            "rendered from it are in RELION's axes (2-fold on x): turn them with "
+            "cryofield.analysis.export.relion_to_cryosparc_volume before using them with "
+            "these poses"
+        )
+        return
+    vol, info = read_mrc(src, mmap=False)
+    dest = cryosparc_map_path(out)
+    write_mrc(dest, relion_to_cryosparc_volume(np.asarray(vol, dtype=np.float32)), info.apix_A)
+    print(f"wrote the map of epoch {epoch} in cryoSPARC's axes (2-fold on y) to {dest}")

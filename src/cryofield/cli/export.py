@@ -13,8 +13,11 @@ that 'cryofield analyze' saved go to rlnClassNumber (cluster + 1) / alignments3D
 --flip-hand mirrors the poses so that they reconstruct the mirror image of the map, and
 writes the mirrored map of the epoch (homogeneous runs) next to the output as
 <name>_flipped_hand.mrc. An unfinished run exports its last complete epoch and says so.
-A run trained with --symmetry says which point group its poses assume (RELION's axes:
-give the same --sym to RELION; see docs/train.md for cryoSPARC's dihedral axes).
+A run trained with --symmetry or --mask records them in the output: '# cryofield:'
+comment lines at the top of a .star (RELION's axes: give the same --sym to RELION), a
+sidecar <name>.cs.cryofield.yaml next to a .cs. A Dn run's .cs poses are rotated into
+cryoSPARC's axes (2-fold on y, not x) and its map is written beside them in those axes
+as <name>_cryosparc_axes.mrc (docs/export.md, 'Symmetry and mask').
 
 examples:
   cryofield export out/ -o out/refine_me.star
@@ -92,23 +95,36 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     hand = ", hand flipped" if args.flip_hand else ""
     print(f"wrote {n} particles (epoch {ep}{hand}) to {path}")
-    _symmetry_note(args.outdir, path)
+    _symmetry_note(args.outdir, path, epoch=ep)
     return 0
 
 
-def _symmetry_note(outdir: str, path: object) -> None:
-    """Say which point group the exported poses assume (config.yaml ``symmetry``)."""
+def _symmetry_note(outdir: str, path: object, epoch: int | None = None) -> None:
+    """Say which point group the exported poses assume (config.yaml ``symmetry``; with
+    ``epoch``, as :func:`cryofield.analysis.export.run_symmetry` finds it for that epoch)."""
     from cryofield.inference.rundir import RunDir
+    from cryofield.io.export import cryosparc_axes
     from cryofield.physics.symmetry import SymmetryError, canonical_symmetry
 
     try:
-        sym = canonical_symmetry(str(RunDir(outdir).config().get("symmetry") or "C1"))
+        if epoch is None:
+            sym = canonical_symmetry(str(RunDir(outdir).config().get("symmetry") or "C1"))
+        else:
+            from cryofield.analysis.export import run_symmetry
+
+            sym = run_symmetry(RunDir(outdir), epoch, quiet=True)
     except (SymmetryError, CryofieldError, OSError):
         return
     if sym == "C1":
         return
     extra = ""
-    if sym.startswith("D"):
+    if str(path).lower().endswith(".cs"):
+        Q, axes, note = cryosparc_axes(sym)
+        if Q is not None:
+            extra = " (poses rotated into cryoSPARC's axes: 2-fold on y)"
+        elif axes != "cryoSPARC":
+            extra = f" ({note})"
+    elif sym.startswith("D"):
         extra = (" (RELION's axes: 2-fold on x; cryoSPARC puts it on y, see docs/train.md, "
                  "'Symmetry')")  # fmt: skip
     print(f"note: {path}: the run imposed symmetry {sym}; each pose is one of the image's "

@@ -10,6 +10,9 @@ code as 'cryofield export'. A run trained on the output of 'cryofield downsample
 the ORIGINAL particles (their images, box, pixel size; shifts at their pixel size), or
 the downsampled ones with --write-downsampled. An index file (.npy, rows of the training
 input file) is written next to the first output as <name>_indices.npy.
+A run trained with --symmetry or --mask records them: '# cryofield:' comment lines at
+the top of a .star, a sidecar <name>.cs.cryofield.yaml next to a .cs (a Dn run's .cs
+poses, and the map written beside them, are in cryoSPARC's axes: 2-fold on y).
 
 --ksample must match the K of analyze (a different K is refused: cluster numbers would
 not match the report); without analyze output, --clusters needs --ksample K and
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         drop_junk=args.drop_junk,
     )  # fmt: skip
     ind_out = Path(args.ind_out) if args.ind_out else export.index_file_path(outs[0])
-    refuse_overwrite([*outs, ind_out], sel.inputs)
+    refuse_overwrite([*(f for o in outs for f in export.output_paths(o)), ind_out], sel.inputs)
     for o in outs:
         export.write_selection(sel, o, downsampled=args.write_downsampled)
         print(f"wrote {sel.rows.size} particles (epoch {sel.epoch}) to {o}")

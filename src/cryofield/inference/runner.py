@@ -270,6 +270,9 @@ def _finish(trainer: Trainer, table: Any) -> None:
     if trainer.latents is not None:
         kwargs["latents"] = trainer.latents.all().cpu().numpy()
     try:
-        write_particles(trainer.outdir / layout.PARTICLES_STAR, table, **kwargs)
+        write_particles(
+            trainer.outdir / layout.PARTICLES_STAR, table, **kwargs,
+            symmetry=trainer.active_symmetry, mask=trainer.cfg.mask,
+        )  # fmt: skip
     except CryofieldError as err:
         log.warning("particles.star not written: %s", err)

@@ -35,28 +35,136 @@ of a downsampled training box. A training run stores ``shifts_A`` (A) in
 ``epoch_NNN/poses.npz``; pass those as ``shifts_A=`` and they are divided by the pixel
 size of each written particle (the original's, when the link is followed).
 
+Symmetry and mask (``symmetry=``, ``mask=``: the run's ``--symmetry`` and ``--mask``,
+config.yaml ``symmetry`` / ``mask``). With a point group other than C1, or a mask, the
+export says so; with neither, nothing is added (the files are those of before):
+
+- .star: comment lines at the top, before the first ``data_`` block, which RELION (and
+  :mod:`cryofield.io.star`, ``starfile``) skip::
+
+      # cryofield: symmetry D7 (RELION axes)
+      # cryofield: mask /abs/path/mask.mrc
+
+  The poses are in RELION's axes (:mod:`cryofield.physics.symmetry`), each one of the
+  image's ``|G|`` equivalent poses: refine them with the same ``--sym``.
+- .cs (no room for comments): a sidecar ``<name>.cs.cryofield.yaml``
+  (:func:`sidecar_path`, written atomically after the .cs) with ``particles``,
+  ``symmetry``, ``axes``, ``note`` and ``mask``. cryoSPARC puts the 2-fold of ``Dn`` on y,
+  RELION on x: the ``Dn`` poses are written in cryoSPARC's axes, ``R_cs = R Q^T`` with
+  ``Q`` = 90 deg about z (:func:`cryofield.physics.symmetry.relion_to_cryosparc_dihedral`;
+  the images are unchanged, the map they imply is ``V_cs(x) = V(Q^T x)``, whose group
+  ``Q G Q^T`` has its 2-folds where cryoSPARC's ``Dn`` has them). ``Cn``, ``O``, ``I1``,
+  ``I2`` have the same axes in both programs (``axes: cryoSPARC``, unchanged poses);
+  ``T``, ``I3``, ``I4`` keep RELION's axes (``axes: RELION``) with a warning in ``note``
+  (:func:`cryosparc_axes`). A .cs written without symmetry and mask removes a sidecar
+  left from an earlier export to the same name.
+
+  Carried columns follow their program: the RELION columns carried into a .cs
+  (``rlnAngleRot`` ...) stay in RELION's axes, the cryoSPARC fields carried into a .star
+  (``_alignments3D/pose.0`` ...) are in cryoSPARC's axes.
+
+:func:`read_export_info` reads both back.
+
 Outputs are written atomically (temporary file + rename) by the io writers.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
-from cryofield.errors import CryofieldError
+from cryofield.errors import CryofieldError, InputFileError
+from cryofield.io.atomic import atomic_path, write_text_atomic
 from cryofield.io.cryosparc import read_cs, write_cs
 from cryofield.io.metadata import ParticleTable
 from cryofield.io.poses import internal_to_cryosparc, internal_to_relion
 from cryofield.io.star import original_table, write_star
 
-__all__ = ["latent_column_names", "latent_field_names", "write_particles"]
+__all__ = [
+    "ExportInfo",
+    "cryosparc_axes",
+    "latent_column_names",
+    "latent_field_names",
+    "read_export_info",
+    "sidecar_path",
+    "write_particles",
+]
 
 FORMATS = {".star": "star", ".cs": "cs"}
+
+#: start of the comment lines of a .star export that name its symmetry and mask
+HEADER_PREFIX = "# cryofield: "
+#: the sidecar of a .cs export is ``<name>.cs`` + this
+SIDECAR_SUFFIX = ".cryofield.yaml"
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What an export records about its poses (:func:`read_export_info`).
+
+    ``symmetry``: canonical point group (``C1``: none); ``axes``: ``"RELION"`` or
+    ``"cryoSPARC"``, the orientation of the group's axes the poses are written in (None
+    for C1); ``mask``: the ``--mask`` of the run (None: none); ``note``: the sidecar's
+    explanation (None for .star files).
+    """
+
+    symmetry: str
+    axes: str | None
+    mask: str | None
+    note: str | None = None
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    """The sidecar of a .cs export: ``<name>.cs.cryofield.yaml`` next to it."""
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def cryosparc_axes(symmetry: str) -> tuple[np.ndarray | None, str, str]:
+    """How the poses of a run with point group ``symmetry`` go into a .cs file.
+
+    Returns ``(Q, axes, note)``: ``Q`` the rotation applied (``R_cs = R Q^T``; None: the
+    poses are written as they are), ``axes`` the orientation they are then in
+    (``"cryoSPARC"`` or ``"RELION"``) and a one-line note for the sidecar.
+
+    cryoSPARC's axes (module docstring of :mod:`cryofield.physics.symmetry`; Scipion's
+    conventions, ``pwem.constants``: cryoSPARC's ``Dn`` is "Dyn", 2-fold on y; its ``T``
+    is "T222", 2-folds on x, y, z, where RELION's ``T`` has a 3-fold on z; its ``I1`` /
+    ``I2`` are RELION's ``I1`` / ``I2``, cryoSPARC's generators in cryoem-uoft/
+    cryosparc-issues #127, checked in tests/io/test_export_symmetry.py): ``Dn`` is rotated
+    by ``Q`` = 90 deg about z; ``Cn``, ``O``, ``I1``, ``I2`` need nothing; ``T``, ``I3`` and
+    ``I4`` are left in RELION's axes with a warning.
+    """
+    from cryofield.physics.symmetry import canonical_symmetry, relion_to_cryosparc_dihedral
+
+    sym = canonical_symmetry(symmetry)
+    if sym[0] == "D":
+        Q = relion_to_cryosparc_dihedral().numpy()
+        return Q, "cryoSPARC", (
+            f"poses rotated from the RELION {sym} axes (2-fold on x) into the cryoSPARC "
+            f"ones (2-fold on y): R_cs = R Q^T, Q = 90 deg about z; refine with symmetry {sym}"
+        )  # fmt: skip
+    if sym[0] == "C" or sym in ("O", "I1", "I2"):
+        return None, "cryoSPARC", (
+            f"{sym} has the same axes in RELION and cryoSPARC: poses as found; refine with "
+            f"symmetry {sym}"
+        )  # fmt: skip
+    if sym == "T":
+        why = ("T of RELION has a 3-fold on z, T of cryoSPARC is taken to have its 2-folds "
+               "on x, y, z (Scipion: T222)")  # fmt: skip
+    else:
+        why = f"cryoSPARC has no {sym} (only I1 and I2)"
+    return None, "RELION", (
+        f"WARNING: poses left in the RELION {sym} axes: {why}; symmetry imposed by cryoSPARC "
+        f"would not match them: refine in RELION with --sym {sym}, or in cryoSPARC in C1"
+    )  # fmt: skip
 
 
 def latent_column_names(zdim: int) -> list[str]:
@@ -82,6 +190,8 @@ def write_particles(
     *,
     shifts_A: np.ndarray | None = None,
     downsampled: bool = False,
+    symmetry: str | None = None,
+    mask: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write rows of ``table`` to ``path`` (.star or .cs) with optional poses/latents/classes.
 
@@ -109,6 +219,12 @@ def write_particles(
     downsampled
         For a table made by ``cryofield downsample``: write the downsampled particles
         themselves instead of the original ones they link to.
+    symmetry
+        Point group the ``rotations`` assume, in RELION's axes (the run's ``--symmetry``;
+        None: C1). Recorded in the export; a ``Dn`` .cs gets its poses in cryoSPARC's axes
+        (module docstring, :func:`cryosparc_axes`).
+    mask
+        The run's ``--mask`` (a path), recorded in the export.
 
     Returns
     -------
@@ -121,12 +237,20 @@ def write_particles(
         Unknown output extension, an empty selection, or (downsampled tables) a missing
         original stack.
     ValueError
-        Arrays whose lengths do not match the selection, or negative / non-integer classes.
+        Arrays whose lengths do not match the selection, negative / non-integer classes,
+        an unknown symmetry, or a ``Dn`` symmetry for a .cs without ``rotations``.
     """
+    from cryofield.physics.symmetry import canonical_symmetry
+
     path = Path(path)
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise CryofieldError(f"{path}: output must end in .star or .cs, not '{path.suffix}'")
+    sym = canonical_symmetry(symmetry or "C1")  # SymmetryError is a ValueError
+    mask = None if mask is None or str(mask) == "" else str(mask)
+    if fmt == "cs" and sym[0] == "D" and rotations is None:
+        raise ValueError(f"symmetry {sym}: a .cs needs the poses (rotations=) to write them "
+                         "in cryoSPARC's axes")  # fmt: skip
     idx = np.arange(len(table)) if indices is None else np.asarray(indices, dtype=np.int64)
     sub = table.subset(idx.reshape(-1))
     n = len(sub)
@@ -154,9 +278,108 @@ def write_particles(
     if classes is not None:
         classes = _classes(classes, n)
 
+    cs_rotations = None if rotations is None else _cryosparc_rotations(rotations, sym)
     if fmt == "star":
-        return _write_star(path, sub, rotations, shifts_px, latents, classes)
-    return _write_cs(path, sub, rotations, shifts_px, latents, classes)
+        header = _header_lines(sym, mask)
+        carries_cs = sub.source_format == "cs" and isinstance(sub.raw, np.ndarray)
+        if sym[0] == "D" and rotations is not None and carries_cs:
+            header.append(f"{HEADER_PREFIX}carried cryoSPARC fields (_alignments3D/*) in "
+                          f"cryoSPARC's {sym} axes (2-fold on y)")  # fmt: skip
+        return _write_star(path, sub, rotations, shifts_px, latents, classes, header,
+                           cs_rotations)  # fmt: skip
+    _write_cs(path, sub, cs_rotations, shifts_px, latents, classes, rotations)
+    _write_sidecar(path, sym, mask)
+    return path
+
+
+# ----------------------------------------------------------------------------- symmetry
+def _cryosparc_rotations(rotations: np.ndarray, sym: str) -> np.ndarray:
+    """Poses in the axes a .cs gets for point group ``sym`` (``R Q^T`` for ``Dn``)."""
+    Q, _, _ = cryosparc_axes(sym)
+    return rotations if Q is None else rotations @ Q.T
+
+
+def _quote(text: str) -> str:
+    """A path on one comment line: as it is, or JSON-quoted when it would not survive."""
+    if text != text.strip() or any(c in text for c in '\r\n"') or not text:
+        return json.dumps(text)
+    return text
+
+
+def _unquote(text: str) -> str:
+    return json.loads(text) if text.startswith('"') else text
+
+
+def _header_lines(sym: str, mask: str | None) -> list[str]:
+    """The ``# cryofield:`` lines of a .star (none for C1 without a mask)."""
+    if sym == "C1" and mask is None:
+        return []
+    lines = [f"symmetry {sym}" + (" (RELION axes)" if sym != "C1" else "")]
+    if mask is not None:
+        lines.append(f"mask {_quote(mask)}")
+    return [HEADER_PREFIX + line for line in lines]
+
+
+def _write_sidecar(path: Path, sym: str, mask: str | None) -> None:
+    """``<name>.cs.cryofield.yaml`` (removed when there is nothing to record)."""
+    side = sidecar_path(path)
+    if sym == "C1" and mask is None:
+        side.unlink(missing_ok=True)  # an earlier export's: it would describe this file
+        return
+    info: dict[str, object] = {"particles": path.name, "symmetry": sym}
+    if sym != "C1":
+        _, axes, note = cryosparc_axes(sym)
+        info.update(axes=axes, note=note)
+    info["mask"] = mask
+    text = (
+        f"# cryofield: the point group and mask of the poses in {path.name} (a .cs file has "
+        "no room for them)\n" + yaml.safe_dump(info, sort_keys=False, width=1000)
+    )
+    write_text_atomic(side, text)
+
+
+def read_export_info(path: str | os.PathLike[str]) -> ExportInfo | None:
+    """Symmetry and mask recorded by :func:`write_particles` in a .star (its ``#
+    cryofield:`` lines) or next to a .cs (its sidecar); None when the export has none (C1,
+    no mask, or a file not written by cryofield).
+
+    Raises
+    ------
+    InputFileError
+        A sidecar that is not the YAML mapping :func:`write_particles` writes.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".cs":
+        side = sidecar_path(path)
+        if not side.is_file():
+            return None
+        try:
+            info = yaml.safe_load(side.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise InputFileError(side, f"not valid YAML ({err})") from None
+        if not isinstance(info, dict) or "symmetry" not in info:
+            raise InputFileError(side, "not a cryofield export sidecar (no 'symmetry')")
+        mask = info.get("mask")
+        return ExportInfo(str(info["symmetry"]), info.get("axes"),
+                          None if mask is None else str(mask), info.get("note"))  # fmt: skip
+    sym, axes, mask = None, None, None
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if not line.startswith("#"):
+                if line.strip():
+                    break  # the header ends at the first data_ (or other) line
+                continue
+            if not line.startswith(HEADER_PREFIX):
+                continue
+            key, _, value = line[len(HEADER_PREFIX) :].rstrip("\r\n").partition(" ")
+            if key == "symmetry":
+                sym, _, rest = value.partition(" ")
+                axes = rest.strip("()").removesuffix(" axes") or None
+            elif key == "mask":
+                mask = _unquote(value)
+    if sym is None and mask is None:
+        return None
+    return ExportInfo(sym or "C1", axes, mask)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -232,22 +455,30 @@ def _write_star(
     shifts_px: np.ndarray | None,
     latents: np.ndarray | None,
     classes: np.ndarray | None,
+    header: list[str],
+    cs_rotations: np.ndarray | None,
 ) -> Path:
+    """``cs_rotations``: the poses in cryoSPARC's axes, for carried cryoSPARC fields."""
     extra: dict[str, list[object] | np.ndarray] = {}
     stacks = _stack_names(sub, path.parent, _original_stack_names(sub.raw))
     image_names = [f"{i + 1:06d}@{s}" for i, s in zip(sub.image_index, stacks, strict=True)]
     if sub.source_format == "cs" and isinstance(sub.raw, np.ndarray):
         carried = _cs_fields_as_columns(sub.raw)
-        _update_carried_cs(carried, sub, rotations, shifts_px, classes)
+        _update_carried_cs(carried, sub, cs_rotations, shifts_px, classes)
         extra.update(carried)
     if latents is not None:
         extra.update(dict(zip(latent_column_names(latents.shape[1]), latents.T, strict=True)))
     if classes is not None:
         extra["rlnClassNumber"] = classes + 1
-    return write_star(
-        path, sub, rotations=rotations, shifts_px=shifts_px, extra_columns=extra,
-        image_names=image_names,
-    )  # fmt: skip
+    kwargs = dict(rotations=rotations, shifts_px=shifts_px, extra_columns=extra,
+                  image_names=image_names)  # fmt: skip
+    if not header:
+        return write_star(path, sub, **kwargs)
+    with atomic_path(path) as tmp:  # the header lines go first, in the same atomic write
+        write_star(tmp, sub, **kwargs)
+        head = "".join(line + "\n" for line in header).encode("utf-8", "surrogateescape")
+        tmp.write_bytes(head + tmp.read_bytes())  # starfile's bytes as they are
+    return path
 
 
 def _cs_fields_as_columns(arr: np.ndarray) -> dict[str, list[object] | np.ndarray]:
@@ -300,20 +531,23 @@ def _write_cs(
     shifts_px: np.ndarray | None,
     latents: np.ndarray | None,
     classes: np.ndarray | None,
+    relion_rotations: np.ndarray | None,
 ) -> Path:
+    """``rotations`` in the .cs's axes; ``relion_rotations`` in RELION's, for carried
+    RELION columns (the same poses unless the symmetry is ``Dn``)."""
     if sub.source_format == "cs" and isinstance(sub.raw, np.ndarray):
         arr = sub.raw
     else:
         arr = _base_cs_array(path, sub)
         if rotations is None and sub.rotations is not None:
-            rotations = sub.rotations
+            rotations = relion_rotations = sub.rotations
             shifts_px = sub.shifts_px if sub.shifts_px is not None else np.zeros((len(sub), 2))
     new: dict[str, np.ndarray] = {}
     stacks = _stack_names(sub, path.parent, _original_stack_names(sub.raw))
     new["blob/path"] = np.array([s.encode("utf-8") for s in stacks])
     if isinstance(sub.raw, pd.DataFrame):
         carried = _star_columns_as_fields(sub)
-        _update_carried_star(carried, sub, rotations, shifts_px, classes)
+        _update_carried_star(carried, sub, relion_rotations, shifts_px, classes)
         new.update(carried)
     if latents is not None:
         new.update(
