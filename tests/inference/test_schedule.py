@@ -46,7 +46,11 @@ def test_default_phase_plan_has_every_phase_at_any_n(n, zdim):
     assert s.hps_epochs >= 2  # every image is searched at least twice
     if zdim == 0:
         assert phases.count("refine") == 1 and phases[-1] == "field"
-        assert phases.count("field") * n >= 10_000
+        # one field epoch: the field is regressed onto the back-projection of all images
+        assert phases.count("field") == 1 and cfg.field_fit == "backprojection"
+        images = TrainConfig(zdim=0, field_fit="images").resolved(64, n_images=n, apix_A=5.0)
+        assert Schedule(images, n).phase_of_epoch(images.epochs) == "field"
+        assert (images.epochs - cfg.epochs + 1) * n >= 10_000
     else:
         assert "sgd" in phases and phases[-1] == "local" and phases[-2] == "hps"
     # images seen stay bounded: at most ~2N + the fixed minimum of search per run

@@ -26,6 +26,8 @@ LATENT_INITS = ("classes", "pca", "random")
 #: maps at its kept poses, or against every map on the whole grid
 #: (:func:`cryofield.inference.pose_search.search_poses`, ``hint``)
 HET_SEARCHES = ("assigned", "exhaustive")
+#: how homogeneous runs train the field at fixed poses (inference/field_fit.py)
+FIELD_FITS = ("backprojection", "images")
 
 
 def _flag(default: Any, flag: str, text: str, **extra: Any) -> Any:
@@ -58,8 +60,10 @@ class TrainConfig:
       (heterogeneous ``max(72000, 2 N)``; whole epochs), then (homogeneous) one epoch of
       gold-standard refinement against back-projected half maps
       (:mod:`cryofield.inference.refine`, at most ``refine_iters`` iterations, stopping
-      when the half-map resolution stops improving) and ``field_images = max(10000, N)``
-      images of field training at the refined poses; (heterogeneous) ``sgd_epochs``
+      when the half-map resolution stops improving) and one field epoch at the refined
+      poses: the field regressed onto their back-projected map (``field_fit:
+      backprojection``; ``images``: ``field_images = max(10000, N)`` images of image-by-
+      image training instead); (heterogeneous) ``sgd_epochs``
       gradient epochs, ``research_epochs`` search-again epochs and
       ``local_refine_epochs`` local epochs. ``epochs`` is the sum.
 
@@ -87,6 +91,14 @@ class TrainConfig:
     field_images: int | None = _flag(
         None, "--field-images", "images of field training after refinement"
     )
+    # homogeneous runs at fixed poses (after the refinement, or known poses): the field is
+    # regressed onto the back-projected map of all images ("backprojection": every step
+    # sees the whole data set; inference/field_fit.py, measured in docs/train.md) or
+    # trained image by image on field_images images ("images")
+    field_fit: str = "backprojection"
+    field_fit_steps: int | None = None  # None: clip(200 voxels-in-ball / points, 400, 4000)
+    field_fit_points: int = 16384
+    lr_field_fit: float = 5e-3
     sgd_epochs: int = 1
     batch_size: int | None = _flag(None, "-b", "images per batch (default 32 on CPU, 64 on CUDA)")
     lr_field: float = _flag(2e-3, "--lr-field", "field learning rate")
@@ -336,6 +348,8 @@ class TrainConfig:
             return
         hps = 0 if self.poses_from_file else max(1, math.ceil(self.hps_images / n))
         field_epochs = max(1, math.ceil(self.field_images / n))
+        if self.zdim == 0 and self.field_fit == "backprojection":
+            field_epochs = 1  # every step of the fit sees the whole data set
         if self.zdim == 0:
             refine = 1 if (self.refine_poses is not False) and self.refine_iters > 0 else 0
             self.epochs = hps + refine + field_epochs
@@ -367,6 +381,9 @@ class TrainConfig:
             (self.contrast in CONTRASTS, f"contrast must be one of {CONTRASTS}: {self.contrast}"),
             (self.search_levels >= 0 and self.n_keep >= 1, "search levels >= 0, n_keep >= 1"),
             (self.latent_init in LATENT_INITS, f"latent_init must be one of {LATENT_INITS}"),
+            (self.field_fit in FIELD_FITS, f"field_fit must be one of {FIELD_FITS}"),
+            (self.field_fit_points >= 1 and (self.field_fit_steps or 1) >= 1
+             and self.lr_field_fit > 0, "field_fit_points/steps must be >= 1, lr > 0"),
             (self.het_search in HET_SEARCHES, f"het_search must be one of {HET_SEARCHES}"),
             (self.het_search_groups >= 1 and self.het_search_refresh >= 1,
              "het_search_groups and het_search_refresh must be >= 1"),

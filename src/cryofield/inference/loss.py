@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from cryofield.inference.pose_search import centre_images
+from cryofield.inference.pose_search import centre_images, slice_grid
 from cryofield.model.field import HartleyField
 
 #: training has diverged when the loss (median of the last few batches) exceeds this
@@ -61,10 +61,41 @@ def slice_loss(
         ``(B,)`` mean squared error per image.
     """
     coords = torch.einsum("mi,bij->bmj", freqs, rotations[:, :2, :])  # (B, M, 3)
-    pred = field(coords, z).float() * ctf
+    return _image_loss(field(coords, z).float(), images_ft, ctf, freqs, shifts_px)
+
+
+def grid_loss(
+    grid: torch.Tensor,
+    D_grid: int,
+    rotations: torch.Tensor,
+    shifts_px: torch.Tensor,
+    images_ft: torch.Tensor,
+    ctf: torch.Tensor,
+    freqs: torch.Tensor,
+) -> torch.Tensor:
+    """Per-image loss of :func:`slice_loss` with the field's slices read from a voxel grid.
+
+    ``grid``: ``(Dc, Dc, Dc)`` centred Hartley grid of a homogeneous field
+    (:meth:`HartleyField.grid_ht`, e.g. ``oversample=2``), voxel spacing ``1 / D_grid``
+    cycles/px; slices are trilinear (:func:`~cryofield.inference.pose_search.slice_grid`),
+    one grid evaluation for any number of images. Other arguments and the result as
+    :func:`slice_loss`.
+    """
+    pred = slice_grid(grid, D_grid, rotations[:, None], freqs)[:, 0]
+    return _image_loss(pred.float(), images_ft, ctf, freqs, shifts_px)
+
+
+def _image_loss(
+    pred: torch.Tensor,
+    images_ft: torch.Tensor,
+    ctf: torch.Tensor,
+    freqs: torch.Tensor,
+    shifts_px: torch.Tensor,
+) -> torch.Tensor:
+    """``(B,)`` mean of ``(H(X centred) - C pred)^2``: ``pred`` ``(B, M)`` Hartley values."""
     xc = centre_images(images_ft, freqs, shifts_px[:, None, :])[:, 0]
     obs = xc.real - xc.imag
-    return ((obs - pred) ** 2).mean(-1)
+    return ((obs - pred * ctf) ** 2).mean(-1)
 
 
 def image_power(images_ft: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from cryofield.inference import rundir as layout
 from cryofield.inference.config import TrainConfig
 from cryofield.inference.data import Batch, BatchMaker, ImageSource
 from cryofield.inference.epoch_metrics import epoch_checks
-from cryofield.inference.loss import check_loss, image_power, slice_loss
+from cryofield.inference.loss import check_loss, grid_loss, image_power, slice_loss
 from cryofield.inference.pose_search import FrequencyPoints, local_refine_poses, search_poses
 from cryofield.inference.references import ReferenceMaps, kmeans_groups, search_settings
 from cryofield.inference.schedule import Phase, Schedule, StepPlan
@@ -289,16 +289,21 @@ class Trainer:
 
     @torch.no_grad()
     def align_symmetry(self) -> None:
-        """Put the map's symmetry axes where ``cfg.symmetry`` has them (RELION's axes) and
-        impose the symmetry from now on. The images (at most ``DIAG_MAX_IMAGES``) are
-        back-projected at their poses without symmetry; :func:`~cryofield.physics.symmetry.
-        symmetry_alignment` finds ``A`` with ``V(A x)`` symmetric; every pose becomes
-        ``R A`` and the field ``V(A x)`` (:meth:`HartleyField.set_frame`), so images, poses
-        and field agree as before (RELION 4 runs its initial model in C1 and aligns the
-        symmetry axes afterwards the same way)."""
+        """Put the map's symmetry axes where ``cfg.symmetry`` has them (RELION's axes),
+        through the box centre, and impose the symmetry from now on. The images (at most
+        ``DIAG_MAX_IMAGES``) are back-projected at their poses without symmetry;
+        :func:`~cryofield.physics.symmetry.symmetry_frame` finds ``A`` and the symmetry
+        centre ``c`` with ``V(A x + c)`` symmetric (a C1 search centres the particle only up
+        to the mean shift, so ``c`` is often a pixel or two off the box centre); every pose
+        becomes ``(R A, t + (R c)_xy)`` (:func:`~cryofield.physics.symmetry.
+        apply_symmetry_frame`) and the field ``V(A x)`` (:meth:`HartleyField.set_frame`; it
+        cannot be translated: the field is off the new centre by ``A^T c`` until it is
+        fitted again, at once in homogeneous runs, whose next epochs rebuild the map from
+        the images) (RELION 4 runs its initial model in C1 and aligns the symmetry axes
+        afterwards the same way, the centre of mass moved to the box centre first)."""
         from cryofield.inference.epoch_metrics import DIAG_MAX_IMAGES
         from cryofield.inference.refine import backproject_halves_batched
-        from cryofield.physics.symmetry import symmetry_alignment
+        from cryofield.physics.symmetry import apply_symmetry_frame, symmetry_frame
 
         c = self.cfg
         self._symmetry_aligned = True
@@ -311,14 +316,15 @@ class Trainer:
         h1, h2 = backproject_halves_batched(self.batches, R[rows], t[rows], rows=rows)
         # the map to the search's last radius (box 2 r; at most 32 px: the axes need no more)
         box = min(self.D, 32, max(16, 2 * round(float(c.radius_search_px or self.D / 4))))
-        A, score = symmetry_alignment((h1 + h2).cpu(), ops, max_D=box)
-        A = A.to(self.device, torch.float32)
-        self.poses.set(torch.arange(self.N, device=self.device), R @ A, t)
-        self.field.set_frame(A)
+        frame = symmetry_frame((h1 + h2).cpu(), ops, max_D=box)
+        R_new, t_new = apply_symmetry_frame(R, t, frame)
+        self.poses.set(torch.arange(self.N, device=self.device), R_new, t_new)
+        self.field.set_frame(frame.rotation.to(self.device, torch.float32))
         self._sym_ops = None
         log.info("symmetry %s imposed from here: the map's axes aligned to RELION's (mean "
-                 "correlation with its symmetry mates %.3f); poses and field rotated",
-                 c.symmetry, score)  # fmt: skip
+                 "correlation with its symmetry mates %.3f), its symmetry centre (%.2f, %.2f, "
+                 "%.2f) px moved to the box centre; poses, shifts and field rotated",
+                 c.symmetry, frame.score, *frame.centre_px.tolist())  # fmt: skip
 
     def _equivalent_pose(self, R: torch.Tensor) -> torch.Tensor:
         """``R g`` with ``g`` drawn per image from the point group in force
@@ -563,6 +569,8 @@ class Trainer:
         R_before, t_before = (x.detach().clone() for x in self.poses.all())
         if phase.refines_half_maps:
             return self._refine_epoch(epoch, t0, R_before, t_before)
+        if self._fits_field_to_map(phase):
+            return self._field_fit_epoch(epoch, t0, R_before, t_before)
         if self._wants_latent_init(epoch):
             self._init_latents(epoch)
             if self.latents is not None:  # every rank computed it; rank 0's is kept
@@ -653,6 +661,83 @@ class Trainer:
             refine=res.history,
             **epoch_checks(c, self.batches, self.poses, self.latents, R0, tr0),
         )  # fmt: skip
+
+    def _fits_field_to_map(self, phase: Phase) -> bool:
+        """Whether an epoch of ``phase`` regresses the field onto the back-projected map
+        (homogeneous field epochs with ``field_fit: backprojection``) instead of training
+        it image by image."""
+        return (
+            self.cfg.zdim == 0
+            and self.cfg.field_fit == "backprojection"
+            and phase in (Phase.FIELD, Phase.FIXED)
+        )
+
+    def _field_fit_epoch(
+        self, epoch: int, t0: float, R0: torch.Tensor, tr0: torch.Tensor
+    ) -> dict[str, Any]:
+        """The field regressed onto the back-projection of all training images at the
+        current poses (:mod:`cryofield.inference.field_fit`), then one pass over the images
+        for their residuals against the fitted field (the junk score's input). Every rank
+        computes the same (rank 0's field is kept)."""
+        from cryofield.inference.consensus import backproject_sets
+        from cryofield.inference.field_fit import FitSettings, fit_field_to_map
+        from cryofield.inference.refine import TrainingImages
+
+        c, b = self.cfg, self.batches
+        R, t = (x.detach() for x in self.poses.all())
+        ops = symmetry_operators(self.active_symmetry, device=self.device)
+        (bp,) = backproject_sets(
+            TrainingImages(b), R, t, b.ctf_params, b.apix_A, n_sets=1,
+            progress="back-projection", symmetry=ops if ops.shape[0] > 1 else None,
+        )  # fmt: skip
+        t_bp = time.perf_counter() - t0
+        settings = FitSettings(c.field_fit_steps, c.field_fit_points, c.lr_field_fit,
+                               c.seed * 1_000_003 + epoch)  # fmt: skip
+        label = f"epoch {epoch}/{c.epochs} [field fit]"
+        fit = fit_field_to_map(
+            self.field, bp.volume().to(self.device), c.radius_max_px, settings, progress=label,
+            from_scratch=self.images_seen == 0,
+        )  # fmt: skip
+        self.images_seen += self.N  # every step saw the whole data set
+        for p in self.field.parameters():
+            dist.broadcast_(p.data)
+        log.info(
+            "field fitted to the back-projected map of the %d images at their poses: %d steps "
+            "of %d voxels, relative residual %.3g -> %.3g",
+            self.N, fit["steps"], fit["points"], fit["rel_residual_start"],
+            fit["rel_residual_end"],
+        )  # fmt: skip
+        loss = self._score_images(epoch)
+        dt = time.perf_counter() - t0
+        return dict(
+            epoch=epoch, phase=self.schedule.phase_of_epoch(epoch).value, loss=loss,
+            radius_px=float(c.radius_max_px), images_s=self.N / dt, time_s=dt,
+            field_fit=dict(fit, backprojection_s=t_bp),
+            **epoch_checks(dataclasses.replace(c, symmetry=self.active_symmetry),
+                           self.batches, self.poses, self.latents, R0, tr0),
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def _score_images(self, epoch: int) -> float:
+        """Per-image loss of every image against the field at its pose (``residuals.npz``,
+        the junk score's input), without steps, the slices read from one voxel grid of the
+        field (:func:`~cryofield.inference.loss.grid_loss`); returns the mean."""
+        r = self.cfg.radius_max_px
+        n = self._points_host.count(r)
+        grid, _ = self.field.grid_ht(r, None, oversample=2)
+        order = [np.arange(s, min(s + 256, self.N)) for s in range(0, self.N, 256)]
+        total = 0.0
+        for batch in self.batches.iter_batches(order, self.prefetch):
+            ti, xft, ctf = batch.index, batch.images_ft, batch.ctf
+            R, t = self.poses(ti)
+            per_img = grid_loss(grid, 2 * self.D, R, t, xft[:, :n], ctf[:, :n],
+                                self.points.freqs[:n])  # fmt: skip
+            self._residual[ti] = per_img.float()
+            self._power[ti] = image_power(xft[:, :n])
+            total += float(per_img.float().sum())
+        if not math.isfinite(total):
+            raise FloatingPointError(f"non-finite residuals after the field fit (epoch {epoch})")
+        return total / self.N
 
     def fit(self) -> Path:
         """Train from the current state up to ``cfg.epochs``; returns the output folder."""
