@@ -105,8 +105,9 @@ def test_resume_gives_the_same_tables_as_an_uninterrupted_run(tmp_path, one_thre
 def test_divergence_rolls_back_and_halves_learning_rates(tmp_path, one_thread, caplog):
     D, N = 16, 32
     data = make_dataset([blob_volume(D, 4)], N, snr=None, seed=4)
-    tr = _trainer(data, tmp_path, epochs=1, poses_from_file=True, hidden=16, n_freqs=4,
-                  field_fit="images")  # the image-by-image steps roll back
+    tr = _trainer(
+        data, tmp_path, epochs=1, poses_from_file=True, hidden=16, n_freqs=4, field_fit="images"
+    )  # the image-by-image steps roll back
     calls = {"n": 0}
     orig = tr._step
 
