@@ -73,16 +73,16 @@ def test_field_learns_the_symmetric_map_from_views_of_one_asymmetric_unit(tmp_pa
     scores = {}
     for sym in ("C1", "O"):
         cfg = TrainConfig(outdir=str(tmp_path / sym), hidden=64, n_freqs=32, batch_size=8,
-                          epochs=10, poses_from_file=True, refine_poses=False, symmetry=sym,
+                          epochs=1, poses_from_file=True, refine_poses=False, symmetry=sym,
                           deterministic=True).resolved(D)  # fmt: skip
         tr = Trainer(cfg, ArraySource(images, data.apix_A), ctf, tmp_path / sym, (R, t))
         tr.fit()
         with torch.no_grad():
             rec = tr.field.render_volume().cpu()
-        scores[sym] = fsc(rec, vol)[1:4]  # the shells a short run learns (test_trainer.py)
-    # measured: O 0.99, 0.83, 0.66; C1 0.49, 0.12, 0.73
-    assert float(scores["O"].mean()) > float(scores["C1"].mean()) + 0.2, scores
-    assert float(scores["O"][0]) > 0.9, scores
+        scores[sym] = fsc(rec, vol)[1:4]
+    # measured (one field-fit epoch): O 0.999, 0.999, 1.000; C1 0.94, 0.86, 0.76
+    assert float(scores["O"].min()) > 0.98, scores
+    assert float(scores["O"].mean()) > float(scores["C1"].mean()) + 0.1, scores
 
 
 def test_field_frame_rotates_the_map_exactly_and_survives_a_checkpoint() -> None:

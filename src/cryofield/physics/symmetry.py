@@ -48,6 +48,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,8 @@ import torch.nn.functional as F
 __all__ = [
     "SYMMETRY_FORMS",
     "SymmetryError",
+    "SymmetryFrame",
+    "apply_symmetry_frame",
     "asymmetric_unit_mask",
     "canonical_symmetry",
     "equivalent_poses",
@@ -62,6 +65,7 @@ __all__ = [
     "relion_to_cryosparc_dihedral",
     "symmetrize_volume",
     "symmetry_alignment",
+    "symmetry_frame",
     "symmetry_operators",
     "symmetry_order",
 ]
@@ -369,18 +373,247 @@ def symmetrize_volume(vol: torch.Tensor, operators: torch.Tensor) -> torch.Tenso
     return (out / operators.shape[0]).reshape(D, D, D).to(vol.dtype)
 
 
-def _sample_rotated(vol: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """``V(Q x)`` for a batch of rotations: ``vol (D, D, D)``, ``Q (K, 3, 3)`` -> ``(K, D^3)``
-    (trilinear, zero outside; origin at ``D // 2``)."""
-    D = vol.shape[-1]
-    c = torch.arange(D, dtype=vol.dtype, device=vol.device) - D // 2
+def _grid_points(D: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(D^3, 3)`` voxel coordinates ``(x, y, z)`` relative to ``D // 2``, in the order of
+    a ``(D, D, D)`` map indexed ``[z, y, x]``."""
+    c = torch.arange(D, dtype=dtype, device=device) - D // 2
     z, y, x = torch.meshgrid(c, c, c, indexing="ij")
-    pts = torch.stack([x, y, z], -1).reshape(-1, 3)
-    q = torch.einsum("nj,kij->kni", pts, Q.to(vol.dtype))  # (K, D^3, 3): Q x
+    return torch.stack([x, y, z], -1).reshape(-1, 3)
+
+
+def _sample_affine(vol: torch.Tensor, Q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``V(Q x + c)`` for a batch: ``vol (D, D, D)``, ``Q (K, 3, 3)``, ``c (K, 3)`` (px,
+    ``(x, y, z)``) -> ``(K, D^3)`` (trilinear, zero outside; origin at ``D // 2``)."""
+    D = vol.shape[-1]
+    pts = _grid_points(D, vol.dtype, vol.device)
+    q = torch.einsum("nj,kij->kni", pts, Q.to(vol.dtype)) + c.to(vol.dtype)[:, None, :]
     grid = (q * (2.0 / (D - 1)) + (2.0 * (D // 2) / (D - 1) - 1.0))[:, None, None]
     src = vol[None, None].expand(Q.shape[0], 1, D, D, D)
     out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out.reshape(Q.shape[0], -1)
+
+
+def _density_centre(v: torch.Tensor, iters: int = 8) -> torch.Tensor:
+    """Centre of the density of a map (``(3,)`` float64 ``(x, y, z)`` px from ``D // 2``).
+
+    The centre of mass of the map above its mean plus one standard deviation (the solvent
+    and the noise left out), then again within a ball of radius ``D / 4`` about the
+    estimate, a few times. The density is taken to be where the map's values have their
+    long tail: a map of negative density (images of the other contrast; its skewness is
+    negative) is negated first. Every such weighting of a map with a point-group symmetry is
+    itself symmetric about a ball centred on the axes, so the estimate lies on the axes
+    (the symmetry centre for the groups with a fixed point); RELION's
+    ``relion_align_symmetry`` likewise moves the centre of mass to the box centre first.
+    """
+    D = v.shape[-1]
+    u = v.double()
+    if float(((u - u.mean()) ** 3).mean()) < 0:
+        u = -u
+    pts = _grid_points(D, torch.float64, u.device).reshape(D, D, D, 3)
+
+    def com(w: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        m = w.sum()
+        return (w[..., None] * pts).sum((0, 1, 2)) / m if float(m) > 0 else fallback
+
+    zero = torch.zeros(3, dtype=torch.float64, device=u.device)
+    c = com((u - u.mean() - u.std()).clamp_min(0), zero)
+    solvent = u.median()
+    for _ in range(iters):
+        ball = ((pts - c).norm(dim=-1) < D / 4).double()
+        c_new = com((u - solvent).clamp_min(0) * ball, c)
+        done = float((c_new - c).norm()) < 1e-3
+        c = c_new
+        if done:
+            break
+    return c
+
+
+def _constrained_directions(ops: torch.Tensor) -> torch.Tensor:
+    """``(3, r)`` orthonormal basis of the directions in which a group pins its centre:
+    the complement of the space every operator fixes (``Cn``: x, y, as the n-fold axis z
+    leaves a centre free along it; ``D1``: y, z; groups with a fixed point: all three)."""
+    M = (ops - torch.eye(3, dtype=ops.dtype, device=ops.device)).reshape(-1, 3)
+    _, S, Vh = torch.linalg.svd(M, full_matrices=True)
+    return Vh[S > 1e-6].T
+
+
+class SymmetryFrame(NamedTuple):
+    """Result of :func:`symmetry_frame`: ``V_new(x) = V(A x + c)`` has the group's symmetry
+    in RELION's axes about the box centre.
+
+    Attributes
+    ----------
+    rotation
+        ``(3, 3)`` float64 ``A``.
+    centre_px
+        ``(3,)`` float64 ``c`` (``(x, y, z)``, voxels of the input map from ``D // 2``): the
+        symmetry centre of ``V``. For groups with an axis but no fixed point (``Cn``) the
+        component along the axis is the map's density centre (it is free).
+    score
+        Mean correlation of ``V_new`` with its rotations by the operators ``g != e``.
+    """
+
+    rotation: torch.Tensor
+    centre_px: torch.Tensor
+    score: float
+
+
+def apply_symmetry_frame(
+    rotations: torch.Tensor, shifts_px: torch.Tensor, frame: SymmetryFrame
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The poses against ``V_new(x) = V(A x + c)`` that give the images of ``(R, t)``
+    against ``V``: ``(R A, t + (R c)_xy)``.
+
+    With ``V(y) = V_new(A^T (y - c))``: ``V(R^T u) = V_new((R A)^T (u - R c))``, so the
+    projection under ``R`` is that of ``V_new`` under ``R A`` moved by ``(R c)_xy``, and an
+    image ``I(x) = P(x - t)`` (docs/dev/contracts.md) has the shift ``t + (R c)_xy``.
+
+    Parameters
+    ----------
+    rotations, shifts_px
+        ``(..., 3, 3)`` and ``(..., 2)`` poses.
+    frame
+        From :func:`symmetry_frame` (its ``centre_px`` in the voxels of these shifts).
+
+    Returns
+    -------
+    tuple
+        ``(R A, t + (R c)[..., :2])``, the dtypes of the inputs.
+    """
+    A = frame.rotation.to(device=rotations.device, dtype=rotations.dtype)
+    c = frame.centre_px.to(device=rotations.device, dtype=rotations.dtype)
+    shift = (rotations @ c)[..., :2].to(shifts_px.dtype)
+    return rotations @ A, shifts_px + shift
+
+
+def symmetry_frame(
+    vol: torch.Tensor,
+    operators: torch.Tensor,
+    *,
+    max_D: int = 24,
+    levels: int = 4,
+    n_best: int = 3,
+    chunk: int = 256,
+) -> SymmetryFrame:
+    """The rotation and the centre that put a map's symmetry axes where the group has them.
+
+    For a map ``V`` whose symmetry (up to noise) is a rotated copy ``A G A^T`` of the group
+    ``G`` about some point ``c`` (e.g. a map from a search without symmetry: its axes are
+    anywhere, and they pass through the box centre only if the search happened to centre
+    the particle on them), find ``A`` and ``c`` so that ``V_new(x) = V(A x + c)`` has the
+    symmetry ``G`` in RELION's axes about the box centre. The poses of
+    :func:`apply_symmetry_frame` then give against ``V_new`` the images that ``(R, t)``
+    give against ``V``.
+
+    The score of ``(A, c)`` is the mean correlation of ``V(x + c)`` with
+    ``V(A g A^T x + c)`` over ``g != e`` (1 for a perfectly symmetric map), both weighted
+    by a soft ball about ``x = 0``, on the map Fourier-cropped to ``max_D``. ``c`` starts at
+    the map's density centre (:func:`_density_centre`); the candidates for ``A`` are the
+    level-0 points of one asymmetric unit of the SO(3) grid (``A`` and ``A g`` put the axes
+    in the same places), and the ``n_best`` best are refined, with ``c``, by a pattern
+    search: 27 rotations ``exp([w]_x) A`` (``w`` on a cube) and the moves of ``c`` by
+    ``+-`` one step along each direction the group pins (:func:`_constrained_directions`
+    turned by ``A``), the steps (7.5 deg, 1 px of the cropped map) halved ``levels`` times.
+    This is what RELION's ``relion_align_symmetry`` does after a C1 initial model (RELION 4
+    runs its initial model in C1 and applies the symmetry this way); here by real-space
+    correlation.
+
+    Parameters
+    ----------
+    vol
+        ``(D, D, D)`` map, origin at ``D // 2``.
+    operators
+        ``(G, 3, 3)`` the group (:func:`symmetry_operators`).
+    max_D
+        Box the map is Fourier-cropped to first (even; the search's resolution).
+    levels, n_best, chunk
+        Local refinement levels, candidates refined, maps resampled at once.
+
+    Returns
+    -------
+    SymmetryFrame
+        ``A`` (``(3, 3)`` float64), ``c`` (``(3,)`` float64, voxels of ``vol``) and the
+        score (``<= 1``); ``(I, 0, 1.0)`` for ``G = 1``.
+    """
+    from cryofield.physics import so3_grid
+    from cryofield.physics.filters import fourier_crop_3d, soft_spherical_mask
+    from cryofield.physics.rotation import axis_angle_to_matrix
+
+    ops = operators.to(dtype=torch.float64, device=vol.device)
+    eye = torch.eye(3, dtype=torch.float64)
+    if ops.shape[0] <= 1:
+        return SymmetryFrame(eye, torch.zeros(3, dtype=torch.float64), 1.0)
+    v = vol.detach().to(torch.float32)
+    D = v.shape[-1]
+    if D > max_D:
+        v = fourier_crop_3d(v, max_D - max_D % 2)
+    Dm = v.shape[-1]
+    scale = D / Dm  # voxels of vol per voxel of v
+    c0 = _density_centre(v)
+    v = v - v.mean()
+    mask = soft_spherical_mask(Dm, Dm / 2 - 3, 2.0, device=v.device).reshape(-1)
+    others = ops[1:]
+    basis = _constrained_directions(ops)  # (3, r) in the group's frame
+    eye_f = torch.eye(3, dtype=torch.float32, device=v.device)
+
+    def reference(c: torch.Tensor) -> torch.Tensor:
+        """``m(x) V(x + c)`` for ``c (K, 3)`` -> ``(K, Dm^3)`` normalised."""
+        r = _sample_affine(v, eye_f.expand(c.shape[0], 3, 3), c.float()) * mask
+        return r / r.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def scores(A: torch.Tensor, c: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean correlation for ``A (K, 3, 3)``, ``c (K, 3)`` (cropped voxels); ``ref``:
+        :func:`reference` of ``c`` (``(K, .)``, or ``(1, .)`` when every ``c`` is the same)."""
+        K, G1 = A.shape[0], others.shape[0]
+        if ref is None:
+            ref = reference(c)
+        Q = (A[:, None] @ others[None] @ A[:, None].transpose(-1, -2)).reshape(-1, 3, 3)
+        cq = c[:, None].expand(K, G1, 3).reshape(-1, 3)
+        row = torch.arange(K * G1, device=v.device) // G1 if ref.shape[0] > 1 else None
+        out = []
+        for s0 in range(0, Q.shape[0], chunk):
+            sl = slice(s0, s0 + chunk)
+            w = _sample_affine(v, Q[sl].float(), cq[sl].float()) * mask
+            r = ref if row is None else ref[row[sl]]
+            out.append((w * r).sum(-1) / w.norm(dim=-1).clamp_min(1e-12))
+        return torch.cat(out).double().reshape(K, G1).mean(-1)
+
+    cand = so3_grid.asymmetric_level_points(ops.cpu(), 0, dtype=torch.float64)[0]
+    cand = cand.to(vol.device)
+    ref0 = reference(c0[None])
+    sc = scores(cand, c0[None].expand(cand.shape[0], 3), ref0)
+    order = torch.argsort(sc, descending=True)[:n_best]
+    unit = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64, device=vol.device)
+    wz, wy, wx = torch.meshgrid(unit, unit, unit, indexing="ij")
+    cube = torch.stack([wx.flatten(), wy.flatten(), wz.flatten()], -1)  # (27, 3), 13: 0
+    best: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    for A in cand[order]:
+        c = c0.clone()
+        s_A = float(scores(A[None], c[None])[0])
+        step, t_step = math.radians(7.5), 1.0
+        for _ in range(max(levels, 0)):
+            for _ in range(10):
+                rots = axis_angle_to_matrix(cube * step) @ A
+                s_rot = scores(rots, c[None].expand(27, 3), reference(c[None]))
+                dirs = A @ basis  # (3, r): the directions the group pins, in V's frame
+                moves = torch.cat([dirs.T, -dirs.T]) * t_step  # (2 r, 3)
+                s_mov = scores(A[None].expand(moves.shape[0], 3, 3), c + moves)
+                k_rot, k_mov = int(s_rot.argmax()), int(s_mov.argmax())
+                if float(s_rot[k_rot]) >= float(s_mov[k_mov]):
+                    if float(s_rot[k_rot]) <= s_A + 1e-9 or k_rot == 13:
+                        break
+                    A, s_A = rots[k_rot], float(s_rot[k_rot])
+                else:
+                    if float(s_mov[k_mov]) <= s_A + 1e-9:
+                        break
+                    c, s_A = c + moves[k_mov], float(s_mov[k_mov])
+            step /= 2
+            t_step /= 2
+        if best is None or s_A > best[2]:
+            best = (A, c, s_A)
+    assert best is not None
+    A, c, s_A = best
+    return SymmetryFrame(A.cpu(), (c * scale).cpu(), s_A)
 
 
 def symmetry_alignment(
@@ -394,85 +627,18 @@ def symmetry_alignment(
 ) -> tuple[torch.Tensor, float]:
     """The rotation that puts a map's symmetry axes where the group has them.
 
-    For a map ``V`` whose symmetry (up to noise) is a rotated copy ``A G A^T`` of the group
-    ``G`` (e.g. a map from a search without symmetry: its axes are anywhere), find ``A``
-    so that ``V(A x)`` has the symmetry ``G`` in RELION's axes. Then the poses ``R A`` give
-    against ``V(A x)`` the images that ``R`` gives against ``V``. The score of a candidate
-    is the mean correlation of ``V`` with ``V(A g A^T x)`` over ``g != e`` (1 for a
-    perfectly symmetric map), on the map Fourier-cropped to ``max_D`` and masked by a
-    soft ball; the candidates are the level-0 points of one asymmetric unit of the SO(3)
-    grid (``A`` and ``A g`` put the axes in the same places), and the ``n_best`` best
-    are refined by a pattern search of ``exp([w]_x) A`` (27 steps ``w`` on a cube, the
-    step halved ``levels`` times from 7.5 deg). This is what RELION's
-    ``relion_align_symmetry`` does after a C1 initial model (RELION 4 runs its initial
-    model in C1 and applies the symmetry this way); here by real-space correlation.
-
-    Parameters
-    ----------
-    vol
-        ``(D, D, D)`` map, origin at ``D // 2``.
-    operators
-        ``(G, 3, 3)`` the group (:func:`symmetry_operators`).
-    max_D
-        Box the map is Fourier-cropped to first (even; the search's resolution).
-    levels, n_best, chunk
-        Local refinement levels, candidates refined, rotations resampled at once.
+    :func:`symmetry_frame` without the centre: ``A`` with ``V(A x + c)`` symmetric in
+    RELION's axes, the centre ``c`` found alongside (a map whose symmetry centre is off
+    the box centre has no rotation about the box centre that makes it symmetric; use
+    :func:`symmetry_frame` and :func:`apply_symmetry_frame` to move the poses' shifts
+    too).
 
     Returns
     -------
     A : torch.Tensor
         ``(3, 3)`` float64 rotation (the identity for ``G = 1``).
     score : float
-        Its mean correlation (``<= 1``).
+        Its mean correlation (``<= 1``), about the symmetry centre.
     """
-    from cryofield.physics import so3_grid
-    from cryofield.physics.filters import fourier_crop_3d, soft_spherical_mask
-    from cryofield.physics.rotation import axis_angle_to_matrix
-
-    ops = operators.to(dtype=torch.float64, device=vol.device)
-    eye = torch.eye(3, dtype=torch.float64)
-    if ops.shape[0] <= 1:
-        return eye, 1.0
-    v = vol.detach().to(torch.float32)
-    D = v.shape[-1]
-    if D > max_D:
-        v = fourier_crop_3d(v, max_D - max_D % 2)
-    Dm = v.shape[-1]
-    v = v - v.mean()
-    v = v * soft_spherical_mask(Dm, Dm / 2 - 3, 2.0, device=v.device)
-    norm = v.norm().clamp_min(1e-12)
-    others = ops[1:]
-
-    def scores(A: torch.Tensor) -> torch.Tensor:
-        Q = (A[:, None] @ others[None] @ A[:, None].transpose(-1, -2)).reshape(-1, 3, 3)
-        out = []
-        for s0 in range(0, Q.shape[0], chunk):
-            w = _sample_rotated(v, Q[s0 : s0 + chunk].float())
-            out.append((w @ v.reshape(-1)) / (w.norm(dim=-1).clamp_min(1e-12) * norm))
-        return torch.cat(out).double().reshape(A.shape[0], -1).mean(-1)
-
-    cand = so3_grid.asymmetric_level_points(ops.cpu(), 0, dtype=torch.float64)[0]
-    cand = cand.to(vol.device)
-    sc = scores(cand)
-    order = torch.argsort(sc, descending=True)[:n_best]
-    best_A, best_s = cand[order[0]], float(sc[order[0]])
-    unit = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64, device=vol.device)
-    wz, wy, wx = torch.meshgrid(unit, unit, unit, indexing="ij")
-    cube = torch.stack([wx.flatten(), wy.flatten(), wz.flatten()], -1)  # (27, 3), 13: 0
-    for A in cand[order]:
-        s_A = float(scores(A[None])[0])
-        step = math.radians(7.5)
-        for _ in range(max(levels, 0)):
-            moved, n_moves = True, 0
-            while moved and n_moves < 10:
-                n_moves += 1
-                trial = axis_angle_to_matrix(cube * step) @ A
-                st = scores(trial)
-                k = int(st.argmax())
-                moved = float(st[k]) > s_A + 1e-9 and k != 13
-                if moved:
-                    A, s_A = trial[k], float(st[k])
-            step /= 2
-        if s_A > best_s:
-            best_A, best_s = A, s_A
-    return best_A.cpu(), best_s
+    fr = symmetry_frame(vol, operators, max_D=max_D, levels=levels, n_best=n_best, chunk=chunk)
+    return fr.rotation, fr.score
