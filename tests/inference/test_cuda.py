@@ -42,8 +42,10 @@ def stack(tmp_path, data):
 
 
 def _trainer(data, outdir, source=None, **kw) -> Trainer:
+    # image-by-image field epochs (field_fit: images): the steps these tests exercise
     base = dict(outdir=str(outdir), hidden=32, n_freqs=8, batch_size=16, epochs=1,
-                poses_from_file=True, refine_poses=False, norm_images=N, device="cuda")  # fmt: skip
+                poses_from_file=True, refine_poses=False, norm_images=N, device="cuda",
+                field_fit="images")  # fmt: skip
     base.update(kw)
     cfg = TrainConfig(**base).resolved(D)
     src = ArraySource(data.images, data.apix_A) if source is None else source

@@ -91,9 +91,10 @@ def test_stopping_early_stops_the_reader_thread(stack):
 
 
 def _cfg(tmp_path, **kw):
+    # image-by-image field epochs (field_fit: images): the steps these tests exercise
     base = dict(outdir=str(tmp_path), hidden=16, n_freqs=4, batch_size=16, epochs=1,
                 poses_from_file=True, refine_poses=False, deterministic=True,
-                norm_images=60)  # fmt: skip
+                norm_images=60, field_fit="images")  # fmt: skip
     base.update(kw)
     return TrainConfig(**base).resolved(24)
 
