@@ -121,57 +121,22 @@ def anisotropy(vol: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------- poses modulo G
-def _angles_deg(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    from cryofield.analysis.metrics import _geodesic_rad
+def align_mod_group(R_est: np.ndarray, R_true: np.ndarray, ops: np.ndarray) -> dict[str, Any]:
+    """Global rotation (and hand) of estimated poses onto the truth, modulo a point group
+    (:func:`cryofield.analysis.metrics.align_rotations_mod_group`): ``A``, ``mirrored``,
+    and per image the rotation and out-of-plane errors (deg) to the nearest ``R_true g``."""
+    from cryofield.analysis.metrics import (
+        _geodesic_rad,
+        align_rotations_mod_group,
+        out_of_plane_error_rad,
+    )
 
-    return np.degrees(_geodesic_rad(A, B))
-
-
-def _map_to_nearest(Q: np.ndarray, ref: np.ndarray, ops: np.ndarray) -> np.ndarray:
-    """``g Q_i`` (``g`` in ``ops``) nearest ``ref``, for each ``Q_i``: max ``tr(ref^T g Q)``."""
-    gQ = np.einsum("gij,njk->ngik", ops, Q)  # (N, G, 3, 3)
-    tr = np.einsum("ij,ngij->ng", ref, gQ)
-    return gQ[np.arange(len(Q)), tr.argmax(1)]
-
-
-def align_mod_group(
-    R_est: np.ndarray, R_true: np.ndarray, ops: np.ndarray, n_cand: int = 64, seed: int = 0
-) -> dict[str, Any]:
-    """Global rotation (and hand) of estimated poses onto the truth, modulo a point group.
-
-    Returns ``A`` (``R_true^T R_est ~ g_i A``), ``mirrored``, and per image the rotation
-    error ``min_g angle(R_true g, R_est A^T)`` and the out-of-plane angle to that
-    ``R_true g`` (hand flipped: the truth ``M R_true M`` and the group ``M G M``).
-    """
-    from cryofield.analysis.metrics import MIRROR, _robust_mean_rotation, out_of_plane_error_rad
-    from cryofield.physics.symmetry import nearest_equivalent
-
-    R_est = np.asarray(R_est, np.float64)
-    rng = np.random.default_rng(seed)
-    best: dict[str, Any] | None = None
-    for mirrored in (False, True):
-        Rt = MIRROR @ np.asarray(R_true, np.float64) @ MIRROR if mirrored else R_true
-        G = MIRROR @ ops @ MIRROR if mirrored else ops
-        Q = np.einsum("nji,njk->nik", Rt, R_est)  # R_true^T R_est = g_i A
-        cand = Q[rng.choice(len(Q), size=min(n_cand, len(Q)), replace=False)]
-        med = [np.median(_angles_deg(_map_to_nearest(Q, c, G), c)) for c in cand]
-        A = cand[int(np.argmin(med))]
-        for _ in range(10):
-            A_new, _ = _robust_mean_rotation(_map_to_nearest(Q, A, G))
-            done = np.abs(A_new - A).max() < 1e-9
-            A = A_new
-            if done:
-                break
-        err = _angles_deg(_map_to_nearest(Q, A, G), A)
-        if best is None or np.median(err) < np.median(best["rot_err_deg"]):
-            aligned = R_est @ A.T  # in the (possibly mirrored) truth's frame
-            near = nearest_equivalent(
-                torch.as_tensor(Rt), torch.as_tensor(aligned), torch.as_tensor(G)
-            )[0].numpy()
-            oop = np.degrees(out_of_plane_error_rad(aligned, near))
-            best = {"A": A, "mirrored": mirrored, "rot_err_deg": err, "oop_err_deg": oop}
-    assert best is not None
-    return best
+    A, mirrored, aligned, near = align_rotations_mod_group(R_est, R_true, ops)
+    return {
+        "A": A, "mirrored": mirrored,
+        "rot_err_deg": np.degrees(_geodesic_rad(aligned, near)),
+        "oop_err_deg": np.degrees(out_of_plane_error_rad(aligned, near)),
+    }  # fmt: skip
 
 
 def pose_scores(R_est: np.ndarray, R_true: np.ndarray, group: str) -> dict[str, Any]:

@@ -68,3 +68,40 @@ def test_inverted_contrast_map_is_negated(fake_hom_run: FakeRun, tmp_path) -> No
     write_mrc(out / "epoch_002" / "volume.mrc", -np.asarray(vol), 3.0)
     (m,) = evaluate_run(out, fake_hom_run.truth_path)["maps"]
     assert m["negated"] is True and m["correlation"] > 0.98
+
+
+def test_symmetric_run_is_scored_modulo_its_group(fake_hom_run: FakeRun, tmp_path) -> None:
+    """A run trained with ``symmetry: C4`` (config.yaml) whose poses are the truth's up to
+    one C4 operator per image (``R_true g_i G``: equivalent poses, the same images of a C4
+    particle) scores as exact: `cryofield evaluate` compares each pose with the nearest
+    equivalent of the true one (issue #23; before, such poses scored as 90-180 deg off)."""
+    import shutil
+
+    import torch
+    import yaml
+
+    from cryofield.physics.symmetry import symmetry_operators
+
+    run = tmp_path / "run_c4"
+    shutil.copytree(fake_hom_run.outdir, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["symmetry"] = "C4"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    ops = symmetry_operators("C4", torch.float64).numpy()
+    R_true = np.load(fake_hom_run.truth_path)["rotations"].astype(np.float64)
+    for ed in sorted(run.glob("epoch_*")):
+        poses = dict(np.load(ed / "poses.npz"))
+        idx = poses["particle_index"]
+        g = ops[np.arange(len(idx)) % 4]
+        poses["rotations"] = (R_true[idx] @ g @ fake_hom_run.G).astype(np.float32)
+        np.savez(ed / "poses.npz", **poses)
+    res = evaluate_run(run, fake_hom_run.truth_path)
+    p = res["poses"]
+    assert p["symmetry"] == "C4" and p["group_order"] == 4
+    assert p["rot_median_deg"] < 0.01 and p["frac_within_10deg"] == 1.0, p
+    # the global rotation is G up to an operator of the group
+    rel = np.asarray(p["R_global"]) @ fake_hom_run.G.T
+    assert np.abs(ops - rel).reshape(4, 9).max(1).min() < 1e-4
+    # the C1 score of the same poses: three quarters of them 90-180 deg off
+    plain = evaluate_run(fake_hom_run.outdir, fake_hom_run.truth_path)["poses"]
+    assert plain["symmetry"] == "C1" and plain["rot_median_deg"] < 0.01

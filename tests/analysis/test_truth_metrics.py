@@ -201,3 +201,36 @@ def test_spearman_uses_the_pca_of_latent_analysis() -> None:
     pcs = pca(z).projected
     rho = metrics.spearman_latent_vs_coord(z, coord)
     assert rho == pytest.approx([spearmanr(pcs[:, j], coord).statistic for j in range(3)])
+
+
+@pytest.mark.parametrize(("group", "mirror"), [("C4", False), ("D7", False), ("D7", True)])
+def test_pose_errors_modulo_a_point_group(group: str, mirror: bool) -> None:
+    """Poses of a symmetric particle are defined up to an operator per image and a global
+    rotation (and hand): ``R_pred = R_true g_i A``. Modulo the group they score as exact
+    (issue #23: `cryofield evaluate` counted the equivalent poses as 90-180 deg errors);
+    a known perturbation keeps its size, and without the group the same poses are far off."""
+    import torch
+
+    from cryofield.physics.symmetry import symmetry_operators
+
+    ops = symmetry_operators(group, torch.float64).numpy()
+    rng = np.random.default_rng(1)
+    n = 400
+    R_true = _rots(n, 7)
+    A = _rots(1, 8)[0]
+    g = ops[rng.integers(len(ops), size=n)]
+    Rt = MIRROR @ R_true @ MIRROR if mirror else R_true
+    G = MIRROR @ g @ MIRROR if mirror else g
+    R_pred = Rt @ G @ A
+    err = metrics.pose_errors(R_pred, R_true, operators=ops)
+    assert err["mirrored"] is mirror
+    assert err["rot_median_deg"] < 1e-3 and err["frac_within_10deg"] == 1.0, err
+    assert err["group_order"] == len(ops)
+    plain = metrics.pose_errors(R_pred, R_true)
+    assert plain["rot_median_deg"] > 30, plain
+    # 3 deg about random axes on top: the median error is 3 deg
+    noise = Rotation.from_rotvec(
+        np.radians(3.0) * Rotation.random(n, random_state=9).apply([1.0, 0.0, 0.0])
+    ).as_matrix()
+    err3 = metrics.pose_errors(noise @ R_pred, R_true, operators=ops)
+    assert abs(err3["rot_median_deg"] - 3.0) < 0.2, err3

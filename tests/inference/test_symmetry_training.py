@@ -128,6 +128,10 @@ def test_train_searches_without_symmetry_then_imposes_it(tmp_path, one_thread) -
     run = RunDir(out)
     assert run.config()["symmetry"] == "C2"  # canonical form
     assert "symmetry C2 imposed" in (out / "run.log").read_text()
+    # the search epoch counted moves modulo C2 in the map's own frame (issue #23)
+    pc = run.metrics()[0]["pose_change"]
+    assert pc["modulo"] == "C2" and 0 < pc["frame_score"] <= 1 and "frac_moved_c1" in pc
+    assert "modulo C2 in the map's frame" in (out / "run.log").read_text()
     st = torch.load(out / "epoch_002" / "state.pt", weights_only=True)
     assert st["symmetry_aligned"] is True and not torch.equal(st["field"]["frame"], torch.eye(3))
     vol = torch.as_tensor(np.asarray(read_mrc(out / "consensus.mrc", mmap=False)[0]))

@@ -4,7 +4,9 @@ Truth arrays are indexed by the ORIGINAL input particles; the run's ``particle_i
 maps its rows onto them. Reported (JSON-ready dict):
 
 * ``poses``: :func:`metrics.pose_errors` after global alignment incl. the mirror; shifts
-  compared in truth pixels (the run's ``shifts_A`` divided by the truth pixel size).
+  compared in truth pixels (the run's ``shifts_A`` divided by the truth pixel size). A run
+  with a point group (``symmetry`` in its config.yaml) is scored modulo the group: each
+  pose against the nearest equivalent of the true pose (``poses.symmetry``).
 * ``maps``: per true state, the run's map (homogeneous: the epoch's map; heterogeneous:
   rendered at the latent of the particle of that state nearest the state's mean
   latent) rigidly aligned to the true map (:func:`align.align_volume`, seeded with the
@@ -191,7 +193,16 @@ def evaluate_run(
     if "shifts_px" in truth and "shifts_A" in poses and "apix_A" in truth:
         t_pred = np.asarray(poses["shifts_A"], np.float64)[good] / float(truth["apix_A"])
         t_true = np.asarray(truth["shifts_px"], np.float64)[index][good]
-    res["poses"] = metrics.pose_errors(R_pred[good], R_true[good], t_pred, t_true)
+    symmetry = str(run.config().get("symmetry") or "C1")
+    ops = None
+    if symmetry.upper() != "C1":
+        import torch
+
+        from cryofield.physics.symmetry import symmetry_operators
+
+        ops = symmetry_operators(symmetry, torch.float64).numpy()
+    res["poses"] = metrics.pose_errors(R_pred[good], R_true[good], t_pred, t_true, operators=ops)
+    res["poses"]["symmetry"] = symmetry
     G = np.asarray(res["poses"]["R_global"])
     mir = bool(res["poses"]["mirrored"])
     # the pose alignment predicts the map alignment: W(p) = V(Q p), Q = G or M G

@@ -132,6 +132,79 @@ def align_rotations(
     return G, mirrored, aligned
 
 
+def _nearest_in_group(Q: np.ndarray, ref: np.ndarray, ops: np.ndarray) -> np.ndarray:
+    """``g Q_i`` (``g`` in ``ops``, ``(G, 3, 3)``) nearest ``ref`` (max ``tr(ref^T g Q_i)``)
+    for each ``Q_i`` of ``(N, 3, 3)``."""
+    gQ = np.einsum("gij,njk->ngik", ops, Q)  # (N, G, 3, 3)
+    tr = np.einsum("ij,ngij->ng", ref, gQ)
+    return gQ[np.arange(len(Q)), tr.argmax(1)]
+
+
+def align_rotations_mod_group(
+    R_pred: np.ndarray,
+    R_true: np.ndarray,
+    operators: np.ndarray,
+    allow_mirror: bool = True,
+    n_candidates: int = 64,
+    seed: int = 0,
+) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray]:
+    """:func:`align_rotations` for a particle with point group ``G``: every image's pose is
+    known only up to an operator, ``R_pred ~ R_true g_i A`` with ``g_i`` free per image.
+
+    ``Q_i = R_true^T R_pred = g_i A``: ``A`` is found by trying ``n_candidates`` of the
+    ``Q_i`` as ``A`` (the one whose nearest equivalents ``g Q_i`` lie closest, by the
+    median angle), then the robust mean (:func:`_robust_mean_rotation`) of the nearest
+    equivalents, repeated until it stops changing. Mirrored: the truth ``M R_true M`` and
+    the group ``M G M``.
+
+    Parameters
+    ----------
+    R_pred, R_true : (N, 3, 3) poses (contract convention).
+    operators : (G, 3, 3) the group, in the truth's frame (e.g. RELION's axes).
+
+    Returns
+    -------
+    A : (3, 3) the global rotation.
+    mirrored : the wrong-hand hypothesis won.
+    R_pred_aligned : (N, 3, 3) ``R_pred A^T`` (mirrored: ``M R_pred A^T M``), in the
+        truth's frame.
+    R_true_nearest : (N, 3, 3) the equivalent ``R_true g`` nearest ``R_pred_aligned``.
+    """
+    R_pred = np.asarray(R_pred, np.float64)
+    R_true = np.asarray(R_true, np.float64)
+    ops = np.asarray(operators, np.float64)
+    if R_pred.shape != R_true.shape or R_pred.shape[1:] != (3, 3):
+        raise ValueError(f"pose arrays must be (N, 3, 3) and equal: {R_pred.shape} {R_true.shape}")
+    rng = np.random.default_rng(seed)
+    best: tuple[float, np.ndarray, bool] | None = None
+    for mirrored in (False, True) if allow_mirror else (False,):
+        Rt = MIRROR @ R_true @ MIRROR if mirrored else R_true
+        G = MIRROR @ ops @ MIRROR if mirrored else ops
+        Q = np.einsum("nji,njk->nik", Rt, R_pred)  # g_i A
+        cand = Q[rng.choice(len(Q), size=min(n_candidates, len(Q)), replace=False)]
+        med = [np.median(_geodesic_rad(_nearest_in_group(Q, c, G), c)) for c in cand]
+        A = cand[int(np.argmin(med))]
+        for _ in range(10):
+            A_new, _ = _robust_mean_rotation(_nearest_in_group(Q, A, G))
+            done = np.abs(A_new - A).max() < 1e-9
+            A = A_new
+            if done:
+                break
+        score = float(np.median(_geodesic_rad(_nearest_in_group(Q, A, G), A)))
+        if best is None or score < best[0]:
+            best = (score, A, mirrored)
+    assert best is not None
+    _, A, mirrored = best
+    aligned = R_pred @ A.T
+    if mirrored:
+        aligned = MIRROR @ aligned @ MIRROR
+    # R_true g nearest: with g ranging over G, tr(aligned^T R_true g) largest
+    eq = np.einsum("nij,gjk->ngik", R_true, ops)
+    tr = np.einsum("nij,ngij->ng", aligned, eq)
+    near = eq[np.arange(len(R_true)), tr.argmax(1)]
+    return A, mirrored, aligned, near
+
+
 def viewing_directions(R: np.ndarray) -> np.ndarray:
     """Viewing direction ``R^T e_z`` (the third row of ``R``) in the volume frame.
 
@@ -189,24 +262,35 @@ def pose_errors(
     t_pred_px: np.ndarray | None = None,
     t_true_px: np.ndarray | None = None,
     allow_mirror: bool = True,
+    operators: np.ndarray | None = None,
 ) -> dict[str, float | bool | list[float]]:
-    """Pose errors after global alignment (rotation and hand).
+    """Pose errors after global alignment (rotation and hand), modulo a point group.
 
     Parameters
     ----------
     R_pred, R_true : (N, 3, 3) poses.
     t_pred_px, t_true_px : (N, 2) shifts in pixels of the same box (optional).
     allow_mirror : allow the wrong-hand hypothesis.
+    operators : (G, 3, 3) the particle's point group in the truth's frame (e.g.
+        ``physics.symmetry.symmetry_operators("C4")``): each pose is compared with the
+        nearest equivalent of the truth (:func:`align_rotations_mod_group`); ``None`` or
+        one operator: C1.
 
     Returns
     -------
     dict with ``mirrored``, ``R_global`` (nested list), ``rot_mean_deg`` /
     ``rot_median_deg`` (full geodesic), ``out_of_plane_mean_deg`` / ``_median_deg``,
-    ``in_plane_mean_deg`` / ``_median_deg`` and, with shifts, ``trans_mean_px`` /
-    ``trans_median_px`` / ``trans_offset_px``.
+    ``in_plane_mean_deg`` / ``_median_deg``, ``frac_within_10deg`` (geodesic), ``group_order``
+    and, with shifts, ``trans_mean_px`` / ``trans_median_px`` / ``trans_offset_px`` (the
+    shifts of equivalent poses of a map symmetric about its centre are equal).
     """
-    G, mirrored, aligned = align_rotations(R_pred, R_true, allow_mirror=allow_mirror)
-    R_true = np.asarray(R_true, np.float64)
+    if operators is not None and len(operators) > 1:
+        G, mirrored, aligned, R_true = align_rotations_mod_group(
+            R_pred, R_true, operators, allow_mirror=allow_mirror
+        )
+    else:
+        G, mirrored, aligned = align_rotations(R_pred, R_true, allow_mirror=allow_mirror)
+        R_true = np.asarray(R_true, np.float64)
     geo = np.degrees(_geodesic_rad(aligned, R_true))
     oop = np.degrees(out_of_plane_error_rad(aligned, R_true))
     inp = np.degrees(inplane_error_rad(aligned, R_true))
@@ -220,6 +304,8 @@ def pose_errors(
         "out_of_plane_median_deg": float(np.median(oop)),
         "in_plane_mean_deg": float(inp.mean()),
         "in_plane_median_deg": float(np.median(inp)),
+        "frac_within_10deg": float((geo <= 10.0).mean()),
+        "group_order": 1 if operators is None else len(operators),
     }
     if t_pred_px is not None and t_true_px is not None:
         err, offset = _translation_errors_px(R_pred, t_pred_px, t_true_px)

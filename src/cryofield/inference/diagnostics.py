@@ -117,8 +117,10 @@ def pose_change(
     t: Any | None,
     step_deg: float,
     t_step_px: float,
+    operators: Any | None = None,
+    frame: Any | None = None,
 ) -> dict[str, Any]:
-    """How far poses moved between two epochs.
+    """How far poses moved between two epochs, modulo a point group if one is given.
 
     Parameters
     ----------
@@ -133,6 +135,16 @@ def pose_change(
     t_step_px
         Shift step (training px), e.g. the coarse translation grid step
         ``2 t_extent_px / (t_ngrid - 1)``.
+    operators
+        ``(G, 3, 3)`` point group (torch): each new pose is compared with the nearest
+        equivalent ``R g`` of the old one (equivalent poses give the same image). ``None``
+        or one operator: C1.
+    frame
+        :class:`~cryofield.physics.symmetry.SymmetryFrame` of a map whose symmetry axes are
+        not the group's (a search without symmetry): both epochs' poses are first moved to
+        where the map is symmetric about the box centre in the group's axes
+        (:func:`~cryofield.physics.symmetry.apply_symmetry_frame`; there ``R g`` share one
+        shift), then compared modulo ``operators``.
 
     Returns
     -------
@@ -142,12 +154,27 @@ def pose_change(
         ``frac_shift_moved``; ``median_deg``, ``p90_deg`` (geodesic angle moved, deg);
         ``median_shift_px``.
     """
-    Ra = torch.as_tensor(_np(R_prev))
-    Rb = torch.as_tensor(_np(R))
+    Ra = torch.as_tensor(_np(R_prev), dtype=torch.float64)
+    Rb = torch.as_tensor(_np(R), dtype=torch.float64)
     if Ra.shape != Rb.shape or Ra.ndim != 3 or Ra.shape[1:] != (3, 3):
         raise ValueError(
             f"rotations must both be (N, 3, 3), got {tuple(Ra.shape)}, {tuple(Rb.shape)}"
         )
+    if frame is not None:
+        from cryofield.physics.symmetry import apply_symmetry_frame
+
+        zero = torch.zeros(Ra.shape[0], 2, dtype=torch.float64)
+        ta = zero if t_prev is None else torch.as_tensor(_np(t_prev), dtype=torch.float64)
+        tb = zero if t is None else torch.as_tensor(_np(t), dtype=torch.float64)
+        Ra, ta = apply_symmetry_frame(Ra, ta, frame)
+        Rb, tb = apply_symmetry_frame(Rb, tb, frame)
+        if t_prev is not None and t is not None:
+            t_prev, t = ta, tb
+    if operators is not None and len(operators) > 1:
+        from cryofield.physics.symmetry import nearest_equivalent
+
+        ops = torch.as_tensor(_np(operators), dtype=torch.float64)
+        Rb = nearest_equivalent(Rb, Ra, ops)[0]
     n = int(Ra.shape[0])
     ang = np.degrees(geodesic_distance_rad(Ra, Rb).numpy()) if n else np.zeros(0)
     rot_moved = ang > step_deg
@@ -555,6 +582,8 @@ def verdict(
         frac, step = float(pc["frac_moved"]), float(pc["step_deg"])
         ep = last.get("epoch")
         where = f"in search epoch {ep}" if ep is not None else "in the last search epoch"
+        if pc.get("modulo"):
+            where += f" (modulo {pc['modulo']}, in the map's frame)"
         msg = (
             f"{100 * frac:.0f}% of the images moved by more than {step:.3g} deg or "
             f"{float(pc['t_step_px']):.3g} px {where} (median {float(pc['median_deg']):.1f} deg)"

@@ -25,29 +25,83 @@ def epoch_checks(
     latents: LatentTable | None,
     R0: torch.Tensor,
     t0: torch.Tensor,
+    *,
+    map_symmetry: str = "C1",
 ) -> dict[str, Any]:
     """How far the poses moved from ``R0, t0`` this epoch (:func:`~cryofield.inference.
     diagnostics.pose_change` with the search's coarse steps: an image that moved farther
     landed in another basin), their view coverage, and :func:`map_check`. With a point
     group (``cfg.symmetry``) a pose is compared with the nearest equivalent of the old one
-    and the coverage is that of the equivalent views (:func:`symmetric_views`)."""
+    and the coverage is that of the equivalent views (:func:`symmetric_views`).
+
+    ``map_symmetry``: the run's point group while its search still runs without it
+    (``cfg.symmetry`` C1, before ``Trainer.align_symmetry``). The map then has that symmetry
+    about axes of its own, and an image of a symmetric particle may jump between equivalent
+    poses from one search epoch to the next without any change of its image. The poses are
+    then compared modulo the group in the map's frame: :func:`~cryofield.physics.symmetry.
+    symmetry_frame` on this epoch's back-projection gives ``A`` and the symmetry centre
+    ``c``, both epochs' poses are moved into that frame (:func:`~cryofield.physics.symmetry.
+    apply_symmetry_frame`, where equivalent poses ``R g`` share one shift) and compared as
+    above; ``pose_change`` then also has ``modulo``, ``frame_score`` (the map's correlation
+    with its symmetry mates in that frame) and ``frac_moved_c1`` (the plain count)."""
     from cryofield.inference.diagnostics import pose_change, view_coverage
-    from cryofield.physics.symmetry import nearest_equivalent, symmetry_operators
+    from cryofield.physics.symmetry import symmetry_frame, symmetry_operators
 
     c = cfg
     R, t = poses.all()
-    R_cmp = R.detach().cpu()
+    R_cmp, t_cmp = R.detach().cpu(), t.detach().cpu()
     ops = symmetry_operators(c.symmetry)
-    if ops.shape[0] > 1:
-        R_cmp = nearest_equivalent(R_cmp, R0.cpu(), ops)[0]
+    map_ops = symmetry_operators(map_symmetry)
     t_step = 2 * float(c.t_extent_px or 0.0) / max(c.t_ngrid - 1, 1) or 1.0
-    pc = pose_change(R0.cpu(), t0.cpu(), R_cmp, t.cpu(), step_deg=360.0 / c.base_psi,
-                     t_step_px=t_step)  # fmt: skip
+    steps = dict(step_deg=360.0 / c.base_psi, t_step_px=t_step)
+    halves = None
+    if map_ops.shape[0] > 1 and ops.shape[0] <= 1:
+        halves = backprojected_halves(c, batches, R, t)
+        vol = (halves[0] + halves[1]).cpu()
+        frame = symmetry_frame(vol, map_ops, max_D=symmetry_frame_box(c, vol.shape[-1]))
+        pc = pose_change(R0.cpu(), t0.cpu(), R_cmp, t_cmp, **steps, operators=map_ops,
+                         frame=frame)  # fmt: skip
+        pc.update(modulo=map_symmetry, frame_score=float(frame.score),
+                  frac_moved_c1=pose_change(R0.cpu(), t0.cpu(), R_cmp, t_cmp,
+                                            **steps)["frac_moved"])  # fmt: skip
+    else:
+        pc = pose_change(R0.cpu(), t0.cpu(), R_cmp, t_cmp, **steps, operators=ops)
     vc = view_coverage(symmetric_views(R.detach().cpu(), c.symmetry), seed=c.seed)
     keep = ("occupancy_ratio", "entropy_ratio", "antipodal_pair_fraction", "collapsed")
     out = {"pose_change": pc, "view_coverage": {k: vc[k] for k in keep if k in vc}}
-    out.update(map_check(cfg, batches, latents, R, t))
+    out.update(map_check(cfg, batches, latents, R, t, halves=halves))
     return out
+
+
+def symmetry_frame_box(cfg: TrainConfig, D: int) -> int:
+    """Box the map is Fourier-cropped to for :func:`~cryofield.physics.symmetry.
+    symmetry_frame`: twice the search's last radius, 16 to 32 px (the axes need no more),
+    at most ``D``."""
+    return min(D, 32, max(16, 2 * round(float(cfg.radius_search_px or D / 4))))
+
+
+def diagnostic_rows(cfg: TrainConfig, n: int) -> np.ndarray:
+    """The images back-projected for the per-epoch checks: all, or a fixed random subset
+    of ``DIAG_MAX_IMAGES`` (sorted), so the cost stays bounded at any ``n``."""
+    rows = np.arange(n)
+    if n > DIAG_MAX_IMAGES:
+        gen = np.random.default_rng(cfg.seed)
+        rows = np.sort(gen.choice(n, DIAG_MAX_IMAGES, replace=False))
+    return rows
+
+
+def backprojected_halves(
+    cfg: TrainConfig, batches: BatchMaker, R: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Half maps ``(D, D, D)`` of the :func:`diagnostic_rows` images at poses ``R (N, 3, 3)``,
+    shifts ``t (N, 2)`` (training px), with ``cfg.symmetry`` imposed, and their count."""
+    from cryofield.inference.refine import backproject_halves_batched
+    from cryofield.physics.symmetry import symmetry_operators
+
+    rows = diagnostic_rows(cfg, len(batches.source))
+    h1, h2 = backproject_halves_batched(batches, R[rows], t[rows], rows=rows,
+                                        symmetry=symmetry_operators(cfg.symmetry))  # fmt: skip
+    return h1, h2, len(rows)
 
 
 def symmetric_views(R: torch.Tensor, symmetry: str, max_views: int = 200_000) -> torch.Tensor:
@@ -72,27 +126,20 @@ def map_check(
     latents: LatentTable | None,
     R: torch.Tensor,
     t: torch.Tensor,
+    halves: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> dict[str, Any]:
     """Per-epoch convergence numbers beyond the poses. Homogeneous: the half-map FSC
-    of a back-projection at the current poses (at most ``DIAG_MAX_IMAGES`` images, a
-    fixed random subset, so the cost stays bounded at any N). Heterogeneous: the
-    structure of the latent space (:func:`~cryofield.inference.diagnostics.
-    latent_structure`)."""
+    of a back-projection at the current poses (:func:`backprojected_halves`, at most
+    ``DIAG_MAX_IMAGES`` images, a fixed random subset, so the cost stays bounded at any N;
+    ``halves``: already computed). Heterogeneous: the structure of the latent space
+    (:func:`~cryofield.inference.diagnostics.latent_structure`)."""
     from cryofield.inference.diagnostics import latent_structure
 
     if latents is not None:
         ls = latent_structure(latents.all().cpu(), seed=cfg.seed)
         return {"latent_structure": {k: v for k, v in ls.items() if np.ndim(v) == 0}}
-    from cryofield.inference.refine import backproject_halves_batched
     from cryofield.physics.fsc import fsc, resolution_at
-    from cryofield.physics.symmetry import symmetry_operators
 
-    n = len(batches.source)
-    rows = np.arange(n)
-    if n > DIAG_MAX_IMAGES:
-        gen = np.random.default_rng(cfg.seed)
-        rows = np.sort(gen.choice(n, DIAG_MAX_IMAGES, replace=False))
-    h1, h2 = backproject_halves_batched(batches, R[rows], t[rows], rows=rows,
-                                        symmetry=symmetry_operators(cfg.symmetry))  # fmt: skip
+    h1, h2, n_rows = halves if halves is not None else backprojected_halves(cfg, batches, R, t)
     res = resolution_at(fsc(h1, h2), 0.143, batches.apix_A)[1]
-    return {"halfmap_fsc0143_A": float(res), "halfmap_images": len(rows)}
+    return {"halfmap_fsc0143_A": float(res), "halfmap_images": n_rows}

@@ -301,7 +301,7 @@ class Trainer:
         fitted again, at once in homogeneous runs, whose next epochs rebuild the map from
         the images) (RELION 4 runs its initial model in C1 and aligns the symmetry axes
         afterwards the same way, the centre of mass moved to the box centre first)."""
-        from cryofield.inference.epoch_metrics import DIAG_MAX_IMAGES
+        from cryofield.inference.epoch_metrics import DIAG_MAX_IMAGES, symmetry_frame_box
         from cryofield.inference.refine import backproject_halves_batched
         from cryofield.physics.symmetry import apply_symmetry_frame, symmetry_frame
 
@@ -314,9 +314,7 @@ class Trainer:
         rows = np.unique(np.linspace(0, self.N - 1, min(self.N, DIAG_MAX_IMAGES)).round())
         rows = rows.astype(np.int64)
         h1, h2 = backproject_halves_batched(self.batches, R[rows], t[rows], rows=rows)
-        # the map to the search's last radius (box 2 r; at most 32 px: the axes need no more)
-        box = min(self.D, 32, max(16, 2 * round(float(c.radius_search_px or self.D / 4))))
-        frame = symmetry_frame((h1 + h2).cpu(), ops, max_D=box)
+        frame = symmetry_frame((h1 + h2).cpu(), ops, max_D=symmetry_frame_box(c, self.D))
         R_new, t_new = apply_symmetry_frame(R, t, frame)
         self.poses.set(torch.arange(self.N, device=self.device), R_new, t_new)
         self.field.set_frame(frame.rotation.to(self.device, torch.float32))
@@ -611,7 +609,8 @@ class Trainer:
             epoch=epoch, phase=phase.value, loss=float(np.mean(losses)),
             radius_px=float(plan.radius_train_px), images_s=self.N / dt, time_s=dt,
             **epoch_checks(dataclasses.replace(cfg, symmetry=self.active_symmetry),
-                           self.batches, self.poses, self.latents, R_before, t_before),
+                           self.batches, self.poses, self.latents, R_before, t_before,
+                           map_symmetry=cfg.symmetry),
         )  # fmt: skip
 
     @torch.no_grad()
@@ -777,13 +776,16 @@ class Trainer:
             self.epoch = epoch
             self._extend_search(epoch, metrics)
             self.save_epoch(metrics)
+            pc = metrics["pose_change"]
+            mod = (f" modulo {pc['modulo']} in the map's frame (without it "
+                   f"{100 * pc['frac_moved_c1']:.1f}%)") if "modulo" in pc else ""  # fmt: skip
             log.info(
                 "epoch %d [%s] loss %.5g radius %.1f px, %.1f img/s, %.1f s; %.1f%% of poses "
-                "changed basin (median move %.2f deg)",
+                "changed basin%s (median move %.2f deg)",
                 epoch, metrics["phase"], float("nan") if metrics["loss"] is None
                 else metrics["loss"], metrics["radius_px"],
                 metrics["images_s"], metrics["time_s"],
-                100 * metrics["pose_change"]["frac_moved"], metrics["pose_change"]["median_deg"],
+                100 * pc["frac_moved"], mod, pc["median_deg"],
             )  # fmt: skip
         return self.outdir
 
