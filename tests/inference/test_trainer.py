@@ -207,3 +207,42 @@ def test_search_goes_on_while_poses_have_not_settled(tmp_path, one_thread):
     assert [m["phase"] for m in RunDir(tmp_path / "b").metrics()] == [
         "hps", "hps", "refine", "field"
     ]  # fmt: skip
+
+
+def test_search_stops_early_once_poses_have_settled(tmp_path, one_thread):
+    """The search's early stop: after two settled search epochs in a row (at most
+    pose_settle_limit of the images changed basin), from half the planned search on, the
+    next epoch is the search's last, its radius reaching the planned final radius by its
+    end, and the shorter plan is in config.yaml. Not before half the plan, not after an
+    unsettled epoch, not with ``search_extend 0`` (the plan as given)."""
+    D, N = 16, 48
+    data = make_dataset([blob_volume(D, 5, width_px=1.5)], N, snr=100.0, seed=6)
+    kw = dict(hps_images=8 * N, field_images=N, hidden=16, n_freqs=4, batch_size=12,
+              base_nside=1, base_psi=6, search_levels=1, radius_start_px=3.0,
+              radius_search_px=5.0, refine_iters=1)  # fmt: skip
+    tr = _trainer(data, tmp_path / "a", **kw)
+    assert tr.cfg.epochs == 8 + 1 + 1 and tr.schedule.hps_epochs == 8
+
+    def epoch(e: int, frac: float) -> None:
+        tr.images_seen = e * N
+        tr._shorten_search(e, {"pose_change": {"frac_moved": frac}})
+
+    for e, frac in [(1, 1.0), (2, 0.05), (3, 0.05)]:  # settled, but before half the plan
+        epoch(e, frac)
+    assert tr.schedule.hps_epochs == 8
+    epoch(4, 0.5)  # not settled: the count starts again
+    epoch(5, 0.05)
+    assert tr.schedule.hps_epochs == 8 and tr.search_settled == 1
+    epoch(6, 0.05)  # two in a row: epoch 7 is the last
+    assert tr.schedule.hps_epochs == 7 and tr.cfg.epochs == 9
+    assert [tr.schedule.phase_of_epoch(e) for e in (7, 8, 9)] == ["hps", "refine", "field"]
+    assert tr.schedule.plan(7, 7 * N).radius_train_px == pytest.approx(5.0)
+    assert tr.schedule.plan(7, 6 * N).radius_train_px < 5.0
+    saved = TrainConfig.load(tmp_path / "a" / "config.yaml")
+    assert (saved.epochs, saved.hps_images, saved.search_ramp_images) == (9, 7 * N, 7 * N)
+    epoch(7, 0.0)  # the last search epoch: nothing more to cut
+    assert tr.schedule.hps_epochs == 7
+    tr = _trainer(data, tmp_path / "b", **kw, search_extend=0.0)
+    for e in range(1, 8):
+        epoch(e, 0.0)
+    assert tr.schedule.hps_epochs == 8
