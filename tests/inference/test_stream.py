@@ -144,6 +144,16 @@ def test_a_step_out_of_memory_is_run_again_in_halves(stack, tmp_path, one_thread
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
     res = np.load(RunDir(tmp_path).epoch_dir(1) / "residuals.npz")["residual"]
     assert np.isfinite(res).all()
+    # the smaller steps are in the checkpoint: a resumed run does not run out again
+    st = torch.load(RunDir(tmp_path).epoch_dir(1) / "state.pt", weights_only=True)
+    assert st["max_step_images"] == 8
+    again = Trainer(_cfg(tmp_path), ParticleSource(load_particle_table(path)), data.ctf,
+                    tmp_path, (data.rotations, data.shifts_px))  # fmt: skip
+    again.load_state(st)
+    assert again.max_step_images == 8
+    again.max_step_images = 4  # a roll-back keeps the smaller of the two
+    again.load_state(st)
+    assert again.max_step_images == 4
 
 
 def test_one_image_that_does_not_fit_raises(stack, tmp_path, one_thread):

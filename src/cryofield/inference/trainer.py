@@ -170,6 +170,7 @@ class Trainer:
             "latent_init_epoch": self.latent_init_epoch,
             "search_extended": self.search_extended,
             "search_settled": self.search_settled,
+            "max_step_images": self.max_step_images,
             "symmetry_aligned": getattr(self, "_symmetry_aligned", False),
             "loss_start": self.loss_start,
             "scale": self.batches.scale,
@@ -190,6 +191,13 @@ class Trainer:
         self.latent_init_epoch = int(st.get("latent_init_epoch", 0))
         self.search_extended = int(st.get("search_extended", 0))
         self.search_settled = int(st.get("search_settled", 0))
+        saved = st.get("max_step_images")  # the step size an out-of-memory step left
+        if saved is not None:  # resumed: kept; rolled back: the smaller limit is kept
+            first = self.max_step_images is None
+            self.max_step_images = int(saved) if first else min(self.max_step_images, int(saved))
+            if first:
+                log.info("steps of at most %d images (an earlier step ran out of memory; a "
+                         "new run starts from full batches)", self.max_step_images)  # fmt: skip
         self._symmetry_aligned = bool(st.get("symmetry_aligned", False))
         start = st.get("loss_start")  # absent in older checkpoints: set by the next step
         self.loss_start = None if start is None else float(start)
