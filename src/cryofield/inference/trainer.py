@@ -312,7 +312,7 @@ class Trainer:
         fitted again, at once in homogeneous runs, whose next epochs rebuild the map from
         the images) (RELION 4 runs its initial model in C1 and aligns the symmetry axes
         afterwards the same way, the centre of mass moved to the box centre first)."""
-        from cryofield.inference.epoch_metrics import DIAG_MAX_IMAGES, symmetry_frame_box
+        from cryofield.inference.epoch_metrics import DIAG_MAX_IMAGES
         from cryofield.inference.refine import backproject_halves_batched
         from cryofield.physics.symmetry import apply_symmetry_frame, symmetry_frame
 
@@ -325,7 +325,9 @@ class Trainer:
         rows = np.unique(np.linspace(0, self.N - 1, min(self.N, DIAG_MAX_IMAGES)).round())
         rows = rows.astype(np.int64)
         h1, h2 = backproject_halves_batched(self.batches, R[rows], t[rows], rows=rows)
-        frame = symmetry_frame((h1 + h2).cpu(), ops, max_D=symmetry_frame_box(c, self.D))
+        # the map to the search's last radius (box 2 r; at most 32 px: the axes need no more)
+        box = min(self.D, 32, max(16, 2 * round(float(c.radius_search_px or self.D / 4))))
+        frame = symmetry_frame((h1 + h2).cpu(), ops, max_D=box)
         R_new, t_new = apply_symmetry_frame(R, t, frame)
         self.poses.set(torch.arange(self.N, device=self.device), R_new, t_new)
         self.field.set_frame(frame.rotation.to(self.device, torch.float32))
