@@ -42,8 +42,9 @@ def epoch_checks(
     symmetry_frame` on this epoch's back-projection (cropped to 16 px) gives ``A`` and the
     symmetry centre ``c``, both epochs' poses are moved into that frame
     (:func:`~cryofield.physics.symmetry.apply_symmetry_frame`, where equivalent poses
-    ``R g`` share one shift) and compared as above; ``pose_change`` then also has ``modulo``, ``frame_score`` (the map's correlation
-    with its symmetry mates in that frame) and ``frac_moved_c1`` (the plain count)."""
+    ``R g`` share one shift) and compared as above; ``pose_change`` then also has
+    ``modulo``, ``frame_score`` (the map's correlation with its symmetry mates in that
+    frame) and ``frac_moved_c1`` (the plain count)."""
     from cryofield.inference.diagnostics import pose_change, view_coverage
     from cryofield.physics.symmetry import symmetry_frame, symmetry_operators
 
