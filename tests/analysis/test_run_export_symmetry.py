@@ -149,11 +149,22 @@ def test_c1_run_writes_no_record(fake_hom_run: FakeRun, tmp_path: Path, capsys) 
     assert "recorded" not in capsys.readouterr().out
 
 
-def test_flip_hand_warns_for_groups_the_mirror_moves(hom_run: Path, capsys) -> None:
+def test_flip_hand_of_groups_the_mirror_moves_inverts(hom_run: Path, capsys) -> None:
     """RELION's T (3-fold on z, 2-folds off the axes) mirrored along z is T about other
-    axes; D7 mirrored is D7."""
-    export.write_selection(export.select_particles(hom_run), hom_run / "d7.star", flip_hand=True)
-    assert "warning" not in capsys.readouterr().out
+    axes; D7 mirrored is D7. A T run's hand is flipped by inversion (map V(-p), poses
+    Rz(180) R), which keeps RELION's T axes (issue #23: before, a warning only)."""
+    sel = export.select_particles(hom_run)
+    R = np.asarray(sel.poses["rotations"], dtype=np.float64)[sel.rows]
+    vol = np.asarray(read_mrc(RunDir(hom_run).volume_path(2), mmap=False)[0], np.float32)
+    out = export.write_selection(sel, hom_run / "d7.star", flip_hand=True)
+    assert "inversion" not in capsys.readouterr().out
+    M = mirror_matrix().numpy()
+    np.testing.assert_allclose(load_particle_table(out).rotations, M @ R @ M, atol=1e-5)
     _configure(hom_run, symmetry="T")
-    export.write_selection(export.select_particles(hom_run), hom_run / "t.star", flip_hand=True)
-    assert "does not have its symmetry axes where RELION's T has them" in capsys.readouterr().out
+    out = export.write_selection(export.select_particles(hom_run), hom_run / "t.star",
+                                 flip_hand=True)  # fmt: skip
+    assert "flipped by inversion through the centre" in capsys.readouterr().out
+    Rz = np.diag([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(load_particle_table(out).rotations, Rz @ R, atol=1e-5)
+    written = np.asarray(read_mrc(export.flipped_map_path(out), mmap=False)[0])
+    np.testing.assert_array_equal(written, flip_hand_volume(vol, invert=True))

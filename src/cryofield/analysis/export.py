@@ -359,15 +359,17 @@ def write_selection(
     cryosparc = out.suffix.lower() == ".cs" and sel.symmetry[0] == "D"
     if flip_hand:  # the mirror M G M of a Cn, Dn, O, I1, I2 group is the group itself
         from cryofield.physics.handedness import flip_hand_poses
+        from cryofield.physics.symmetry import mirror_keeps_axes
 
-        rotations, _ = flip_hand_poses(rotations)
-        if not _mirror_keeps_axes(sel.symmetry):
+        invert = not mirror_keeps_axes(sel.symmetry)
+        rotations, _ = flip_hand_poses(rotations, invert=invert)
+        if invert:
             print(
-                f"warning: {out}: the mirror image (along z) of a {sel.symmetry} map does not "
-                f"have its symmetry axes where RELION's {sel.symmetry} has them: the mirrored "
-                f"poses are not in RELION's {sel.symmetry} axes, whatever the file records"
+                f"note: {out}: the z-mirror of a {sel.symmetry} map moves RELION's "
+                f"{sel.symmetry} axes; the hand is flipped by inversion through the centre "
+                "instead (the map V(-p), poses turned 180 deg in-plane), which keeps them"
             )
-        _write_flipped_map(run, sel.epoch, out, cryosparc=cryosparc)
+        _write_flipped_map(run, sel.epoch, out, cryosparc=cryosparc, invert=invert)
     elif cryosparc:
         _write_cryosparc_map(run, sel.epoch, out)
     z = run.latents(sel.epoch)
@@ -470,20 +472,6 @@ def relion_to_cryosparc_volume(vol: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(vol[:, m, :], 1, 2))
 
 
-def _mirror_keeps_axes(symmetry: str) -> bool:
-    """Whether mirroring along z (``M G M``, ``M = diag(1, 1, -1)``) keeps the group's
-    axes: true for ``Cn``, ``Dn``, ``O``, ``I1``, ``I2``; not for RELION's ``T``, ``I3``,
-    ``I4``."""
-    import torch
-
-    from cryofield.physics.symmetry import symmetry_operators
-
-    G = symmetry_operators(symmetry, torch.float64)
-    M = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
-    dist = ((M @ G @ M)[:, None] - G[None]).abs().amax((-1, -2))
-    return bool((dist.min(1).values < 1e-6).all())
-
-
 def _say_recorded(out: Path, symmetry: str, mask: str | None) -> None:
     """One line: where the file's symmetry and mask are recorded (nothing for C1, no mask)."""
     from cryofield.io.export import cryosparc_axes, sidecar_path
@@ -504,7 +492,9 @@ def _say_recorded(out: Path, symmetry: str, mask: str | None) -> None:
     print(f"recorded {what} {where}")
 
 
-def _write_flipped_map(run: RunDir, epoch: int, out: Path, cryosparc: bool = False) -> None:
+def _write_flipped_map(
+    run: RunDir, epoch: int, out: Path, cryosparc: bool = False, invert: bool = False
+) -> None:
     from cryofield.io.mrc import read_mrc, write_mrc
     from cryofield.physics.handedness import flip_hand_volume
 
@@ -512,13 +502,15 @@ def _write_flipped_map(run: RunDir, epoch: int, out: Path, cryosparc: bool = Fal
     if src is None:
         print(
             "note: heterogeneous run: no single map to mirror; maps rendered from this run "
-            "have the old hand (mirror them with cryofield.physics.handedness.flip_hand_volume)"
+            "have the old hand (mirror them with cryofield.physics.handedness.flip_hand_volume"
+            + (", invert=True" if invert else "")
+            + ", or `cryofield eval-vol --flip-hand`)"
             + (_CRYOSPARC_RENDER_NOTE if cryosparc else "")
         )
         return
     vol, info = read_mrc(src, mmap=False)
     dest = flipped_map_path(out)
-    mirrored = flip_hand_volume(np.asarray(vol, dtype=np.float32))
+    mirrored = flip_hand_volume(np.asarray(vol, dtype=np.float32), invert=invert)
     axes = ""
     if cryosparc:
         mirrored, axes = relion_to_cryosparc_volume(mirrored), " in cryoSPARC's axes"

@@ -49,6 +49,7 @@ def render_volumes(
     lowpass_A: float | None = None,
     flip_hand: bool = False,
     progress: bool = True,
+    invert: bool = False,
 ) -> list[np.ndarray]:
     """Maps of ``field`` at latent points.
 
@@ -58,7 +59,8 @@ def render_volumes(
     z_points : (K, zdim) latents, or None for one map of a homogeneous field.
     apix_A : pixel size of the training box (for the low-pass).
     lowpass_A : optional low-pass resolution (A).
-    flip_hand : mirror the maps (z -> -z).
+    flip_hand : mirror the maps (z -> -z; ``invert``: p -> -p, which keeps the axes of
+        every point group, :func:`~cryofield.physics.symmetry.mirror_keeps_axes`).
 
     Returns
     -------
@@ -82,7 +84,7 @@ def render_volumes(
         if lowpass_A is not None:
             vol = lowpass_volume(vol, lowpass_A, apix_A)
         if flip_hand:
-            vol = np.asarray(flip_hand_volume(vol))
+            vol = np.asarray(flip_hand_volume(vol, invert=invert))
         out.append(vol)
     return out
 
@@ -95,6 +97,7 @@ def write_volume_series(
     apix_A: float,
     lowpass_A: float | None = None,
     flip_hand: bool = False,
+    invert: bool = False,
 ) -> list[Path]:
     """Render maps at ``z_points`` and write ``OUTDIR/<prefix>NNN.mrc`` (atomically).
 
@@ -106,7 +109,9 @@ def write_volume_series(
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    vols = render_volumes(field, z_points, apix_A, lowpass_A=lowpass_A, flip_hand=flip_hand)
+    vols = render_volumes(
+        field, z_points, apix_A, lowpass_A=lowpass_A, flip_hand=flip_hand, invert=invert
+    )
     paths = []
     for i, vol in enumerate(vols):
         paths.append(write_mrc(outdir / f"{prefix}{i:03d}.mrc", vol, apix_A))

@@ -32,7 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", help="output folder (default OUTDIR/eval_vol.EPOCH)")
     parser.add_argument("--prefix", default="vol_", help="file name prefix (default vol_)")
     parser.add_argument("--lowpass", type=float, metavar="A", help="low-pass to this resolution")
-    parser.add_argument("--flip-hand", action="store_true", help="mirror the maps (z -> -z)")
+    parser.add_argument(
+        "--flip-hand",
+        action="store_true",
+        help="mirror the maps (z -> -z; T, I3, I4 runs: p -> -p, which keeps their axes)",
+    )
 
 
 def read_zfile(path: str | Path, zdim: int) -> np.ndarray:
@@ -63,9 +67,11 @@ def run(args: argparse.Namespace) -> int:
     from cryofield.inference.rundir import WEIGHTS_FILE, RunDir
     from cryofield.io.atomic import refuse_overwrite
     from cryofield.logs import setup_logging
+    from cryofield.physics.symmetry import mirror_keeps_axes
 
     run_dir = RunDir(args.outdir)
     epoch = run_dir.choose_epoch(args.epoch, verb="render")
+    symmetry = str(run_dir.config().get("symmetry") or "C1")
     field = run_dir.load_field(epoch)
     zdim = int(field.zdim)
     if args.lowpass is not None and args.lowpass <= 0:
@@ -98,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir.apix_A(),
         lowpass_A=args.lowpass,
         flip_hand=args.flip_hand,
+        invert=args.flip_hand and not mirror_keeps_axes(symmetry),
     )
     for p in paths:
         print(p)

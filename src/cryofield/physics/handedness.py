@@ -20,6 +20,14 @@ z rotations commute with ``M`` and ``M Ry(tilt) M = Ry(-tilt)``, so the mirrored
 same mirror that RELION's and cryoSPARC's "flip hand" tools apply to the map (a reversal
 of the z axis); see Rosenthal & Henderson (2003), J. Mol. Biol. 333:721, on the
 hand ambiguity of single-particle reconstructions.
+
+Point inversion (``invert=True``). The mirror image of a symmetric map has the group
+``M G M``; for RELION's ``T``, ``I3`` and ``I4`` that is not ``G`` (the axes move). The
+inversion through the origin, ``V''(p) = V(-p)``, is also a mirror image (``-I = M
+Rz(180)``: the z-mirror followed by a half turn about z) and commutes with every
+rotation, so ``V''`` has the group ``G`` in the same axes. Its poses are
+``R'' = Rz(180) R``: ``-R''^T [x, y, z] = -R^T Rz(180) [x, y, z] = R^T [x, y, -z]``, so
+``P_R'' V'' = P_R V`` with the shifts unchanged.
 """
 
 from __future__ import annotations
@@ -41,8 +49,12 @@ def mirror_matrix(dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=dtype))
 
 
-def flip_hand_volume(vol: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-    """Mirror a volume along z about the origin voxel ``D // 2``.
+def flip_hand_volume(
+    vol: torch.Tensor | np.ndarray, invert: bool = False
+) -> torch.Tensor | np.ndarray:
+    """Mirror a volume along z about the origin voxel ``D // 2`` (``invert``: invert it
+    through that voxel, ``V(-p)``, every axis reversed the same way; see the module
+    docstring).
 
     The result is ``V'[z, y, x] = V[(D - z) mod D, y, x]``: voxel ``D // 2 + j`` takes the
     value of voxel ``D // 2 - j``, so the real-space origin (index ``D // 2``) stays fixed
@@ -62,17 +74,19 @@ def flip_hand_volume(vol: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarra
     """
     if vol.ndim < 3:
         raise ValueError(f"flip_hand_volume: expected a (..., D, D, D) volume, got {vol.shape}")
-    axis = vol.ndim - 3
+    axes = tuple(range(vol.ndim - 3, vol.ndim)) if invert else (vol.ndim - 3,)
     if isinstance(vol, np.ndarray):
-        return np.ascontiguousarray(np.roll(np.flip(vol, axis=axis), 1, axis=axis))
-    return torch.roll(torch.flip(vol, dims=(axis,)), 1, dims=axis)
+        return np.ascontiguousarray(np.roll(np.flip(vol, axis=axes), 1, axis=axes))
+    return torch.roll(torch.flip(vol, dims=axes), (1,) * len(axes), dims=axes)
 
 
 def flip_hand_poses(
     rotations: torch.Tensor | np.ndarray,
     shifts_px: torch.Tensor | np.ndarray | None = None,
+    invert: bool = False,
 ) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray | None]:
-    """Poses that project :func:`flip_hand_volume` ``(V)`` onto the same images as ``V``.
+    """Poses that project :func:`flip_hand_volume` ``(V, invert)`` onto the same images as
+    ``V``: ``M R M``, or ``Rz(180) R`` for the inverted map.
 
     Parameters
     ----------
@@ -92,8 +106,8 @@ def flip_hand_poses(
     if rotations.shape[-2:] != (3, 3):
         raise ValueError(f"flip_hand_poses: expected (..., 3, 3) rotations, got {rotations.shape}")
     sign = np.array([1.0, 1.0, -1.0])
-    # (M R M)_ij = m_i R_ij m_j with m = (1, 1, -1)
-    outer = sign[:, None] * sign[None, :]
+    # (M R M)_ij = m_i R_ij m_j with m = (1, 1, -1); (Rz(180) R)_ij = -R_ij for i < 2
+    outer = -sign[:, None] * np.ones(3)[None, :] if invert else sign[:, None] * sign[None, :]
     if isinstance(rotations, np.ndarray):
         flipped = rotations * outer.astype(rotations.dtype)
         shifts = None if shifts_px is None else np.array(shifts_px, copy=True)

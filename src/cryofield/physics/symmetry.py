@@ -237,6 +237,17 @@ def relion_to_cryosparc_dihedral(dtype: torch.dtype = torch.float64) -> torch.Te
     return _axis_rotation((0.0, 0.0, 1.0), math.pi / 2).to(dtype)
 
 
+def mirror_keeps_axes(name: str) -> bool:
+    """Whether the z-mirror of a map with point group ``name`` (RELION's axes) has the
+    group in the same axes (``M G M = G``, ``M = diag(1, 1, -1)``): true for ``Cn``,
+    ``Dn``, ``O``, ``I1``, ``I2``; not for RELION's ``T``, ``I3``, ``I4``, whose hand is
+    flipped by inversion instead (:mod:`cryofield.physics.handedness`)."""
+    G = symmetry_operators(name, torch.float64)
+    M = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
+    dist = ((M @ G @ M)[:, None] - G[None]).abs().amax((-1, -2))
+    return bool((dist.min(1).values < 1e-6).all())
+
+
 def equivalent_poses(rotations: torch.Tensor, operators: torch.Tensor) -> torch.Tensor:
     """The ``G`` poses equivalent to each pose: ``R @ g``.
 
