@@ -163,6 +163,7 @@ def score(run: Path, data: Path) -> dict[str, Any]:
     rho = ev.get("latent_vs_coord_spearman")
     if rho is not None:
         out["spearman_abs"] = float(max(abs(r) for r in rho))
+        out["spearman_ceiling"] = ev.get("latent_vs_coord_ceiling")
     poses = ev.get("poses") or {}
     out["oop_median_deg"] = poses.get("out_of_plane_median_deg")
     return out
@@ -210,7 +211,7 @@ def _f(v: Any, fmt: str = ".3f") -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     head = ["cell", "mode", "N", "SNR", "map corr", "ARI", "ceiling", "gap", "|Spearman|",
-            "oop med °", "wall min", "target"]  # fmt: skip
+            "ceiling", "oop med °", "wall min", "target"]  # fmt: skip
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if "error" in r:
@@ -220,7 +221,8 @@ def table(results: list[dict[str, Any]]) -> str:
         rows.append("| " + " | ".join([
             r["cell"], r["mode"], str(r["N"]), str(r["snr"]), _f(r.get("map_corr")),
             _f(r.get("ari")), _f(r.get("ceiling_ari")), _f(r.get("ari_gap")),
-            _f(r.get("spearman_abs")), _f(r.get("oop_median_deg"), ".2f"),
+            _f(r.get("spearman_abs")), _f(r.get("spearman_ceiling")),
+            _f(r.get("oop_median_deg"), ".2f"),
             f"{r['wall_s'] / 60:.1f}", ok,
         ]) + " |")  # fmt: skip
     return "\n".join(rows)

@@ -55,12 +55,25 @@ def test_wrong_contrast_breaks_the_assignment(high_snr: Path) -> None:
     assert state_ceiling(high_snr, truth, max_images=150)["ari"] < 0.9
 
 
-def test_skipped_for_continuous_and_homogeneous() -> None:
+@pytest.mark.parametrize(("snr", "lo", "hi"), [(1.0, 0.9, 1.0), (0.002, 0.0, 0.6)])
+def test_continuous_ceiling_orders_the_frames(tmp_path: Path, snr, lo, hi) -> None:
+    """Continuous truth: each image assigned to the frame map that explains it best; the
+    assigned frames' coordinates order the images as the true ones do at a high SNR, and
+    hardly at all in noise (issue #24: a ceiling for continuous motions)."""
+    cfg = preset_config("demo-continuous", D=32, n_particles=240, n_frames=8, snr=snr,
+                        seed=2, chunk_size=240)  # fmt: skip
+    truth_path = simulate_dataset(cfg, tmp_path) / "truth.npz"
+    assert skip_reason(load_truth(truth_path)) is None
+    res = state_ceiling(truth_path)
+    assert "ari" not in res and res["n_frames"] == 8 and res["n_images"] == 240
+    assert lo <= res["spearman_abs"] <= hi, res
+    if snr >= 1:
+        assert res["frame_accuracy"] > 0.5 and res["coord_error_median"] < 0.15, res
+
+
+def test_skipped_for_homogeneous() -> None:
     n = 6
     base = {"rotations": np.tile(np.eye(3), (n, 1, 1)), "labels": np.arange(n) % 3}
-    cont = {**base, "coord": np.linspace(0, 1, n)}
-    assert "continuous" in skip_reason(cont)
-    assert "continuous" in state_ceiling("unused/truth.npz", cont)["skipped"]
     homo = {**base, "labels": np.zeros(n, int), "coord": np.full(n, np.nan)}
     assert "homogeneous" in state_ceiling("unused/truth.npz", homo)["skipped"]
     # one state left once junk is excluded

@@ -14,9 +14,17 @@ assignment given everything but the state, so the adjusted Rand index of ``s_i``
 against the true labels (``ari``) is what the data hold: a learned clustering can
 reach it, not beat it (up to sampling noise).
 
+Continuous truth (a finite ``coord``: the labels are frames of a motion, each with its
+map and coordinate, ``frame_coords``): each image is assigned to the frame map that
+explains it best, the same way, and ``spearman_abs`` is ``|Spearman|`` of the assigned
+frames' coordinates against the true coordinates: the ceiling of the latent-vs-coordinate
+score (``latent_vs_coord_spearman``) at this SNR (also ``coord_error_median``, the median
+``|assigned - true|`` coordinate).
+
 The images are read in chunks (:class:`~cryofield.io.particles.ParticleSource`), one
 true map at a time, and at most ``max_images`` of them (a seeded random subset) are
-used, so the cost is bounded whatever the dataset size.
+used, so the cost is bounded whatever the dataset size (continuous truth: the images of
+4 maps' worth of projections, ``4 max_images / frames``, at least 200).
 """
 
 from __future__ import annotations
@@ -38,16 +46,13 @@ log = logging.getLogger("cryofield.analysis.ceiling")
 def skip_reason(truth: dict[str, np.ndarray], truth_rows: np.ndarray | None = None) -> str | None:
     """Why no ceiling applies to ``truth`` (restricted to ``truth_rows``), or None.
 
-    Continuous truth (a finite ``coord``: labels are frames of a motion, not states),
-    no ``labels``, or fewer than two states among the non-junk particles.
+    No ``labels`` (states, or frames of a continuous motion), or fewer than two of them
+    among the non-junk particles.
     """
     if "labels" not in truth:
         return "the truth has no state labels"
     n = len(truth["labels"])
     rows = np.arange(n) if truth_rows is None else np.asarray(truth_rows, np.int64)
-    coord = np.asarray(truth.get("coord", np.full(n, np.nan)), np.float64)
-    if np.isfinite(coord[rows]).any():
-        return "continuous heterogeneity (truth coord): no discrete states to assign"
     labels = np.asarray(truth["labels"], np.int64)[rows]
     junk = np.asarray(truth.get("is_junk", labels < 0), bool)[rows] | (labels < 0)
     if len(np.unique(labels[~junk])) < 2:
@@ -133,6 +138,12 @@ def state_ceiling(
         return {"skipped": f"{len(vol_paths)} true map(s) for states up to {states.max()}"}
 
     eligible = np.flatnonzero(~junk)
+    coord = np.asarray(truth.get("coord", np.full(len(truth["labels"]), np.nan)), np.float64)
+    continuous = bool(np.isfinite(coord[rows]).any())
+    if continuous and max_images is not None and len(states) > 4:
+        # one projection per image and frame: the images of 4 maps' worth (500 of 40
+        # frames at the default 5,000), at least 200
+        max_images = max(200, int(max_images) * 4 // len(states))
     subsampled = max_images is not None and len(eligible) > max_images
     if subsampled:
         rng = np.random.default_rng(seed)
@@ -180,6 +191,11 @@ def state_ceiling(
             residual[a:b, int(s)] = (diff.abs() ** 2).sum(-1).double().numpy()
     assign = np.argmin(residual, axis=1)
     truth_labels = labels[use]
+    if continuous:
+        return _continuous_scores(
+            truth, coord[rows[use]], truth_labels, assign, len(eligible), bool(subsampled),
+            seed, D, radius, apix, invert, table,
+        )  # fmt: skip
     res = {
         "ari": metrics.adjusted_rand_index(truth_labels, assign),
         "accuracy": float(np.mean(assign == truth_labels)),
@@ -198,5 +214,54 @@ def state_ceiling(
     log.info(
         "state ceiling: ARI %.3f on %d of %d images (radius %.1f px)",
         res["ari"], len(use), len(eligible), radius,
+    )  # fmt: skip
+    return res
+
+
+def _continuous_scores(
+    truth: dict[str, np.ndarray],
+    coord: np.ndarray,
+    labels: np.ndarray,
+    assign: np.ndarray,
+    n_eligible: int,
+    subsampled: bool,
+    seed: int,
+    D: int,
+    radius: float,
+    apix: np.ndarray,
+    invert: bool,
+    table: Any,
+) -> dict[str, Any]:
+    """The continuous ceiling (module docstring) from the frame assignment ``assign``."""
+    from scipy.stats import spearmanr
+
+    frame_coord = np.asarray(truth.get("frame_coords", np.zeros(0)), np.float64)
+    if len(frame_coord) <= max(labels.max(), assign.max()):  # the particles' coordinates
+        frame_coord = np.full(int(max(labels.max(), assign.max())) + 1, np.nan)
+        for f in np.unique(labels):
+            frame_coord[f] = np.nanmean(coord[labels == f])
+    est = frame_coord[assign]
+    rho = float(spearmanr(est, coord).statistic)
+    res = {
+        "spearman_abs": abs(rho),
+        "coord_error_median": float(np.median(np.abs(est - coord))),
+        "frame_accuracy": float(np.mean(assign == labels)),
+        "n_images": len(assign),
+        "n_eligible": int(n_eligible),
+        "subsampled": subsampled,
+        "seed": int(seed),
+        "n_frames": len(np.unique(labels)),
+        "D": int(D),
+        "radius_px": float(radius),
+        "resolution_A": float(np.median(apix)) * D / radius if radius > 0 else math.inf,
+        "invert": invert,
+        "particles": str(table.source_path),
+        "method": "each image assigned to the frame map that explains it best (true pose, "
+        "shift and CTF; least squared Fourier residual); |Spearman| of the assigned frames' "
+        "coordinates against the true ones",
+    }
+    log.info(
+        "continuous ceiling: |Spearman| %.3f on %d of %d images (%d frames, radius %.1f px)",
+        res["spearman_abs"], len(assign), n_eligible, res["n_frames"], radius,
     )  # fmt: skip
     return res

@@ -14,11 +14,13 @@ maps its rows onto them. Reported (JSON-ready dict):
 * ``clustering``: k-means with K = number of true states vs the labels (ARI, NMI,
   accuracy after matching), junk particles excluded; with ``ceiling_ari`` (below) and
   ``ari_gap = ceiling_ari - ari``.
-* ``ceiling``: the information limit of the state assignment
+* ``ceiling``: the information limit of the state assignment (continuous truth: of the
+  coordinate, ``spearman_abs``, reported beside the latents' score as
+  ``latent_vs_coord_ceiling``)
   (:func:`ceiling.state_ceiling`: each image assigned to the true map that explains it
   best at its true pose, shift and CTF; ARI against the labels, on at most
-  ``ceiling_max_images`` images), or ``{"skipped": reason}`` (continuous or homogeneous
-  truth, images not found, ``ceiling_max_images=0``).
+  ``ceiling_max_images`` images), or ``{"skipped": reason}`` (homogeneous truth, images
+  not found, ``ceiling_max_images=0``).
 * ``junk``: precision / recall of :func:`junk.estimate_junk_combined` (the junk mask of
   ``analyze``: latents and, when the run wrote them, residuals) when the truth has junk.
 * ``latent_vs_coord``: Spearman correlation of PC1..3 with a continuous coordinate.
@@ -281,6 +283,8 @@ def evaluate_run(
         coord = np.asarray(truth["coord"], np.float64)[index]
         if np.isfinite(coord).sum() >= 3:
             res["latent_vs_coord_spearman"] = metrics.spearman_latent_vs_coord(z, coord)
+            if "spearman_abs" in res["ceiling"]:
+                res["latent_vs_coord_ceiling"] = res["ceiling"]["spearman_abs"]
     return res
 
 
@@ -384,6 +388,12 @@ def format_table(res: dict[str, Any]) -> str:
                 c = res["clustering"]
                 val += f"; learned {c['ari']:.3f}, gap {c['ari_gap']:.3f}"
             rows.append(("state ceiling ARI (true maps)", val))
+        elif "spearman_abs" in ce:
+            rows.append((
+                "coordinate ceiling |Spearman|",
+                f"{ce['spearman_abs']:.3f} ({ce['n_images']} of {ce['n_eligible']} images, "
+                f"{ce['n_frames']} frame maps, r <= {ce['radius_px']:.0f} px)",
+            ))  # fmt: skip
         else:
             rows.append(("state ceiling ARI", f"skipped: {ce['skipped']}"))
     if "junk" in res:
