@@ -168,12 +168,13 @@ class TrainConfig:
     # verdict's pose-stability limit changed basin in the last search epoch, search one
     # more epoch, the radius still growing at the planned rate up to search_cap_res_A (and
     # 3/4 of Nyquist), at most search_extend x the planned search epochs (0: never; None:
-    # 1, or 0 when the number of epochs is given: --epochs N means N epochs)
+    # 1, or 0 when the number of epochs is given: --epochs N means N epochs); with it > 0
+    # the search also ends early once poses have settled (Trainer._shorten_search)
     search_extend: float | None = _flag(
         None,
         "--search-extend",
         "most extra search, in planned search epochs, while the poses have not settled "
-        "(default 1; 0 with --epochs)",
+        "(default 1; 0 with --epochs); 0 also keeps the planned search when they settle early",
     )
     search_cap_res_A: float = 10.0
     # images over which the search radius grows from radius_start_px to radius_search_px
