@@ -246,3 +246,48 @@ def test_search_stops_early_once_poses_have_settled(tmp_path, one_thread):
     for e in range(1, 8):
         epoch(e, 0.0)
     assert tr.schedule.hps_epochs == 8
+
+
+def test_isotropic_start_fits_the_field_to_a_spherical_average(tmp_path, one_thread):
+    """Ab initio start: the field, fitted to the spherical average of the images
+    back-projected at random poses, renders (within the first search radius) a map whose
+    values depend on the radius only, with the radial profile of that average; it is
+    skipped with known poses and with ``isotropic_start_images 0``."""
+    from cryofield.model.field import ball_coords
+    from cryofield.physics.lattice import radial_index_3d
+
+    D, N = 24, 96
+    vol = blob_volume(D, 6, width_px=1.5)  # six blobs: far from isotropic
+    data = make_dataset([vol], N, snr=10.0, seed=3)
+    tr = _trainer(data, tmp_path / "a", epochs=3, hps_images=2 * N, radius_start_px=4.0,
+                  radius_search_px=6.0)  # fmt: skip
+    target = tr._isotropic_map(np.arange(N))
+    r = radial_index_3d(D)
+    for shell in (0.0, 1.0, 2.0, 3.0):  # the same value on a whole shell
+        vals = target[(r - shell).abs() < 1e-4]
+        assert vals.numel() >= 1 and float(vals.std(unbiased=False)) < 1e-4 * float(
+            target.abs().max()
+        ), shell
+    assert float(target[D // 2, D // 2, D // 2]) > 0  # a blob (images inverted to positive)
+    tr._isotropic_start()
+    coords, _ = ball_coords(D, 4.0, 1)
+    k2 = (coords * D).pow(2).sum(-1).round()
+    coords, k2 = coords[k2 <= 16], k2[k2 <= 16]
+
+    def anisotropy(field) -> float:
+        """Largest spread of the field's values over voxels at the same |k| (the voxels
+        the search's slices are interpolated from), over the spread of the shell means."""
+        with torch.no_grad():
+            out = field(coords).float()
+        groups = [out[k2 == v] for v in k2.unique() if int((k2 == v).sum()) > 1]
+        within = max(float(g.std()) for g in groups)
+        return within / float(torch.stack([g.mean() for g in groups]).std())
+
+    assert anisotropy(tr.field) < 0.02
+    assert anisotropy(_trainer(data, tmp_path / "c", epochs=3, hps_images=2 * N).field) > 0.2
+    # not applied with known poses, nor with isotropic_start_images 0
+    for kw in (dict(poses_from_file="x"), dict(isotropic_start_images=0)):
+        t2 = _trainer(data, tmp_path / "b", epochs=3, hps_images=2 * N, **kw)
+        before = [p.detach().clone() for p in t2.field.parameters()]
+        t2._isotropic_start()
+        assert all(torch.equal(a, b) for a, b in zip(before, t2.field.parameters()))

@@ -177,6 +177,11 @@ class TrainConfig:
         "(default 1; 0 with --epochs); 0 also keeps the planned search when they settle early",
     )
     search_cap_res_A: float = 10.0
+    # ab initio start (Trainer._isotropic_start): before the first search the field is
+    # fitted to the spherical average of the back-projection of up to this many images at
+    # random poses (an isotropic blob with the data's radial profile), so the first search
+    # does not lock onto the anisotropy of an untrained field; 0: no start fit
+    isotropic_start_images: int = 10000
     # images over which the search radius grows from radius_start_px to radius_search_px
     # (None: all the search images; set when the search is extended)
     search_ramp_images: int | None = None
@@ -379,6 +384,7 @@ class TrainConfig:
             (self.hps_images is None or self.hps_images >= 0, "hps_images must be >= 0"),
             ((self.search_extend or 0) >= 0 and self.search_cap_res_A > 0,
              "search_extend must be >= 0 and search_cap_res_A > 0"),
+            (self.isotropic_start_images >= 0, "isotropic_start_images must be >= 0"),
             (self.contrast in CONTRASTS, f"contrast must be one of {CONTRASTS}: {self.contrast}"),
             (self.search_levels >= 0 and self.n_keep >= 1, "search levels >= 0, n_keep >= 1"),
             (self.latent_init in LATENT_INITS, f"latent_init must be one of {LATENT_INITS}"),

@@ -761,6 +761,8 @@ class Trainer:
         if self.dist.is_main:
             layout.check_free_space(self.outdir, per_epoch, cfg.epochs - self.epoch)
             layout.write_config(self.outdir, cfg)
+        if self.epoch == 0 and self.images_seen == 0:
+            self._isotropic_start()
         while self.epoch < cfg.epochs:
             epoch = self.epoch + 1
             snapshot = copy.deepcopy(self.state())
@@ -802,6 +804,67 @@ class Trainer:
                 100 * pc["frac_moved"], mod, pc["median_deg"],
             )  # fmt: skip
         return self.outdir
+
+    @torch.no_grad()
+    def _isotropic_map(self, rows: np.ndarray) -> torch.Tensor:
+        """``(D, D, D)`` spherical average (about the box centre, 1-px shells, linear
+        interpolation between them) of the back-projection of the training images ``rows``
+        at uniformly random rotations (no shifts), in the field's normalised units."""
+        from cryofield.inference.consensus import backproject_sets
+        from cryofield.inference.refine import TrainingImages
+        from cryofield.physics.lattice import radial_index_3d
+        from cryofield.physics.rotation import random_rotations
+
+        b = self.batches
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + 17)
+        R = random_rotations(len(rows), gen).to(self.device, torch.float32)
+        t = torch.zeros(len(rows), 2, device=self.device)
+        ctf = None if b.ctf_params is None else b.ctf_params.subset(torch.as_tensor(rows))
+        (bp,) = backproject_sets(TrainingImages(b), R, t, ctf, b.apix_A, rows=rows, n_sets=1)
+        vol = bp.volume().to(self.device).float()
+        r = radial_index_3d(self.D, device=self.device).reshape(-1)
+        lo = r.floor().long()
+        w = r - lo
+        n_sh = int(lo.max()) + 2
+        num = torch.zeros(n_sh, device=self.device, dtype=torch.float64)
+        den = torch.zeros_like(num)
+        v = vol.reshape(-1).double()
+        for k, wk in ((lo, 1 - w), (lo + 1, w)):
+            num.index_add_(0, k, v * wk.double())
+            den.index_add_(0, k, wk.double())
+        prof = (num / den.clamp_min(1e-12)).float()
+        return (prof[lo] * (1 - w) + prof[lo + 1] * w).reshape(vol.shape)
+
+    def _isotropic_start(self) -> None:
+        """Ab initio start (homogeneous runs that search, ``isotropic_start_images > 0``):
+        the field is regressed (:func:`~cryofield.inference.field_fit.fit_field_to_map`,
+        from an emptied output layer) onto :meth:`_isotropic_map` of up to
+        ``isotropic_start_images`` images, on the first search radius. Every direction
+        then renders the same slice, so the first search ranks poses by the data, not by
+        the random anisotropy of an untrained field (which, at 1,000 images, locked all
+        views into two antipodal blobs in the first epoch; docs/train.md)."""
+        from cryofield.inference.field_fit import FitSettings, fit_field_to_map
+
+        c = self.cfg
+        if c.zdim or c.poses_from_file or c.isotropic_start_images <= 0:
+            return
+        t0 = time.perf_counter()
+        gen = np.random.default_rng(c.seed)
+        n = min(self.N, int(c.isotropic_start_images))
+        rows = np.sort(gen.permutation(self.N)[:n])
+        target = self._isotropic_map(rows)
+        assert c.radius_start_px is not None
+        fit = fit_field_to_map(self.field, target, c.radius_start_px,
+                               FitSettings(None, c.field_fit_points, c.lr_field_fit, c.seed),
+                               from_scratch=True)  # fmt: skip
+        for p in self.field.parameters():
+            dist.broadcast_(p.data)
+        log.info(
+            "start: the field fitted to the spherical average of %d images back-projected at "
+            "random poses (radius %.1f px; %d steps, relative residual %.3g; %.1f s)",
+            n, c.radius_start_px, fit["steps"], fit["rel_residual_end"],
+            time.perf_counter() - t0,
+        )  # fmt: skip
 
     def _shorten_search(self, epoch: int, metrics: dict[str, Any]) -> None:
         """The search's early stop (homogeneous ab initio runs whose search length adapts,
