@@ -290,4 +290,4 @@ def test_isotropic_start_fits_the_field_to_a_spherical_average(tmp_path, one_thr
         t2 = _trainer(data, tmp_path / "b", epochs=3, hps_images=2 * N, **kw)
         before = [p.detach().clone() for p in t2.field.parameters()]
         t2._isotropic_start()
-        assert all(torch.equal(a, b) for a, b in zip(before, t2.field.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(before, t2.field.parameters(), strict=True))
