@@ -274,3 +274,43 @@ def test_export_of_truncated_poses_is_one_line(one_epoch_run, tmp_path, capsys):
     assert main(["export", str(run), "-o", str(tmp_path / "x.star")]) == 2
     line = _err_line(capsys)
     assert str(poses) in line and f"delete {run / 'epoch_001'}" in line
+
+
+def test_collapsed_search_starts_again_with_the_next_seed(tiny_dataset, tmp_path, monkeypatch):
+    """A search that ends with collapsed views starts again with the next seed (at most
+    ``search_restarts`` times); the failed attempts' epochs and metrics move to
+    ``collapsed_search_<k>/`` and config.yaml names the attempt that produced the run."""
+    import cryofield.inference.trainer as trainer_mod
+    from cryofield.inference.config import TrainConfig
+
+    real = trainer_mod.epoch_checks
+    collapse_seeds = {0}
+
+    def checks(cfg, *a, **kw):
+        out = real(cfg, *a, **kw)
+        if cfg.seed in collapse_seeds and "view_coverage" in out:
+            out["view_coverage"] = dict(out["view_coverage"], collapsed=True)
+        return out
+
+    monkeypatch.setattr(trainer_mod, "epoch_checks", checks)
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path / "run"
+        assert main(["train", str(tiny_dataset / "particles.star"), "-o", str(out), *_FAST]) == 0
+        assert RunDir(out).epochs() == [1, 2]
+        assert RunDir(out / "collapsed_search_1").epochs() == [1]  # the search of seed 0
+        assert (out / "collapsed_search_1" / "metrics.jsonl").is_file()
+        assert len(RunDir(out).metrics()) == 2
+        cfg = TrainConfig.load(out / "config.yaml")
+        assert (cfg.seed, cfg.search_restart, cfg.epochs) == (1, 1, 2)
+        assert "starting again with seed 1 (restart 1 of at most 2)" in (out / "run.log").read_text()
+        # every attempt collapses: two restarts, then the run goes on (and says so)
+        collapse_seeds.update({1, 2})
+        out2 = tmp_path / "run2"
+        assert main(["train", str(tiny_dataset / "particles.star"), "-o", str(out2), *_FAST]) == 0
+        assert RunDir(out2).epochs() == [1, 2]
+        assert [RunDir(out2 / f"collapsed_search_{k}").epochs() for k in (1, 2)] == [[1], [1]]
+        assert TrainConfig.load(out2 / "config.yaml").seed == 2
+        assert "collapsed at the end of the search again, after 2" in (out2 / "run.log").read_text()
+    finally:
+        torch.set_num_threads(threads)

@@ -182,6 +182,14 @@ class TrainConfig:
     # random poses (an isotropic blob with the data's radial profile), so the first search
     # does not lock onto the anisotropy of an untrained field; 0: no start fit
     isotropic_start_images: int = 10000
+    # ab initio runs whose viewing directions collapsed (diagnostics.view_coverage) at the
+    # end of the search start again with the next seed, at most this many times; the
+    # failed attempt's epochs move to OUTDIR/collapsed_search_<k>/ (runner._fit)
+    search_restarts: int = 2
+    # written by the run: the attempt (0: the first) and the search plan it started with
+    # ([epochs, hps_images]; a restart begins from it again)
+    search_restart: int = 0
+    planned_search: list[int] | None = None
     # images over which the search radius grows from radius_start_px to radius_search_px
     # (None: all the search images; set when the search is extended)
     search_ramp_images: int | None = None
@@ -385,6 +393,7 @@ class TrainConfig:
             ((self.search_extend or 0) >= 0 and self.search_cap_res_A > 0,
              "search_extend must be >= 0 and search_cap_res_A > 0"),
             (self.isotropic_start_images >= 0, "isotropic_start_images must be >= 0"),
+            (self.search_restarts >= 0, "search_restarts must be >= 0"),
             (self.contrast in CONTRASTS, f"contrast must be one of {CONTRASTS}: {self.contrast}"),
             (self.search_levels >= 0 and self.n_keep >= 1, "search levels >= 0, n_keep >= 1"),
             (self.latent_init in LATENT_INITS, f"latent_init must be one of {LATENT_INITS}"),

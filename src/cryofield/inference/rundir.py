@@ -313,7 +313,8 @@ class RunDir:
         """Path of ``OUTDIR/analyze.EPOCH`` (written by ``cryofield analyze``)."""
         return self.path / analyze_dirname(epoch)
 
-    def _epoch_dirs(self) -> dict[int, Path]:
+    def epoch_dirs(self) -> dict[int, Path]:
+        """Epoch folders (complete or not) by epoch number."""
         out = {}
         for child in self.path.iterdir():
             m = _EPOCH_RE.match(child.name)
@@ -323,7 +324,7 @@ class RunDir:
 
     def epochs(self) -> list[int]:
         """Complete epochs (folders holding ``DONE``), ascending."""
-        return sorted(e for e, d in self._epoch_dirs().items() if (d / DONE_FILE).is_file())
+        return sorted(e for e, d in self.epoch_dirs().items() if (d / DONE_FILE).is_file())
 
     def last_complete_epoch(self) -> int | None:
         """The highest complete epoch, or ``None`` when no epoch has finished."""
@@ -358,7 +359,7 @@ class RunDir:
             return int(epoch)
         last = done[-1]
         planned = self.config().get("epochs")
-        partial = sorted(e for e in self._epoch_dirs() if e not in done)
+        partial = sorted(e for e in self.epoch_dirs() if e not in done)
         if (isinstance(planned, int) and last < planned) or partial:
             why = f"{last} of {planned} epochs complete" if isinstance(planned, int) else ""
             if partial:

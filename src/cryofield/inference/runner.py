@@ -203,9 +203,37 @@ def _train_new(cfg: TrainConfig, out: Path) -> Path:
     if trainer.dist.is_main:
         table.save_npz(out / layout.TABLE_FILE)
     _log_environment(trainer.cfg, trainer.N, trainer.D, trainer.batches.apix_A)
-    trainer.fit()
+    trainer = _fit(trainer, table, source)
     _finish(trainer, table)
     return out
+
+
+def _fit(trainer: Trainer, table: Any, source: ImageSource) -> Trainer:
+    """:meth:`Trainer.fit`, started again while its search ends with collapsed views and
+    restarts are left (:meth:`Trainer.restart_config`: the next seed). The failed
+    attempt's epoch folders, metrics.jsonl and a copy of its config.yaml move to
+    ``OUTDIR/collapsed_search_<k>/`` (config.yaml already names the next attempt, so a
+    resume continues it). Returns the
+    trainer of the last attempt."""
+    import shutil
+
+    trainer.fit()
+    while trainer.search_collapsed:
+        cfg = trainer.restart_config()
+        out = trainer.outdir
+        if trainer.dist.is_main:
+            dest = out / f"collapsed_search_{cfg.search_restart}"
+            dest.mkdir(exist_ok=True)
+            layout.write_config(dest, trainer.cfg)  # the failed attempt's own settings
+            layout.write_config(out, cfg)
+            moved = list(RunDir(out).epoch_dirs().values())
+            moved += [out / layout.METRICS_FILE] if (out / layout.METRICS_FILE).exists() else []
+            for p in moved:
+                shutil.move(str(p), str(dest / p.name))
+        dist.barrier()
+        trainer = build_trainer(cfg, table, source)
+        trainer.fit()
+    return trainer
 
 
 def resume(outdir: str | Path, epochs: int | None = None) -> Path:
@@ -235,7 +263,7 @@ def _resume(run: RunDir, cfg: TrainConfig) -> Path:
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise damaged(path, err) from err
         log.info("resumed %s at epoch %d", run.path, last)
-    trainer.fit()
+    trainer = _fit(trainer, table, source)
     _finish(trainer, table)
     return run.path
 

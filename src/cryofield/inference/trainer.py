@@ -82,6 +82,8 @@ class Trainer:
         if cfg.epochs is None or cfg.hps_images is None or cfg.field_images is None:
             cfg = dataclasses.replace(cfg)  # the plan for this N (the caller's stays as it is)
             cfg.resolve_schedule(len(source))
+        if cfg.planned_search is None and cfg.epochs is not None and cfg.hps_images is not None:
+            cfg.planned_search = [int(cfg.epochs), int(cfg.hps_images)]
         self.cfg = cfg
         self.outdir = Path(outdir)
         self.device = torch.device(cfg.device)
@@ -136,6 +138,9 @@ class Trainer:
         self.latent_init_epoch = 0  # last epoch whose start set the latents by PCA
         self.search_extended = 0  # search epochs added by the stopping rule so far
         self.search_settled = 0  # consecutive search epochs, up to the last, that settled
+        #: the search ended with collapsed views and a restart is due (:meth:`fit` returned
+        #: early; the runner starts the next attempt)
+        self.search_collapsed = False
         #: loss of the run's very first step (before any update): the divergence reference
         self.loss_start: float | None = None
         self._local: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
@@ -803,7 +808,51 @@ class Trainer:
                 metrics["images_s"], metrics["time_s"],
                 100 * pc["frac_moved"], mod, pc["median_deg"],
             )  # fmt: skip
+            if self._collapsed_search(epoch, metrics):
+                self.search_collapsed = True
+                break
         return self.outdir
+
+    def _collapsed_search(self, epoch: int, metrics: dict[str, Any]) -> bool:
+        """Whether the search that ``epoch`` ended left the viewing directions collapsed
+        (``view_coverage.collapsed``: two antipodal blobs or a few directions) with a
+        restart left (``search_restart < search_restarts``; ab initio runs only). Logged.
+
+        Why at the end of the search and not before: a search can leave a collapse (the
+        preferred-orientation cell of bench_robust was two antipodal blobs for 4 of its 7
+        search epochs, then converged), and one that ends collapsed does not recover in
+        the refinement. Which start collapses is a matter of the seed: the same data
+        collapsed or converged with different starts (docs/train.md)."""
+        c = self.cfg
+        if c.poses_from_file or epoch != self.schedule.hps_epochs:
+            return False
+        vc = metrics.get("view_coverage") or {}
+        if not vc.get("collapsed"):
+            return False
+        if c.search_restart >= c.search_restarts:
+            if c.search_restarts:
+                log.warning("the views collapsed at the end of the search again, after %d "
+                            "restart(s) with other seeds: going on", c.search_restart)  # fmt: skip
+            return False
+        log.warning(
+            "the viewing directions collapsed at the end of the search (occupancy %.2f of "
+            "uniform, antipodal pair %.2f): starting again with seed %d (restart %d of at "
+            "most %d)", vc.get("occupancy_ratio", float("nan")),
+            vc.get("antipodal_pair_fraction", float("nan")), c.seed + 1,
+            c.search_restart + 1, c.search_restarts,
+        )  # fmt: skip
+        return True
+
+    def restart_config(self) -> TrainConfig:
+        """The configuration of the next attempt after a collapsed search: the next seed,
+        the search plan the run started with (:attr:`TrainConfig.planned_search`)."""
+        c = dataclasses.replace(self.cfg)
+        c.seed += 1
+        c.search_restart += 1
+        if c.planned_search is not None:
+            c.epochs, c.hps_images = (int(v) for v in c.planned_search)
+        c.search_ramp_images = None
+        return c
 
     @torch.no_grad()
     def _isotropic_map(self, rows: np.ndarray) -> torch.Tensor:
