@@ -303,7 +303,8 @@ def test_collapsed_search_starts_again_with_the_next_seed(tiny_dataset, tmp_path
         assert len(RunDir(out).metrics()) == 2
         cfg = TrainConfig.load(out / "config.yaml")
         assert (cfg.seed, cfg.search_restart, cfg.epochs) == (1, 1, 2)
-        assert "starting again with seed 1 (restart 1 of at most 2)" in (out / "run.log").read_text()
+        log = (out / "run.log").read_text()
+        assert "starting again with seed 1 (restart 1 of at most 2)" in log
         # every attempt collapses: two restarts, then the run goes on (and says so)
         collapse_seeds.update({1, 2})
         out2 = tmp_path / "run2"
