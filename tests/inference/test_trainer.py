@@ -249,10 +249,11 @@ def test_search_stops_early_once_poses_have_settled(tmp_path, one_thread):
 
 
 def test_isotropic_start_fits_the_field_to_a_spherical_average(tmp_path, one_thread):
-    """Ab initio start: the field, fitted to the spherical average of the images
-    back-projected at random poses, renders (within the first search radius) a map whose
-    values depend on the radius only, with the radial profile of that average; it is
-    skipped with known poses and with ``isotropic_start_images 0``."""
+    """The start of a restarted search: the field, fitted to the spherical average of the
+    images back-projected at random poses, renders (within the first search radius) a map
+    whose values depend on the radius only, with the radial profile of that average; it
+    is skipped in the first attempt, with known poses and with ``isotropic_start_images
+    0``."""
     from cryofield.model.field import ball_coords
     from cryofield.physics.lattice import radial_index_3d
 
@@ -260,7 +261,7 @@ def test_isotropic_start_fits_the_field_to_a_spherical_average(tmp_path, one_thr
     vol = blob_volume(D, 6, width_px=1.5)  # six blobs: far from isotropic
     data = make_dataset([vol], N, snr=10.0, seed=3)
     tr = _trainer(data, tmp_path / "a", epochs=3, hps_images=2 * N, radius_start_px=4.0,
-                  radius_search_px=6.0)  # fmt: skip
+                  radius_search_px=6.0, search_restart=1)  # fmt: skip
     target = tr._isotropic_map(np.arange(N))
     r = radial_index_3d(D)
     for shell in (0.0, 1.0, 2.0, 3.0):  # the same value on a whole shell
@@ -285,8 +286,9 @@ def test_isotropic_start_fits_the_field_to_a_spherical_average(tmp_path, one_thr
 
     assert anisotropy(tr.field) < 0.02
     assert anisotropy(_trainer(data, tmp_path / "c", epochs=3, hps_images=2 * N).field) > 0.2
-    # not applied with known poses, nor with isotropic_start_images 0
-    for kw in (dict(poses_from_file="x"), dict(isotropic_start_images=0)):
+    # not in the first attempt, nor with known poses, nor with isotropic_start_images 0
+    for kw in (dict(), dict(poses_from_file="x", search_restart=1),
+               dict(isotropic_start_images=0, search_restart=1)):  # fmt: skip
         t2 = _trainer(data, tmp_path / "b", epochs=3, hps_images=2 * N, **kw)
         before = [p.detach().clone() for p in t2.field.parameters()]
         t2._isotropic_start()

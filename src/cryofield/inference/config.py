@@ -177,10 +177,10 @@ class TrainConfig:
         "(default 1; 0 with --epochs); 0 also keeps the planned search when they settle early",
     )
     search_cap_res_A: float = 10.0
-    # ab initio start (Trainer._isotropic_start): before the first search the field is
-    # fitted to the spherical average of the back-projection of up to this many images at
-    # random poses (an isotropic blob with the data's radial profile), so the first search
-    # does not lock onto the anisotropy of an untrained field; 0: no start fit
+    # start of a restarted search (Trainer._isotropic_start): the field fitted to the
+    # spherical average of the back-projection of up to this many images at random poses
+    # (an isotropic blob with the data's radial profile); 0: restarts start from an
+    # untrained field too
     isotropic_start_images: int = 10000
     # ab initio runs whose viewing directions collapsed (diagnostics.view_coverage) at the
     # end of the search start again with the next seed, at most this many times; the
