@@ -252,8 +252,8 @@ def test_isotropic_start_fits_the_field_to_a_spherical_average(tmp_path, one_thr
     """The start of a restarted search: the field, fitted to the spherical average of the
     images back-projected at random poses, renders (within the first search radius) a map
     whose values depend on the radius only, with the radial profile of that average; it
-    is skipped in the first attempt, with known poses and with ``isotropic_start_images
-    0``."""
+    is skipped in the first attempt and the even restarts, with known poses and with
+    ``isotropic_start_images 0``."""
     from cryofield.model.field import ball_coords
     from cryofield.physics.lattice import radial_index_3d
 
@@ -286,8 +286,9 @@ def test_isotropic_start_fits_the_field_to_a_spherical_average(tmp_path, one_thr
 
     assert anisotropy(tr.field) < 0.02
     assert anisotropy(_trainer(data, tmp_path / "c", epochs=3, hps_images=2 * N).field) > 0.2
-    # not in the first attempt, nor with known poses, nor with isotropic_start_images 0
-    for kw in (dict(), dict(poses_from_file="x", search_restart=1),
+    # not in the first attempt or an even restart, nor with known poses, nor with
+    # isotropic_start_images 0
+    for kw in (dict(), dict(search_restart=2), dict(poses_from_file="x", search_restart=1),
                dict(isotropic_start_images=0, search_restart=1)):  # fmt: skip
         t2 = _trainer(data, tmp_path / "b", epochs=3, hps_images=2 * N, **kw)
         before = [p.detach().clone() for p in t2.field.parameters()]

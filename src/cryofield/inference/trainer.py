@@ -885,21 +885,23 @@ class Trainer:
         return (prof[lo] * (1 - w) + prof[lo + 1] * w).reshape(vol.shape)
 
     def _isotropic_start(self) -> None:
-        """The start of a restarted search (homogeneous ab initio runs whose first search
-        collapsed, :meth:`_collapsed_search`; ``isotropic_start_images > 0``): the field
-        is regressed (:func:`~cryofield.inference.field_fit.fit_field_to_map`,
+        """The start of the odd restarts of a search (homogeneous ab initio runs whose
+        first search collapsed, :meth:`_collapsed_search`; ``isotropic_start_images > 0``;
+        the even ones start from an untrained field with another seed): the field is
+        regressed (:func:`~cryofield.inference.field_fit.fit_field_to_map`,
         from an emptied output layer) onto :meth:`_isotropic_map` of up to
         ``isotropic_start_images`` images, on the first search radius. Every direction
         then renders the same slice, so the first search ranks poses by the data, not by
         the random anisotropy of an untrained field. A different kind of start, not only
         another seed: on bench_robust's n1k and pref_view the untrained field's search
-        collapsed (two antipodal blobs) and this one converged; on demo-homo the other way
-        round (seeds 0 and 1), so the first attempt keeps the untrained field
-        (docs/train.md)."""
+        collapsed (two antipodal blobs) and this one converged (seed 0; n1k with seed 1
+        collapsed too); on demo-homo the other way round (seeds 0 and 1), so the first
+        attempt keeps the untrained field and the restarts alternate (docs/train.md)."""
         from cryofield.inference.field_fit import FitSettings, fit_field_to_map
 
         c = self.cfg
-        if c.zdim or c.poses_from_file or c.isotropic_start_images <= 0 or not c.search_restart:
+        odd = c.search_restart % 2 == 1  # restarts alternate the kind of start
+        if c.zdim or c.poses_from_file or c.isotropic_start_images <= 0 or not odd:
             return
         t0 = time.perf_counter()
         gen = np.random.default_rng(c.seed)
