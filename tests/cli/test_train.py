@@ -111,7 +111,8 @@ def test_heterogeneous_known_pose_run_same_from_star_and_cs(tiny_states, tmp_pat
 def test_config_file_sets_keys_and_resume_refuses_flags_it_would_ignore(tiny_dataset, tmp_path):
     cfg = tmp_path / "settings.yaml"
     cfg.write_text("hidden: 24\nn_freqs: 8\nbase_nside: 1\nbase_psi: 6\nsearch_levels: 1\n"
-                   "latent_init_iters: 3\nbatch_size: 16\n")  # fmt: skip
+                   "latent_init_iters: 3\nbatch_size: 16\nsearch_restarts: 0\n"
+                   "search_restart: 1\nplanned_search: [9, 99]\n")  # fmt: skip
     out = tmp_path / "run"
     args = ["train", str(tiny_dataset / "particles.star"), "-o", str(out), "--config", str(cfg),
             "--epochs", "1", "--hps-images", "48", "--threads", "1", "--hidden", "16"]  # fmt: skip
@@ -120,6 +121,8 @@ def test_config_file_sets_keys_and_resume_refuses_flags_it_would_ignore(tiny_dat
     # the file's keys are used, the flag overrides the file, the rest is resolved
     assert saved["n_freqs"] == 8 and saved["search_levels"] == 1 and saved["hidden"] == 16
     assert saved["epochs"] == 1 and saved["t_extent_px"] == pytest.approx(3.2)
+    # a previous run's attempt (config.yaml keys the run writes) does not carry over
+    assert saved["search_restart"] == 0 and saved["planned_search"] == [1, 48]
     assert main(["train", "--resume", str(out), "--epochs", "2", "--lr-field", "0.1"]) == 2
     assert main(["train", "--resume", str(out), "--epochs", "2", "--no-window"]) == 2
     assert RunDir(out).epochs() == [1]

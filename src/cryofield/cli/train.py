@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.particles or not args.outdir:
         raise CryofieldError("give PARTICLES and -o OUTDIR (or --resume OUTDIR)")
     cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
+    cfg.search_restart, cfg.planned_search = 0, None  # a previous run's attempt is not this one's
     for key, value in given.items():
         setattr(cfg, key, value)
     cfg.particles, cfg.outdir = str(args.particles), str(args.outdir)
