@@ -308,6 +308,10 @@ def test_collapsed_search_starts_again_with_the_next_seed(tiny_dataset, tmp_path
         assert (cfg.seed, cfg.search_restart, cfg.epochs) == (1, 1, 2)
         log = (out / "run.log").read_text()
         assert "starting again with seed 1 (restart 1 of at most 2)" in log
+        checks = json.loads((out / "verdict.json").read_text())["checks"]
+        assert [c["name"] for c in checks if "collapsed with 1 other" in c["message"]] == [
+            "search restarts"
+        ]
         # every attempt collapses: two restarts, then the run goes on (and says so)
         collapse_seeds.update({1, 2})
         out2 = tmp_path / "run2"

@@ -87,6 +87,13 @@ def _judge(trainer: Trainer, final: dict[str, Any]) -> None:
         final["latent_structure"] = dg.latent_structure(trainer.latents.all().cpu(), seed=c.seed)
     history = RunDir(trainer.outdir).metrics()
     v = dg.verdict(history, final, n_images=trainer.N, D=trainer.D)
+    if c.search_restart:  # an earlier search collapsed: a restart can settle on a wrong map
+        msg = (f"the search collapsed with {c.search_restart} other seed(s) before this "
+               f"attempt (seed {c.seed}; their epochs are in collapsed_search_*/): a restarted "
+               "search can also settle on a wrong map that these checks pass; compare the "
+               "map's projections with 2-D class averages")  # fmt: skip
+        v.checks.append({"name": "search restarts", "ok": None, "message": msg})
+        log.warning(msg)
     dg.write_verdict(trainer.outdir, v)
     text = dg.format_verdict(v)
     if v.converged:
