@@ -220,8 +220,7 @@ def _fit(trainer: Trainer, table: Any, source: ImageSource) -> Trainer:
     restarts are left (:meth:`Trainer.restart_config`: the next seed). The failed
     attempt's epoch folders, metrics.jsonl and a copy of its config.yaml move to
     ``OUTDIR/collapsed_search_<k>/`` (config.yaml already names the next attempt, so a
-    resume continues it). Returns the
-    trainer of the last attempt."""
+    resume continues it). Returns the trainer of the last attempt."""
     import shutil
 
     trainer.fit()
