@@ -207,26 +207,44 @@ def _score_fixed(vol_c: torch.Tensor, ref_n: torch.Tensor, R: np.ndarray) -> np.
     return (rot * ref_n).sum(dim=(-3, -2, -1)).numpy()
 
 
-def _refine(vol_c, ref_n, R0, start_deg, min_step_deg, max_iter=60):
-    """Pattern search around ``R0``: try ``dR @ R`` for small axis rotations ``dR``.
-
-    Both maps are centred on their centres of mass, so the translation is ~0 and the
-    zero-shift correlation is a smooth function of the rotation.
-    """
+def _pattern_search(score, R0, start_deg, min_step_deg, max_iter=60):
+    """Pattern search around ``R0``: try ``dR @ R`` for small axis rotations ``dR``,
+    ``score``: ``(B, 3, 3)`` rotations -> ``(B,)`` scores. Returns ``(R, best score)``."""
     R = R0
-    best = float(_score_fixed(vol_c, ref_n, R[None])[0])
+    best = float(score(R[None])[0])
     step = start_deg
     for _ in range(max_iter):
         if step < min_step_deg:
             break
         cand = _axis_steps(step) @ R
-        s = _score_fixed(vol_c, ref_n, cand)
+        s = score(cand)
         j = int(np.argmax(s))
         if s[j] > best + 1e-7:
             best, R = float(s[j]), cand[j]
         else:
             step /= 2.0
     return R, best
+
+
+def _refine(vol_c, ref_n, R0, start_deg, min_step_deg):
+    """Refine the rotation ``R0`` of ``vol_c`` onto ``ref_n`` (both normalised, centred
+    on their centres of mass). Returns ``(R, correlation)``.
+
+    First each rotation is scored at its best (whole-voxel) translation, down to 2 deg
+    steps: a noisy map's centre of mass is pulled towards the box centre by the positive
+    noise, and scored at zero shift a rotation about a wrong centre misplaces the object
+    (a back-projection from 1,000 images refined to a wrong, mirrored optimum:
+    correlation 0.47, FSC=0.5 at 44 A, against 0.85 and 15.7 A this way). Then the map is
+    moved by the subpixel translation found at that rotation and the rotation is refined
+    at zero shift, where the correlation is smooth in the rotation.
+    """
+    ref_ft = torch.fft.rfftn(ref_n)
+    R, _ = _pattern_search(lambda C: _score(vol_c, ref_ft, C)[0], R0, start_deg,
+                           max(min_step_deg, 2.0))  # fmt: skip
+    rot = rotate_volume(vol_c, torch.as_tensor(R, dtype=torch.float32)[None])[0]
+    t = _subpixel_shift(rot, ref_n)
+    moved = _fourier_shift(vol_c, R.T @ t)  # rot_R(shift_{R^T t} V) = shift_t(rot_R V)
+    return _pattern_search(lambda C: _score_fixed(moved, ref_n, C), R, 2.0, min_step_deg)
 
 
 def _fourier_shift(vol: torch.Tensor, shift_px: np.ndarray) -> torch.Tensor:
