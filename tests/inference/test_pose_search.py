@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from synth import blob_volume
@@ -316,3 +317,37 @@ def test_one_reference_search_is_unchanged_by_a_hint_or_cached_slices():
     full = search_poses(refs, D, X, c, pts, st)
     cached = search_poses(refs, D, X, c, pts, st, slices0=level0_slices(refs, D, pts, st))
     assert all(torch.equal(a, b) for a, b in zip(full, cached, strict=True))
+
+
+def test_a_direction_penalty_moves_only_the_images_it_outweighs():
+    """``penalty0`` (the balanced search): zero changes nothing, on both paths; a wall on
+    the cells of the true directions sends every image elsewhere, at the same error rank
+    it would otherwise have lost; a penalty far below the likelihood gap (noise-free
+    images, a small penalty) leaves every pose where it was. The errors returned are the
+    errors alone."""
+    from cryofield.inference.balance import DirectionBalance
+    from cryofield.inference.pose_search import level0_points
+
+    D, refs, X, c, pts, st, truth, R, _ = _two_state_images(12, noise=0.0)
+    q_cells = DirectionBalance.cells_of(level0_points(st)[0])
+    zero = torch.zeros(len(q_cells))
+    for hint in (None, truth):
+        plain = search_poses(refs, D, X, c, pts, st, chunk=5, hint=hint)
+        same = search_poses(refs, D, X, c, pts, st, chunk=5, hint=hint, penalty0=zero)
+        assert all(torch.equal(a, b) for a, b in zip(plain, same, strict=True))
+    plain = search_poses(refs, D, X, c, pts, st, chunk=5)
+    assert float(torch.rad2deg(geodesic_distance_rad(plain.rotations, R)).max()) < 2 * _spacing_deg(
+        24, 2
+    )
+    true_cells = DirectionBalance.cells_of(R)
+    wall = torch.as_tensor(np.isin(q_cells, true_cells), dtype=torch.float32) * 1e6
+    moved = search_poses(refs, D, X, c, pts, st, chunk=5, penalty0=wall)
+    assert not np.isin(DirectionBalance.cells_of(moved.rotations), true_cells).any()
+    # worse poses (the neighbouring cells), at their own error; an image whose best pose
+    # was already across a cell border keeps it
+    assert bool((moved.error >= plain.error).all())
+    assert int((moved.error > plain.error).sum()) >= 6
+    small = search_poses(refs, D, X, c, pts, st, chunk=5, penalty0=wall * 1e-9)
+    assert torch.equal(small.rotations, plain.rotations)
+    with pytest.raises(ValueError, match="one value per level-0"):
+        search_poses(refs, D, X, c, pts, st, penalty0=zero[:5])

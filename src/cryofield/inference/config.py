@@ -177,6 +177,15 @@ class TrainConfig:
         "(default 1; 0 with --epochs); 0 also keeps the planned search when they settle early",
     )
     search_cap_res_A: float = 10.0
+    # balanced search (Trainer._direction_penalty): during the first search epochs each
+    # level-0 rotation is ranked with a penalty of search_balance * log(occupancy ratio)
+    # nats for the viewing-direction cell it lies in (the share of the images already
+    # assigned there over an even share; cells at or under an even share: no penalty), the
+    # strength falling linearly to 0 over search_balance_fraction of the planned search
+    # epochs (at least 2 epochs); 0: off. It keeps a search from piling every image onto
+    # the few directions where the early map projects strongest (two antipodal blobs)
+    search_balance: float = 10.0
+    search_balance_fraction: float = 0.34
     # start of a restarted search (Trainer._isotropic_start): the field fitted to the
     # spherical average of the back-projection of up to this many images at random poses
     # (an isotropic blob with the data's radial profile); 0: restarts start from an

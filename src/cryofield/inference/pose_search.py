@@ -254,6 +254,7 @@ def search_poses(
     chunk: int = 64,
     hint: torch.Tensor | None = None,
     slices0: torch.Tensor | None = None,
+    penalty0: torch.Tensor | None = None,
 ) -> SearchResult:
     """Best pose of every image by hierarchical search, against one or several volumes.
 
@@ -305,6 +306,14 @@ def search_poses(
         ``(G, Q, M)`` the level-0 slices of the references
         (:func:`level0_slices`, at a radius of at least the level-0 radius: the first
         points are used), computed here when ``None``.
+    penalty0
+        ``(Q,)`` a negative log prior (nats, >= 0) of each level-0 rotation
+        (:func:`level0_points`), or ``None`` (a flat prior). Candidates are ranked, at
+        every level, by their error plus ``sigma2 * penalty0`` of their level-0
+        ancestor, where ``sigma2`` is the image's power per Fourier point within the
+        level-0 radius (its noise power at low SNR; the error is ``sigma2`` times a
+        negative log likelihood under white Gaussian noise, so the sum is ``sigma2``
+        times a negative log posterior). The error returned is the error alone.
 
     Returns
     -------
@@ -335,15 +344,22 @@ def search_poses(
                          f"{refs.shape[0]} references at {len(idx)} points")  # fmt: skip
     else:
         slices0 = slices0[..., : len(idx)]
+    pen = None
+    if penalty0 is not None:
+        if penalty0.shape != (rots0.shape[0],):
+            raise ValueError(f"penalty0 {tuple(penalty0.shape)} is not one value per level-0 "
+                             f"rotation ({rots0.shape[0]})")  # fmt: skip
+        sigma2 = (images_ft[:, idx].abs() ** 2 * w).sum(1) / w.sum()  # (B,)
+        pen = sigma2[:, None] * penalty0.to(dev, sigma2.dtype)[None, :]  # (B, Q)
     if hint is not None and refs.shape[0] > 1 and t0.shape[0] > 1:
-        q, tk, best_err, reference = _assigned_level0(
+        q, tk, best_err, reference, pen_k = _assigned_level0(
             images_ft[:, idx], ctf[:, idx], w, fr, slices0, hint.to(dev), t_center_px, t0,
-            translation_grid(step, 3, dev), K, chunk,
+            translation_grid(step, 3, dev), K, chunk, pen,
         )  # fmt: skip
         return _refine_levels(refs, D, images_ft, ctf, points, s, radii, step,
                               pix0.to(dev)[q], psi0.to(dev)[q], rots0[q], tk, best_err,
-                              reference)  # fmt: skip
-    keep_e, keep_q, keep_t, keep_ref = [], [], [], []
+                              reference, pen_k)  # fmt: skip
+    keep_e, keep_q, keep_t, keep_ref, keep_p = [], [], [], [], []
     for b0 in range(0, B, chunk):
         sl = slice(b0, b0 + chunk)
         shifts = t_center_px[sl, None, :] + t0[None]  # (b, T, 2)
@@ -354,9 +370,10 @@ def search_poses(
         cols = torch.arange(len(ref), device=dev)
         best_err = err_g[ref, cols]  # (b, Q)
         best_t = torch.stack([t for _, t in per_ref])[ref, cols]
-        e, q = torch.topk(best_err, K, dim=1, largest=False)  # (b, K)
+        e, q, p = _top_candidates(best_err, None if pen is None else pen[sl], K)  # (b, K)
         keep_e.append(e)
         keep_q.append(q)
+        keep_p.append(p)
         keep_ref.append(ref)
         keep_t.append(
             torch.gather(shifts, 1, torch.gather(best_t, 1, q)[..., None].expand(-1, -1, 2))
@@ -365,10 +382,24 @@ def search_poses(
     reference = torch.cat(keep_ref)
     pix, psi = pix0.to(dev)[q], psi0.to(dev)[q]  # (B, K)
     tk = torch.cat(keep_t)  # (B, K, 2)
-    best_err = torch.cat(keep_e)  # (B, K) ascending
+    best_err = torch.cat(keep_e)  # (B, K) ascending (with the penalty)
+    pen_k = None if pen is None else torch.cat(keep_p)
     rots = rots0[q]
     return _refine_levels(refs, D, images_ft, ctf, points, s, radii, step, pix, psi, rots,
-                          tk, best_err, reference)  # fmt: skip
+                          tk, best_err, reference, pen_k)  # fmt: skip
+
+
+def _top_candidates(
+    err: torch.Tensor, pen: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The ``k`` candidates of lowest ``err + pen`` (``(b, n)`` each; ``pen`` ``None``:
+    zero): their errors ``(b, k)`` (without the penalty), indices ``(b, k)`` and
+    penalties ``(b, k)`` (``None`` without one), ascending in ``err + pen``."""
+    if pen is None:
+        e, q = torch.topk(err, k, dim=1, largest=False)
+        return e, q, None
+    q = torch.topk(err + pen, k, dim=1, largest=False)[1]
+    return torch.gather(err, 1, q), q, torch.gather(pen, 1, q)
 
 
 def level0_points(
@@ -438,14 +469,16 @@ def _level0_against(
     t0: torch.Tensor,
     K: int,
     chunk: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    pen: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Level 0 of every image against one reference each (``ref (B,)``): its ``K`` best
-    rotations ``q (B, K)``, their best translations ``(B, K, 2)`` and errors ``(B, K)``
-    (ascending). ``x``, ``ctf`` at the level-0 points ``fr``; ``real``: the level-0 slices
+    rotations ``q (B, K)``, their best translations ``(B, K, 2)``, errors ``(B, K)`` and
+    penalties ``(B, K)`` (``None`` without ``pen (B, Q)``), ascending in error plus
+    penalty. ``x``, ``ctf`` at the level-0 points ``fr``; ``real``: the level-0 slices
     (:func:`_real_slices`)."""
     sr, s2 = real
     Q = sr.shape[1]
-    keep_e, keep_q, keep_t = [], [], []
+    keep_e, keep_q, keep_t, keep_p = [], [], [], []
     for b0 in range(0, x.shape[0], chunk):
         sl = slice(b0, b0 + chunk)
         shifts = t_center_px[sl, None, :] + t0[None]  # (b, T, 2)
@@ -456,13 +489,15 @@ def _level0_against(
         for g in torch.unique(r).tolist():
             m = torch.nonzero(r == g).squeeze(1)
             err[m], t_best[m] = _cross_real(xc[m], ctf[sl][m], w, sr[g], s2[g]).min(dim=1)
-        e, q = torch.topk(err, K, dim=1, largest=False)  # (b, K)
+        e, q, p = _top_candidates(err, None if pen is None else pen[sl], K)  # (b, K)
         keep_e.append(e)
         keep_q.append(q)
+        keep_p.append(p)
         keep_t.append(
             torch.gather(shifts, 1, torch.gather(t_best, 1, q)[..., None].expand(-1, -1, 2))
         )
-    return torch.cat(keep_q), torch.cat(keep_t), torch.cat(keep_e)
+    pen_k = None if pen is None else torch.cat(keep_p)
+    return torch.cat(keep_q), torch.cat(keep_t), torch.cat(keep_e), pen_k
 
 
 def _assigned_level0(
@@ -477,13 +512,15 @@ def _assigned_level0(
     t_near: torch.Tensor,
     K: int,
     chunk: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    pen: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Level 0 of the assigned search (:func:`search_poses` with ``hint``): ``q (B, K)``,
-    translations ``(B, K, 2)``, errors ``(B, K)`` ascending, the reference ``(B,)``.
+    translations ``(B, K, 2)``, errors ``(B, K)`` ascending (with the penalty), the
+    reference ``(B,)``, the penalties ``(B, K)`` (``None`` without ``pen (B, Q)``).
     ``t0``: the translation grid about ``t_center_px``; ``t_near``: the 3 x 3 offsets of
     the second reference's search about the best translation."""
     real = _real_slices(slices0)
-    q, tk, err = _level0_against(x, ctf, w, fr, real, hint, t_center_px, t0, K, chunk)
+    q, tk, err, pk = _level0_against(x, ctf, w, fr, real, hint, t_center_px, t0, K, chunk, pen)
     t_best = tk[:, 0]  # (B, 2) the translation of each image's best pose
     G = slices0.shape[0]
     if G == 2:
@@ -496,13 +533,17 @@ def _assigned_level0(
             e = _cross_real(xc, ctf[sl], w, *real)[:, :, 0].amin(dim=2)  # (G, b)
             e[hint[sl], torch.arange(e.shape[1], device=e.device)] = float("inf")
             other[sl] = e.argmin(dim=0)
-    q2, t2, e2 = _level0_against(x, ctf, w, fr, real, other, t_best, t_near, K, chunk)
-    better = e2[:, 0] < err[:, 0]
+    q2, t2, e2, pk2 = _level0_against(x, ctf, w, fr, real, other, t_best, t_near, K, chunk, pen)
+    if pk is None or pk2 is None:
+        better = e2[:, 0] < err[:, 0]
+    else:
+        better = e2[:, 0] + pk2[:, 0] < err[:, 0] + pk[:, 0]
+        pk = torch.where(better[:, None], pk2, pk)
     reference = torch.where(better, other, hint)
     q = torch.where(better[:, None], q2, q)
     tk = torch.where(better[:, None, None], t2, tk)
     err = torch.where(better[:, None], e2, err)
-    return q, tk, err, reference
+    return q, tk, err, reference, pk
 
 
 def _refine_levels(
@@ -520,9 +561,11 @@ def _refine_levels(
     tk: torch.Tensor,
     best_err: torch.Tensor,
     reference: torch.Tensor,
+    pen_k: torch.Tensor | None = None,
 ) -> SearchResult:
     """The refinement levels of :func:`search_poses` from the level-0 candidates
-    ``(B, K)``, each image against its ``reference`` of ``refs (G, Dc, Dc, Dc)``."""
+    ``(B, K)``, each image against its ``reference`` of ``refs (G, Dc, Dc, Dc)``;
+    ``pen_k (B, K)``: the candidates' penalties (inherited by their children)."""
     B = images_ft.shape[0]
     dev = images_ft.device
     grid_def = dict(base_nside=s.base_nside, base_psi=s.base_psi, pole_offset=False)
@@ -549,7 +592,8 @@ def _refine_levels(
         e_rot, t_best = err.min(dim=2)  # (B, K, 8)
         e_rot = e_rot.reshape(B, nK * 8)
         Kl = 1 if lv == s.levels else min(s.n_keep, nK * 8)
-        best_err, sel = torch.topk(e_rot, Kl, dim=1, largest=False)  # (B, Kl)
+        pen_c = None if pen_k is None else pen_k.repeat_interleave(8, dim=1)  # (B, K*8)
+        best_err, sel, pen_k = _top_candidates(e_rot, pen_c, Kl)  # (B, Kl)
         k_par = torch.div(sel, 8, rounding_mode="floor")
         t_sel = torch.gather(t_best.reshape(B, nK * 8), 1, sel)  # (B, Kl)
         shifts_flat = shifts.reshape(B, nK * 9, 2)

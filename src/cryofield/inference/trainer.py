@@ -24,11 +24,17 @@ from tqdm import tqdm
 from cryofield.errors import CryofieldError
 from cryofield.inference import distributed as dist
 from cryofield.inference import rundir as layout
+from cryofield.inference.balance import DirectionBalance, balance_strength
 from cryofield.inference.config import TrainConfig
 from cryofield.inference.data import Batch, BatchMaker, ImageSource
 from cryofield.inference.epoch_metrics import epoch_checks
 from cryofield.inference.loss import check_loss, grid_loss, image_power, slice_loss
-from cryofield.inference.pose_search import FrequencyPoints, local_refine_poses, search_poses
+from cryofield.inference.pose_search import (
+    FrequencyPoints,
+    level0_points,
+    local_refine_poses,
+    search_poses,
+)
 from cryofield.inference.references import ReferenceMaps, kmeans_groups, search_settings
 from cryofield.inference.schedule import Phase, Schedule, StepPlan
 from cryofield.logs import get_logger
@@ -144,6 +150,9 @@ class Trainer:
         #: loss of the run's very first step (before any update): the divergence reference
         self.loss_start: float | None = None
         self._local: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
+        #: the balanced search of this epoch (:mod:`cryofield.inference.balance`), or None
+        self._balance: DirectionBalance | None = None
+        self._point_cells: dict[tuple[int, int, str], np.ndarray] = {}
         self._loss_first: torch.Tensor | None = None  # loss_start, still on the device
         #: per-image loss at its last step (epoch_NNN/residuals.npz, for the junk score),
         #: kept on the device
@@ -378,6 +387,9 @@ class Trainer:
         c = self.cfg
         settings = dataclasses.replace(search_settings(c, plan),
                                        symmetry=self.active_symmetry)  # fmt: skip
+        pen = None
+        if self._balance is not None:
+            pen = self._balance.penalty(self._cells_of_points(settings)).to(self.device)
         if self.latents is not None and not plan.z_frozen and c.het_search == "assigned":
 
             def grid_fn(z: torch.Tensor, radius_px: float) -> torch.Tensor:
@@ -398,7 +410,7 @@ class Trainer:
                 maps.refresh(grid_fn, self.D, self.points, settings, c.het_search_refresh)
             hint = maps.assign(self.latents(torch.as_tensor(idx, device=self.device)))
             return search_poses(maps.grids, self.D, xft, ctf, self.points, settings, hint=hint,
-                                slices0=maps.slices0)[:2]  # fmt: skip
+                                slices0=maps.slices0, penalty0=pen)[:2]  # fmt: skip
         with self._autocast():
             if self.latents is None or plan.z_frozen:
                 z0 = None if self.latents is None else self._batch_z(torch.zeros(1), plan)
@@ -411,7 +423,31 @@ class Trainer:
                 centres = kmeans_groups(z.cpu(), self.cfg.het_search_groups)[1]
                 grids, _ = self.field.grid_ht(plan.search_hi_px, centres.to(self.device))
                 fgrid = hartley_grid_to_fourier(grids.float())
-        return search_poses(fgrid, self.D, xft, ctf, self.points, settings)[:2]
+        return search_poses(fgrid, self.D, xft, ctf, self.points, settings, penalty0=pen)[:2]
+
+    def _cells_of_points(self, settings: Any) -> np.ndarray:
+        """``(Q,)`` viewing-direction cell of every level-0 rotation of the search."""
+        key = (settings.base_nside, settings.base_psi, settings.symmetry)
+        if key not in self._point_cells:
+            rots0 = level0_points(settings)[0]
+            self._point_cells[key] = DirectionBalance.cells_of(rots0)
+        return self._point_cells[key]
+
+    def _start_balance(self, epoch: int, phase: Phase) -> DirectionBalance | None:
+        """The balanced search of a search epoch (None: not balanced): the strength of
+        :func:`~cryofield.inference.balance.balance_strength`; the first epoch counts
+        the images as the search places them, later ones start from the pose table."""
+        c = self.cfg
+        if not phase.searches_poses:
+            return None
+        strength = balance_strength(c.search_balance, c.search_balance_fraction,
+                                    self.schedule.hps_epochs, epoch)  # fmt: skip
+        if strength <= 0:
+            return None
+        if self.dist.is_main:
+            log.info("epoch %d: balanced search, strength %.2f", epoch, strength)
+        R = None if epoch == 1 else self.poses.all()[0].detach()
+        return DirectionBalance(self.N, strength, R)
 
     @torch.no_grad()
     def _prepare_local(self) -> None:
@@ -462,6 +498,8 @@ class Trainer:
         if plan.phase.searches_poses:
             R, t = self._search(idx, xft, ctf, plan)
             self.poses.set(ti, R, t)
+            if self._balance is not None:
+                self._balance.update(idx, R, dist.all_reduce_sum)
         elif plan.phase.refines_locally:
             R, t = self._local_refine(ti, xft, ctf)
             self.poses.set(ti, R, t)
@@ -593,6 +631,7 @@ class Trainer:
                 dist.broadcast_(self.latents.z.weight.data)
         if phase.refines_locally:
             self._prepare_local()
+        self._balance = self._start_balance(epoch, phase)
         bar = tqdm(
             total=self.N, desc=f"epoch {epoch}/{cfg.epochs} [{phase}]", unit="img",
             disable=None if self.dist.is_main else True, leave=False, dynamic_ncols=True,
@@ -619,6 +658,7 @@ class Trainer:
         finally:
             bar.close()
             self._local = None
+            self._balance = None
             self._share, self._batch_rows = 1.0, None
         if self.dist.enabled:
             self._merge_rows(np.concatenate(order) if order else np.zeros(0, np.int64))
