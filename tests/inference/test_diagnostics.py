@@ -252,6 +252,30 @@ def test_verdict_partial_information() -> None:
     assert not v.converged and "a set of 300 images must settle below 8%" in v.reasons[0]
 
 
+@pytest.mark.parametrize(
+    ("frac", "ok", "note"), [(0.005, True, False), (0.03, True, True), (0.065, False, False)]
+)
+def test_verdict_gold_standard_check(frac: float, ok: bool, note: bool) -> None:
+    """The refinement's global search against the half maps moving many images to
+    another basin fails the run (pref_view after a restart: 6.5% moved, 10.5 deg median
+    error, which no other check caught); converged runs move 0-1.5%."""
+    hist = _history(True, 60)
+    pc = {**hist[-2]["pose_change"], "frac_moved": frac}
+    hist.insert(-1, {"epoch": 7, "phase": "refine", "pose_change": pc})
+    v = dg.verdict(hist, _final(True, 61), n_images=5000, D=D)
+    check = next(c for c in v.checks if c["name"] == "gold-standard check")
+    assert check["ok"] is ok and v.converged is ok
+    assert ("check the map" in check["message"]) is note
+    if not ok:
+        assert v.headline == "the images do not fit the map at their poses"
+        assert "6.5% of the images found a better pose more than 15 deg away" in v.reasons[0]
+    # runs without the refinement (heterogeneous, known poses) are not judged by it
+    assert "gold-standard check" not in [
+        c["name"]
+        for c in dg.verdict(_history(True, 60), _final(True, 61), n_images=5000, D=D).checks
+    ]
+
+
 def test_write_verdict(tmp_path) -> None:
     v = dg.verdict(_history(False, 60), _final(False, 61), n_images=N, D=D)
     v.checks.append({"name": "x", "ok": None, "message": "nan", "value": float("nan")})

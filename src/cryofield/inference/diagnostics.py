@@ -68,6 +68,16 @@ SMALL_SET = 2000
 POSE_MOVED_MAX_SMALL_SET = 0.08
 #: below this fraction of images moved, poses count as settled (between: a note)
 POSE_MOVED_OK_FRACTION = 0.1
+#: the half-map refinement's global check (the epoch after the search) may move at most
+#: this fraction of the images to another basin. Measured with the defaults (D=64, SNR
+#: 0.1): converged runs 0.0-1.5% (demo-homo 0.1%, pref_view 0.0%, n1k 0.6-1.0%, snr0.05
+#: 0.5%, `--quick` 1.5%); wrong maps 4.6-8.4% (pref_view after a restart, 10.5 deg
+#: median and a map 3.06x the true-pose one, 6.5%, which no other check caught; collapsed
+#: searches 4.6-8.4%); a C4 particle searched without its symmetry with 8.5% of its
+#: poses off by more than 10 deg, 4.5% (modulo the group)
+REFINE_MOVED_MAX_FRACTION = 0.05
+#: above this (and up to the limit) the check passes with a note
+REFINE_MOVED_OK_FRACTION = 0.02
 #: occupied direction cells over the number ``N`` uniform draws would occupy: below this
 #: the views collapsed onto a few directions
 MIN_OCCUPANCY_RATIO = 0.15
@@ -544,6 +554,13 @@ def verdict(
        they hold no signal ("Einstein from noise"). Measured on a tiny run (D=32, 320
        images, 3 A/px, limit 24 A): pure-noise images with the poses their search
        found, 11.1 A (the true images: 9.1 A); the true images at random poses, 34.5 A.
+    1b. **Gold-standard check** (homogeneous ab initio runs): the half-map refinement
+       (``phase == "refine"``) searches every image again, globally, against the half
+       map it did not contribute to; its ``pose_change`` moved at most
+       ``REFINE_MOVED_MAX_FRACTION`` (5 %) of the images by more than the step. A right
+       map explains its own images at the poses the search gave them; a wrong,
+       self-consistent one (which passes checks 1-3) sends many elsewhere (numbers at
+       the constant).
     4. **Latent structure** (heterogeneous runs): :func:`latent_structure` finds
        structure. Latents indistinguishable from isotropic noise hold no information
        (failed poses, or no heterogeneity resolvable with these images).
@@ -601,6 +618,32 @@ def verdict(
         )
         if ok and frac > POSE_MOVED_OK_FRACTION:
             checks[-1]["message"] += " (many images still move: more search epochs may help)"
+    # 1b. the half-map refinement's global check
+    refined = [h for h in history if h.get("phase") == "refine" and h.get("pose_change")]
+    if refined:
+        pc = refined[-1]["pose_change"]
+        frac = float(pc["frac_moved"])
+        msg = (
+            f"{100 * frac:.1f}% of the images found a better pose more than "
+            f"{float(pc['step_deg']):.3g} deg away when searched again against the "
+            "gold-standard half maps"
+        )
+        ok = frac <= REFINE_MOVED_MAX_FRACTION
+        if not ok:
+            msg = (
+                f"the map does not explain its own images: {msg} (a converged run: under "
+                f"{100 * REFINE_MOVED_OK_FRACTION:.0f}%); a wrong map that is consistent "
+                "with itself"
+            )
+        elif frac > REFINE_MOVED_OK_FRACTION:
+            msg += " (more than a converged run: check the map)"
+        add(
+            "gold-standard check",
+            ok,
+            msg,
+            "the images do not fit the map at their poses",
+            ("images", "longer"),
+        )
     # 2. view coverage
     cov = final.get("view_coverage")
     if cov is None or "occupancy_ratio" not in cov:
