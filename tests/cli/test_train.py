@@ -279,10 +279,10 @@ def test_export_of_truncated_poses_is_one_line(one_epoch_run, tmp_path, capsys):
     assert str(poses) in line and f"delete {run / 'epoch_001'}" in line
 
 
-def test_collapsed_search_starts_again_with_the_next_seed(tiny_dataset, tmp_path, monkeypatch):
+def test_failed_search_starts_again_with_the_next_seed(tiny_dataset, tmp_path, monkeypatch):
     """A search that ends with collapsed views starts again with the next seed (at most
     ``search_restarts`` times); the failed attempts' epochs and metrics move to
-    ``collapsed_search_<k>/`` and config.yaml names the attempt that produced the run."""
+    ``failed_search_<k>/`` and config.yaml names the attempt that produced the run."""
     import cryofield.inference.trainer as trainer_mod
     from cryofield.inference.config import TrainConfig
 
@@ -293,6 +293,8 @@ def test_collapsed_search_starts_again_with_the_next_seed(tiny_dataset, tmp_path
         out = real(cfg, *a, **kw)
         if cfg.seed in collapse_seeds and "view_coverage" in out:
             out["view_coverage"] = dict(out["view_coverage"], collapsed=True)
+        # the refinement's global check passes (48 images: tested below)
+        out["pose_change"] = dict(out["pose_change"], frac_moved=0.0)
         return out
 
     monkeypatch.setattr(trainer_mod, "epoch_checks", checks)
@@ -301,15 +303,15 @@ def test_collapsed_search_starts_again_with_the_next_seed(tiny_dataset, tmp_path
         out = tmp_path / "run"
         assert main(["train", str(tiny_dataset / "particles.star"), "-o", str(out), *_FAST]) == 0
         assert RunDir(out).epochs() == [1, 2]
-        assert RunDir(out / "collapsed_search_1").epochs() == [1]  # the search of seed 0
-        assert (out / "collapsed_search_1" / "metrics.jsonl").is_file()
+        assert RunDir(out / "failed_search_1").epochs() == [1]  # the search of seed 0
+        assert (out / "failed_search_1" / "metrics.jsonl").is_file()
         assert len(RunDir(out).metrics()) == 2
         cfg = TrainConfig.load(out / "config.yaml")
         assert (cfg.seed, cfg.search_restart, cfg.epochs) == (1, 1, 2)
         log = (out / "run.log").read_text()
         assert "starting again with seed 1 (restart 1 of at most 2)" in log
         checks = json.loads((out / "verdict.json").read_text())["checks"]
-        assert [c["name"] for c in checks if "collapsed with 1 other" in c["message"]] == [
+        assert [c["name"] for c in checks if "failed with 1 other" in c["message"]] == [
             "search restarts"
         ]
         # every attempt collapses: two restarts, then the run goes on (and says so)
@@ -317,8 +319,45 @@ def test_collapsed_search_starts_again_with_the_next_seed(tiny_dataset, tmp_path
         out2 = tmp_path / "run2"
         assert main(["train", str(tiny_dataset / "particles.star"), "-o", str(out2), *_FAST]) == 0
         assert RunDir(out2).epochs() == [1, 2]
-        assert [RunDir(out2 / f"collapsed_search_{k}").epochs() for k in (1, 2)] == [[1], [1]]
+        assert [RunDir(out2 / f"failed_search_{k}").epochs() for k in (1, 2)] == [[1], [1]]
         assert TrainConfig.load(out2 / "config.yaml").seed == 2
-        assert "collapsed at the end of the search again, after 2" in (out2 / "run.log").read_text()
+        log2 = (out2 / "run.log").read_text()
+        assert "collapsed at the end of the search" in log2
+        assert "after 2 restart(s) with other seeds: going on" in log2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_failed_gold_standard_check_starts_again(tiny_dataset, tmp_path, monkeypatch):
+    """A search whose views are spread but whose map does not explain its images (the
+    refinement's global search against the half maps moved more than 5% of them to
+    another basin) starts again with the next seed too; the verdict's gold-standard
+    check reads the same number."""
+    import cryofield.inference.trainer as trainer_mod
+    from cryofield.inference.config import TrainConfig
+
+    real = trainer_mod.epoch_checks
+    moved = {0: 0.3, 1: 0.01}  # seed -> share of images moved by the refinement
+
+    def checks(cfg, *a, **kw):
+        out = real(cfg, *a, **kw)
+        if "view_coverage" in out:
+            out["view_coverage"] = dict(out["view_coverage"], collapsed=False)
+        out["pose_change"] = dict(out["pose_change"], frac_moved=moved.get(cfg.seed, 0.3))
+        return out
+
+    monkeypatch.setattr(trainer_mod, "epoch_checks", checks)
+    threads = torch.get_num_threads()
+    try:
+        out = tmp_path / "run"
+        assert main(["train", str(tiny_dataset / "particles.star"), "-o", str(out), *_FAST]) == 0
+        assert [m["phase"] for m in RunDir(out).metrics()] == ["hps", "refine"]
+        assert RunDir(out / "failed_search_1").epochs() == [1, 2]  # search and refinement
+        assert TrainConfig.load(out / "config.yaml").seed == 1
+        log = (out / "run.log").read_text()
+        assert "moved 30.0% of the images to another basin" in log
+        assert "starting again with seed 1 (restart 1 of at most 2)" in log
+        checks = json.loads((out / "verdict.json").read_text())["checks"]
+        assert next(c for c in checks if c["name"] == "gold-standard check")["ok"] is True
     finally:
         torch.set_num_threads(threads)

@@ -193,7 +193,7 @@ class TrainConfig:
     isotropic_start_images: int = 10000
     # ab initio runs whose viewing directions collapsed (diagnostics.view_coverage) at the
     # end of the search start again with the next seed, at most this many times; the
-    # failed attempt's epochs move to OUTDIR/collapsed_search_<k>/ (runner._fit)
+    # failed attempt's epochs move to OUTDIR/failed_search_<k>/ (runner._fit)
     search_restarts: int = 2
     # written by the run: the attempt (0: the first) and the search plan it started with
     # ([epochs, hps_images]; a restart begins from it again)

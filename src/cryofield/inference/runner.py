@@ -87,11 +87,11 @@ def _judge(trainer: Trainer, final: dict[str, Any]) -> None:
         final["latent_structure"] = dg.latent_structure(trainer.latents.all().cpu(), seed=c.seed)
     history = RunDir(trainer.outdir).metrics()
     v = dg.verdict(history, final, n_images=trainer.N, D=trainer.D)
-    if c.search_restart:  # an earlier search collapsed: a restart can settle on a wrong map
-        msg = (f"the search collapsed with {c.search_restart} other seed(s) before this "
-               f"attempt (seed {c.seed}; their epochs are in collapsed_search_*/): a restarted "
-               "search can also settle on a wrong map that these checks pass; compare the "
-               "map's projections with 2-D class averages")  # fmt: skip
+    if c.search_restart:  # an earlier search failed: a restart can settle on a wrong map
+        msg = (f"the search failed with {c.search_restart} other seed(s) before this "
+               f"attempt (seed {c.seed}; their epochs are in failed_search_*/, the reason in "
+               "run.log): a restarted search can also settle on a wrong map that these "
+               "checks pass; compare the map's projections with 2-D class averages")  # fmt: skip
         v.checks.append({"name": "search restarts", "ok": None, "message": msg})
         log.warning(msg)
     dg.write_verdict(trainer.outdir, v)
@@ -219,16 +219,16 @@ def _fit(trainer: Trainer, table: Any, source: ImageSource) -> Trainer:
     """:meth:`Trainer.fit`, started again while its search ends with collapsed views and
     restarts are left (:meth:`Trainer.restart_config`: the next seed). The failed
     attempt's epoch folders, metrics.jsonl and a copy of its config.yaml move to
-    ``OUTDIR/collapsed_search_<k>/`` (config.yaml already names the next attempt, so a
+    ``OUTDIR/failed_search_<k>/`` (config.yaml already names the next attempt, so a
     resume continues it). Returns the trainer of the last attempt."""
     import shutil
 
     trainer.fit()
-    while trainer.search_collapsed:
+    while trainer.search_failed:
         cfg = trainer.restart_config()
         out = trainer.outdir
         if trainer.dist.is_main:
-            dest = out / f"collapsed_search_{cfg.search_restart}"
+            dest = out / f"failed_search_{cfg.search_restart}"
             dest.mkdir(exist_ok=True)
             layout.write_config(dest, trainer.cfg)  # the failed attempt's own settings
             layout.write_config(out, cfg)

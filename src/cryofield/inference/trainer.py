@@ -146,7 +146,7 @@ class Trainer:
         self.search_settled = 0  # consecutive search epochs, up to the last, that settled
         #: the search ended with collapsed views and a restart is due (:meth:`fit` returned
         #: early; the runner starts the next attempt)
-        self.search_collapsed = False
+        self.search_failed = False
         #: loss of the run's very first step (before any update): the divergence reference
         self.loss_start: float | None = None
         self._local: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
@@ -848,39 +848,55 @@ class Trainer:
                 metrics["images_s"], metrics["time_s"],
                 100 * pc["frac_moved"], mod, pc["median_deg"],
             )  # fmt: skip
-            if self._collapsed_search(epoch, metrics):
-                self.search_collapsed = True
+            if self._failed_search(epoch, metrics):
+                self.search_failed = True
                 break
         return self.outdir
 
-    def _collapsed_search(self, epoch: int, metrics: dict[str, Any]) -> bool:
-        """Whether the search that ``epoch`` ended left the viewing directions collapsed
-        (``view_coverage.collapsed``: two antipodal blobs or a few directions) with a
-        restart left (``search_restart < search_restarts``; ab initio runs only). Logged.
+    def _failed_search(self, epoch: int, metrics: dict[str, Any]) -> bool:
+        """Whether the search failed and a restart is left (``search_restart <
+        search_restarts``; ab initio runs only). Logged. Failed:
+
+        - at the end of the search (``epoch == hps_epochs``), the viewing directions are
+          collapsed (``view_coverage.collapsed``: two antipodal blobs or a few
+          directions);
+        - after the half-map refinement (``phase == "refine"``), its global search
+          against the half maps moved more than ``REFINE_MOVED_MAX_FRACTION`` of the
+          images to another basin (the verdict's gold-standard check: a wrong map that is
+          consistent with itself).
 
         Why at the end of the search and not before: a search can leave a collapse (the
         preferred-orientation cell of bench_robust was two antipodal blobs for 4 of its 7
         search epochs, then converged), and one that ends collapsed does not recover in
-        the refinement. Which start collapses is a matter of the seed: the same data
+        the refinement. Which start fails is a matter of the seed: the same data
         collapsed or converged with different starts (docs/train.md)."""
+        from cryofield.inference.diagnostics import REFINE_MOVED_MAX_FRACTION
+
         c = self.cfg
-        if c.poses_from_file or epoch != self.schedule.hps_epochs:
+        if c.poses_from_file:
             return False
         vc = metrics.get("view_coverage") or {}
-        if not vc.get("collapsed"):
+        moved = float((metrics.get("pose_change") or {}).get("frac_moved", 0.0))
+        if epoch == self.schedule.hps_epochs and vc.get("collapsed"):
+            what = (
+                f"the viewing directions collapsed at the end of the search (occupancy "
+                f"{vc.get('occupancy_ratio', float('nan')):.2f} of uniform, antipodal pair "
+                f"{vc.get('antipodal_pair_fraction', float('nan')):.2f})"
+            )
+        elif metrics.get("phase") == Phase.REFINE.value and moved > REFINE_MOVED_MAX_FRACTION:
+            what = (
+                f"the refinement's global search against the half maps moved {100 * moved:.1f}% "
+                "of the images to another basin (a wrong map consistent with itself)"
+            )
+        else:
             return False
         if c.search_restart >= c.search_restarts:
             if c.search_restarts:
-                log.warning("the views collapsed at the end of the search again, after %d "
-                            "restart(s) with other seeds: going on", c.search_restart)  # fmt: skip
+                log.warning("%s, after %d restart(s) with other seeds: going on", what,
+                            c.search_restart)  # fmt: skip
             return False
-        log.warning(
-            "the viewing directions collapsed at the end of the search (occupancy %.2f of "
-            "uniform, antipodal pair %.2f): starting again with seed %d (restart %d of at "
-            "most %d)", vc.get("occupancy_ratio", float("nan")),
-            vc.get("antipodal_pair_fraction", float("nan")), c.seed + 1,
-            c.search_restart + 1, c.search_restarts,
-        )  # fmt: skip
+        log.warning("%s: starting again with seed %d (restart %d of at most %d)", what,
+                    c.seed + 1, c.search_restart + 1, c.search_restarts)  # fmt: skip
         return True
 
     def restart_config(self) -> TrainConfig:
@@ -926,7 +942,7 @@ class Trainer:
 
     def _isotropic_start(self) -> None:
         """The start of the odd restarts of a search (homogeneous ab initio runs whose
-        first search collapsed, :meth:`_collapsed_search`; ``isotropic_start_images > 0``;
+        first search collapsed, :meth:`_failed_search`; ``isotropic_start_images > 0``;
         the even ones start from an untrained field with another seed): the field is
         regressed (:func:`~cryofield.inference.field_fit.fit_field_to_map`,
         from an emptied output layer) onto :meth:`_isotropic_map` of up to
