@@ -19,6 +19,7 @@ uniform views, default CTF and shifts; every other cell changes one thing:
   base           as above                   box32, box128    D=32 / D=128 (N=2000)
   n1k, n20k      N=1000 / N=20000           snr0.05, snr0.3  SNR 0.05 / 0.3
   pref_view      30% of the views within 15 deg of +z
+  pref_strong    70% of the views within 15 deg of +z (a particle that mostly lies flat)
   missing_band   no view with tilt 60-120 deg (|cos tilt| < 0.5): a 30-deg missing cone
   defocus_wide   defocus 0.5-3.5 um         shift8           shifts uniform in +-8 px
   elongated      Gaussian-blob ellipsoid, semi-axes 0.28 x 0.075 x 0.075 box (aspect 3.7)
@@ -70,6 +71,7 @@ CELLS: dict[str, dict[str, Any]] = {
     "snr0.05": {"snr": 0.05},
     "snr0.3": {"snr": 0.3},
     "pref_view": {"views": "preferred"},
+    "pref_strong": {"views": "preferred70"},
     "missing_band": {"views": "missing_band"},
     "defocus_wide": {"defocus_min_A": 5000.0, "defocus_max_A": 35000.0},
     "shift8": {"shift_px": 8.0, "shift_distribution": "uniform"},
@@ -104,13 +106,14 @@ TARGETS = [
 
 
 def _views(kind: str, n: int, seed: int) -> np.ndarray:
-    """(n, 3, 3) poses: 30% within 15 deg of +z ('preferred') or no tilt in 60-120 deg."""
+    """(n, 3, 3) poses: 30% ('preferred') or 70% ('preferred70') within 15 deg of +z, or
+    no tilt in 60-120 deg ('missing_band')."""
     from cryofield.physics.rotation import euler_relion_to_matrix
 
     rng = np.random.default_rng(seed + 17)
     cos_t = rng.uniform(-1.0, 1.0, n)  # uniform viewing directions (tilt = angle from z)
-    if kind == "preferred":
-        k = round(0.3 * n)
+    if kind in ("preferred", "preferred70"):
+        k = round((0.7 if kind == "preferred70" else 0.3) * n)
         cos_t[:k] = rng.uniform(np.cos(np.radians(15.0)), 1.0, k)  # uniform on the cap
     else:  # Friedel: tilt t and 180 - t give the same central slice, so drop both bands
         cos_t = rng.choice([-1.0, 1.0], n) * rng.uniform(0.5, 1.0, n)

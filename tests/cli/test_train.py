@@ -333,9 +333,11 @@ def test_a_failed_gold_standard_check_starts_again(tiny_dataset, tmp_path, monke
     refinement's global search against the half maps moved more than 5% of them to
     another basin) starts again with the next seed too; the verdict's gold-standard
     check reads the same number."""
+    import cryofield.inference.diagnostics as dg
     import cryofield.inference.trainer as trainer_mod
     from cryofield.inference.config import TrainConfig
 
+    monkeypatch.setattr(dg, "REFINE_CHECK_MIN_IMAGES", 1)  # judged from 1,000 images on
     real = trainer_mod.epoch_checks
     moved = {0: 0.3, 1: 0.01}  # seed -> share of images moved by the refinement
 

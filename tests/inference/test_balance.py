@@ -57,3 +57,22 @@ def test_starting_from_a_pose_table_counts_every_image():
     bal = DirectionBalance(500, 1.0, R)
     assert bal.counts.sum() == 500
     assert np.array_equal(bal.cell, DirectionBalance.cells_of(R))
+
+
+def test_data_parallel_ranks_sum_their_changes():
+    """Each rank places its share of a global batch; the change of the counts is summed
+    over the ranks (here two ranks placing the same 10 images elsewhere: twice the
+    change), so every rank keeps the counts one process would have."""
+    calls = []
+
+    def two_ranks(delta: torch.Tensor) -> torch.Tensor:
+        calls.append(float(delta.sum()))
+        return delta * 2
+
+    R = random_rotations(10, generator=torch.Generator().manual_seed(2))
+    bal = DirectionBalance(20, 1.0)
+    bal.update(np.arange(10), R, two_ranks)
+    assert calls == [10.0] and bal.counts.sum() == 20
+    assert np.array_equal(
+        bal.counts, 2 * np.bincount(DirectionBalance.cells_of(R), minlength=bal.cells)
+    )

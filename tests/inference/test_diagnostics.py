@@ -269,6 +269,10 @@ def test_verdict_gold_standard_check(frac: float, ok: bool, note: bool) -> None:
     if not ok:
         assert v.headline == "the images do not fit the map at their poses"
         assert "6.5% of the images found a better pose more than 15 deg away" in v.reasons[0]
+    # under 1,000 images it is reported, not judged
+    small = dg.verdict(hist, _final(True, 61), n_images=500, D=D)
+    check = next(c for c in small.checks if c["name"] == "gold-standard check")
+    assert check["ok"] is None and "not judged under 1000 images" in check["message"]
     # runs without the refinement (heterogeneous, known poses) are not judged by it
     assert "gold-standard check" not in [
         c["name"]

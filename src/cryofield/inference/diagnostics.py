@@ -78,6 +78,10 @@ POSE_MOVED_OK_FRACTION = 0.1
 REFINE_MOVED_MAX_FRACTION = 0.05
 #: above this (and up to the limit) the check passes with a note
 REFINE_MOVED_OK_FRACTION = 0.02
+#: fewer images than this: the gold-standard check is reported, not judged (the smallest
+#: set it was measured on; tiny test sets of 48-320 images moved 14-74% whether their
+#: poses were right or not: few images per direction, near-symmetric blobs)
+REFINE_CHECK_MIN_IMAGES = 1000
 #: occupied direction cells over the number ``N`` uniform draws would occupy: below this
 #: the views collapsed onto a few directions
 MIN_OCCUPANCY_RATIO = 0.15
@@ -557,7 +561,8 @@ def verdict(
     1b. **Gold-standard check** (homogeneous ab initio runs): the half-map refinement
        (``phase == "refine"``) searches every image again, globally, against the half
        map it did not contribute to; its ``pose_change`` moved at most
-       ``REFINE_MOVED_MAX_FRACTION`` (5 %) of the images by more than the step. A right
+       ``REFINE_MOVED_MAX_FRACTION`` (5 %) of the images by more than the step (judged
+       from ``REFINE_CHECK_MIN_IMAGES`` images on). A right
        map explains its own images at the poses the search gave them; a wrong,
        self-consistent one (which passes checks 1-3) sends many elsewhere (numbers at
        the constant).
@@ -628,8 +633,11 @@ def verdict(
             f"{float(pc['step_deg']):.3g} deg away when searched again against the "
             "gold-standard half maps"
         )
-        ok = frac <= REFINE_MOVED_MAX_FRACTION
-        if not ok:
+        ok: bool | None = frac <= REFINE_MOVED_MAX_FRACTION
+        if n_images < REFINE_CHECK_MIN_IMAGES:
+            ok = None
+            msg += f" (not judged under {REFINE_CHECK_MIN_IMAGES} images)"
+        elif not ok:
             msg = (
                 f"the map does not explain its own images: {msg} (a converged run: under "
                 f"{100 * REFINE_MOVED_OK_FRACTION:.0f}%); a wrong map that is consistent "

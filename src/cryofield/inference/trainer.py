@@ -863,14 +863,17 @@ class Trainer:
         - after the half-map refinement (``phase == "refine"``), its global search
           against the half maps moved more than ``REFINE_MOVED_MAX_FRACTION`` of the
           images to another basin (the verdict's gold-standard check: a wrong map that is
-          consistent with itself).
+          consistent with itself; from ``REFINE_CHECK_MIN_IMAGES`` images on).
 
         Why at the end of the search and not before: a search can leave a collapse (the
         preferred-orientation cell of bench_robust was two antipodal blobs for 4 of its 7
         search epochs, then converged), and one that ends collapsed does not recover in
         the refinement. Which start fails is a matter of the seed: the same data
         collapsed or converged with different starts (docs/train.md)."""
-        from cryofield.inference.diagnostics import REFINE_MOVED_MAX_FRACTION
+        from cryofield.inference.diagnostics import (
+            REFINE_CHECK_MIN_IMAGES,
+            REFINE_MOVED_MAX_FRACTION,
+        )
 
         c = self.cfg
         if c.poses_from_file:
@@ -883,7 +886,11 @@ class Trainer:
                 f"{vc.get('occupancy_ratio', float('nan')):.2f} of uniform, antipodal pair "
                 f"{vc.get('antipodal_pair_fraction', float('nan')):.2f})"
             )
-        elif metrics.get("phase") == Phase.REFINE.value and moved > REFINE_MOVED_MAX_FRACTION:
+        elif (
+            metrics.get("phase") == Phase.REFINE.value
+            and moved > REFINE_MOVED_MAX_FRACTION
+            and self.N >= REFINE_CHECK_MIN_IMAGES
+        ):
             what = (
                 f"the refinement's global search against the half maps moved {100 * moved:.1f}% "
                 "of the images to another basin (a wrong map consistent with itself)"
