@@ -279,25 +279,32 @@ def test_export_of_truncated_poses_is_one_line(one_epoch_run, tmp_path, capsys):
     assert str(poses) in line and f"delete {run / 'epoch_001'}" in line
 
 
+def _force_checks(monkeypatch, collapsed, moved) -> None:
+    """Every epoch's checks with the views ``collapsed(seed)`` (bool) and the share of
+    images that changed basin ``moved(seed)`` (float), whatever the run found."""
+    import cryofield.inference.trainer as trainer_mod
+
+    real = trainer_mod.epoch_checks
+
+    def checks(cfg, *a, **kw):
+        out = real(cfg, *a, **kw)
+        if "view_coverage" in out:
+            out["view_coverage"] = dict(out["view_coverage"], collapsed=collapsed(cfg.seed))
+        out["pose_change"] = dict(out["pose_change"], frac_moved=moved(cfg.seed))
+        return out
+
+    monkeypatch.setattr(trainer_mod, "epoch_checks", checks)
+
+
 def test_failed_search_starts_again_with_the_next_seed(tiny_dataset, tmp_path, monkeypatch):
     """A search that ends with collapsed views starts again with the next seed (at most
     ``search_restarts`` times); the failed attempts' epochs and metrics move to
     ``failed_search_<k>/`` and config.yaml names the attempt that produced the run."""
-    import cryofield.inference.trainer as trainer_mod
     from cryofield.inference.config import TrainConfig
 
-    real = trainer_mod.epoch_checks
     collapse_seeds = {0}
-
-    def checks(cfg, *a, **kw):
-        out = real(cfg, *a, **kw)
-        if cfg.seed in collapse_seeds and "view_coverage" in out:
-            out["view_coverage"] = dict(out["view_coverage"], collapsed=True)
-        # the refinement's global check passes (48 images: tested below)
-        out["pose_change"] = dict(out["pose_change"], frac_moved=0.0)
-        return out
-
-    monkeypatch.setattr(trainer_mod, "epoch_checks", checks)
+    # the refinement's global check passes (48 images: tested below)
+    _force_checks(monkeypatch, lambda seed: seed in collapse_seeds, lambda seed: 0.0)
     threads = torch.get_num_threads()
     try:
         out = tmp_path / "run"
@@ -334,21 +341,11 @@ def test_a_failed_gold_standard_check_starts_again(tiny_dataset, tmp_path, monke
     another basin) starts again with the next seed too; the verdict's gold-standard
     check reads the same number."""
     import cryofield.inference.diagnostics as dg
-    import cryofield.inference.trainer as trainer_mod
     from cryofield.inference.config import TrainConfig
 
     monkeypatch.setattr(dg, "REFINE_CHECK_MIN_IMAGES", 1)  # judged from 1,000 images on
-    real = trainer_mod.epoch_checks
     moved = {0: 0.3, 1: 0.01}  # seed -> share of images moved by the refinement
-
-    def checks(cfg, *a, **kw):
-        out = real(cfg, *a, **kw)
-        if "view_coverage" in out:
-            out["view_coverage"] = dict(out["view_coverage"], collapsed=False)
-        out["pose_change"] = dict(out["pose_change"], frac_moved=moved.get(cfg.seed, 0.3))
-        return out
-
-    monkeypatch.setattr(trainer_mod, "epoch_checks", checks)
+    _force_checks(monkeypatch, lambda seed: False, lambda seed: moved.get(seed, 0.3))
     threads = torch.get_num_threads()
     try:
         out = tmp_path / "run"
