@@ -117,6 +117,16 @@ def _np(x: Any) -> np.ndarray:
 
 
 # --------------------------------------------------------------------- poses
+def gold_standard_ok(frac_moved: float, n_images: int) -> bool | None:
+    """The gold-standard check on the share of images the half-map refinement's global
+    search moved to another basin: ``frac_moved <= REFINE_MOVED_MAX_FRACTION``, or None
+    (not judged) under ``REFINE_CHECK_MIN_IMAGES`` images (the verdict's rule and the
+    restart's)."""
+    if n_images < REFINE_CHECK_MIN_IMAGES:
+        return None
+    return frac_moved <= REFINE_MOVED_MAX_FRACTION
+
+
 def pose_settle_limit(n_images: int) -> float:
     """Largest fraction of images that may change basin in a search epoch for the poses
     to count as settled: ``POSE_MOVED_MAX_FRACTION``, or ``POSE_MOVED_MAX_SMALL_SET`` for
@@ -633,9 +643,8 @@ def verdict(
             f"{float(pc['step_deg']):.3g} deg away when searched again against the "
             "gold-standard half maps"
         )
-        ok: bool | None = frac <= REFINE_MOVED_MAX_FRACTION
-        if n_images < REFINE_CHECK_MIN_IMAGES:
-            ok = None
+        ok = gold_standard_ok(frac, n_images)
+        if ok is None:
             msg += f" (not judged under {REFINE_CHECK_MIN_IMAGES} images)"
         elif not ok:
             msg = (

@@ -144,8 +144,8 @@ class Trainer:
         self.latent_init_epoch = 0  # last epoch whose start set the latents by PCA
         self.search_extended = 0  # search epochs added by the stopping rule so far
         self.search_settled = 0  # consecutive search epochs, up to the last, that settled
-        #: the search ended with collapsed views and a restart is due (:meth:`fit` returned
-        #: early; the runner starts the next attempt)
+        #: the search failed (:meth:`_failed_search`) and a restart is due (:meth:`fit`
+        #: returned early; the runner starts the next attempt)
         self.search_failed = False
         #: loss of the run's very first step (before any update): the divergence reference
         self.loss_start: float | None = None
@@ -870,27 +870,21 @@ class Trainer:
         search epochs, then converged), and one that ends collapsed does not recover in
         the refinement. Which start fails is a matter of the seed: the same data
         collapsed or converged with different starts (docs/train.md)."""
-        from cryofield.inference.diagnostics import (
-            REFINE_CHECK_MIN_IMAGES,
-            REFINE_MOVED_MAX_FRACTION,
-        )
+        from cryofield.inference.diagnostics import gold_standard_ok
 
         c = self.cfg
         if c.poses_from_file:
             return False
         vc = metrics.get("view_coverage") or {}
         moved = float((metrics.get("pose_change") or {}).get("frac_moved", 0.0))
+        refined = metrics.get("phase") == Phase.REFINE.value
         if epoch == self.schedule.hps_epochs and vc.get("collapsed"):
             what = (
                 f"the viewing directions collapsed at the end of the search (occupancy "
                 f"{vc.get('occupancy_ratio', float('nan')):.2f} of uniform, antipodal pair "
                 f"{vc.get('antipodal_pair_fraction', float('nan')):.2f})"
             )
-        elif (
-            metrics.get("phase") == Phase.REFINE.value
-            and moved > REFINE_MOVED_MAX_FRACTION
-            and self.N >= REFINE_CHECK_MIN_IMAGES
-        ):
+        elif refined and gold_standard_ok(moved, self.N) is False:
             what = (
                 f"the refinement's global search against the half maps moved {100 * moved:.1f}% "
                 "of the images to another basin (a wrong map consistent with itself)"
