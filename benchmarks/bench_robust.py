@@ -9,7 +9,10 @@ against truth.npz: pose errors after global alignment (out-of-plane / in-plane m
 mean, fraction of poses within 10 deg, translation median), the run's consensus.mrc FSC=0.5
 against the true map (after align_volume) over the same for the back-projection with the
 true poses (the oracle), plus the exact consensus (the learned poses mapped into the truth
-frame and back-projected again, no map resampling); heterogeneous runs: ARI of k-means(z)
+frame and back-projected again, no map resampling), and the pose floor (homogeneous cells:
+each of 2,000 images aligned from its true pose to the true-pose half map without it,
+cryofield.inference.refine.pose_floor: what an ideal refinement reaches on these images;
+"floor" in the table); heterogeneous runs: ARI of k-means(z)
 (k = number of states) and the best |Spearman| of the first PCs of z vs the coordinate.
 The run's verdict.json (converged, headline) is reported when it exists.
 
@@ -284,6 +287,13 @@ def score(cell_dir: Path, data: Path, zdim: int) -> dict[str, Any]:
     out = {"epochs": run.train_config().epochs, "training_D": run.training_D()}
     if zdim == 0:
         out.update(_map_scores(run, data, truth, idx, f, ps))
+        from cryofield.analysis.evaluate import pose_floor_scores
+
+        junk = truth["is_junk"] if "is_junk" in truth.files else np.zeros(len(truth["rotations"]))
+        good = ~np.asarray(junk, bool)[idx]
+        fl = pose_floor_scores(run, dict(truth), idx, good, True, "C1", 2000)
+        out["floor_oop_median_deg"] = fl.get("out_of_plane_median_deg")
+        out["floor_oop_mean_deg"] = fl.get("out_of_plane_mean_deg")
     else:
         z = run.latents()
         if truth["frame_coords"].size == 0:  # discrete states
@@ -361,7 +371,7 @@ def _f(v: Any, fmt: str = ".2f") -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ["cell", "D", "N", "SNR", "oop med/mean °", "inp med °", "≤10° %", "trans px",
+    head = ["cell", "D", "N", "SNR", "oop med/mean ° (floor)", "inp med °", "≤10° %", "trans px",
             "FSC0.5 cons/oracle Å (ratio; exact)", "ARI / ρ (abs)", "verdict", "wall min",
             "RSS GB", "targets"]  # fmt: skip
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -381,7 +391,9 @@ def table(results: list[dict[str, Any]]) -> str:
         ok = "n/a" if not t["applies"] else "PASS" if t["pass"] else "FAIL " + ",".join(t["failed"])
         rows.append(" | ".join([
             f"| {r['cell']}", str(r["D"]), str(r["N"]), str(r["snr"]),
-            f"{r['oop_median_deg']:.2f}/{r['oop_mean_deg']:.2f}", _f(r["inp_median_deg"]),
+            f"{r['oop_median_deg']:.2f}/{r['oop_mean_deg']:.2f} "
+            f"({_f(r.get('floor_oop_median_deg'))}/{_f(r.get('floor_oop_mean_deg'))})",
+            _f(r["inp_median_deg"]),
             f"{100 * r['frac_rot_10deg']:.1f}", _f(r["trans_median_px"]), fsc, het, verdict,
             f"{r['wall_s'] / 60:.1f}", f"{r['peak_rss_mb'] / 1024:.2f}", ok + " |",
         ]))  # fmt: skip
@@ -402,6 +414,11 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         (axes[1], [r.get("map_ratio") for r in ok], [1.05], "FSC0.5 consensus / oracle"),
         (axes[2], [r.get("ari", r.get("spearman_abs")) for r in ok], [0.95, 0.9], "ARI / ρ (abs)"),
     ]
+    floor = [r.get("floor_oop_median_deg") for r in ok]
+    if any(v is not None for v in floor):
+        y = [np.nan if v is None else v for v in floor]
+        axes[0].plot(x, y, "k_", ms=14, mew=2, label="floor (ideal refinement)")
+        axes[0].legend(fontsize=8)
     for ax, vals, lines, label in panels:
         y = np.array([np.nan if v is None else v for v in vals], dtype=float)
         colors = ["tab:gray" if r["snr"] < 0.1 else "tab:blue" for r in ok]

@@ -105,3 +105,28 @@ def test_symmetric_run_is_scored_modulo_its_group(fake_hom_run: FakeRun, tmp_pat
     # the C1 score of the same poses: three quarters of them 90-180 deg off
     plain = evaluate_run(fake_hom_run.outdir, fake_hom_run.truth_path)["poses"]
     assert plain["symmetry"] == "C1" and plain["rot_median_deg"] < 0.01
+
+
+def test_pose_floor_of_a_homogeneous_run(fake_hom_run: FakeRun, monkeypatch) -> None:
+    """The pose floor aligns the run's own training images from their true poses; the
+    fake run's noiseless projections stay near them, and the run (exact poses) is below
+    the floor. Heterogeneous runs and too few particles are skipped with the reason."""
+    import cryofield.analysis.evaluate as ev
+
+    res = evaluate_run(fake_hom_run.outdir, fake_hom_run.truth_path)
+    assert "at least 100" in res["pose_floor"]["skipped"]
+    monkeypatch.setattr(ev, "FLOOR_MIN_IMAGES", 10)
+    res = evaluate_run(fake_hom_run.outdir, fake_hom_run.truth_path, floor_max_images=40)
+    pf = res["pose_floor"]
+    assert pf["n"] == 40 and pf["folds"] == 8
+    # 90 images at D=16: each fold-out half map has ~40 slices, a coarse reference
+    assert pf["out_of_plane_median_deg"] < 3.0 and pf["trans_median_px"] < 0.3
+    assert res["poses"]["oop_median_over_floor"] < 0.1  # exact poses: below the floor
+    assert "pose floor" in format_table(res)
+    off = evaluate_run(fake_hom_run.outdir, fake_hom_run.truth_path, floor_max_images=0)
+    assert "floor_max_images = 0" in off["pose_floor"]["skipped"]
+
+
+def test_no_pose_floor_for_heterogeneous_runs(fake_het_run: FakeRun) -> None:
+    res = evaluate_run(fake_het_run.outdir, fake_het_run.truth_path, volumes=[])
+    assert res["pose_floor"] == {"skipped": "heterogeneous run"}

@@ -118,3 +118,44 @@ def test_global_check_rescues_images_in_a_wrong_basin(one_thread):
             assert 0 < res.history[0]["rescued_fraction"] <= 1
     assert errs["local"] > 0.8  # the far-off images stay far off without the global check
     assert errs["global"] < 0.2, errs
+
+
+def test_pose_floor_leaves_each_image_out_of_its_reference(one_thread):
+    """The floor aligns every image, from its true pose, to its half map without its
+    fold. Left in, the image's own noise on its true slice pulls it back to the truth: the
+    self-included alignment (same search, the whole half map) looks better than the data
+    allow. A subset of the images gets the same poses as in the full run."""
+    from cryofield.inference.pose_search import local_refine_poses
+    from cryofield.inference.refine import backproject_halves_batched, pose_floor
+    from cryofield.physics.fsc import fsc, resolution_at
+
+    D, n = 32, 400
+    vol = blob_volume(D, n_blobs=10, seed=1, width_px=1.0)
+    data = make_dataset([vol], n, snr=0.3, shift_px=1.0, apix_A=4.0, seed=3)
+    batches = _batches(data)
+    R, t = data.rotations, data.shifts_px
+    pf = pose_floor(batches, R, t, folds=4)
+    assert np.array_equal(pf.rows, np.arange(n)) and pf.folds == 4
+    err = torch.rad2deg(geodesic_distance_rad(pf.rotations, R))
+    # self-included: the same search against the whole half map each image is in
+    h1, h2 = backproject_halves_batched(batches, R, t)
+    curve = fsc(h1, h2)
+    assert abs(resolution_at(curve, 0.143, batches.apix_A)[1] - pf.fsc0143_A) < 1e-6
+    radius = min(D / 2 - 1, resolution_at(curve, 0.143, batches.apix_A)[0] + 3.0)
+    R_in = R.clone()
+    for h, ref in ((0, h1), (1, h2)):
+        grid, Dg = reference_grid(ref, halfmap_weights(curve), radius)
+        rows = torch.arange(h, n, 2)
+        R_in[rows] = local_refine_poses(
+            grid, Dg, batches.images_ft(rows.numpy()), batches.ctf(rows.numpy()),
+            batches.points, R[rows], t[rows], radius, levels=4, iters_per_level=1, soft=True,
+        )[0]  # fmt: skip
+    err_in = torch.rad2deg(geodesic_distance_rad(R_in, R))
+    assert float(err.median()) > 1.5 * float(err_in.median()), (err.median(), err_in.median())
+    # the true poses are a fixed point on average: no image is lost
+    assert float(err.median()) < 5.0 and float(err.max()) < 15.0
+    sub = np.array([3, 10, 11, 200, 399])
+    part = pose_floor(batches, R, t, refine_rows=sub[::-1], folds=4)
+    assert np.array_equal(part.rows, sub)
+    assert torch.allclose(part.rotations, pf.rotations[sub], atol=1e-5)
+    assert torch.allclose(part.shifts_px, pf.shifts_px[sub], atol=1e-5)

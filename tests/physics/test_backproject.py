@@ -101,3 +101,22 @@ def test_bad_inputs() -> None:
     bp = FourierBackprojector(16)
     with pytest.raises(ValueError, match="images must be"):
         bp.add(torch.zeros(2, 8, 8), torch.eye(3).expand(2, 3, 3))
+
+
+def test_without_removes_a_subset_exactly():
+    """A back-projection of all images without those of a subset is the back-projection
+    of the others (the sums are linear in the images)."""
+    g = torch.Generator().manual_seed(0)
+    D, n = 16, 12
+    imgs = torch.randn(n, D, D, generator=g)
+    R = rot.random_rotations(n, generator=g)
+    t = torch.randn(n, 2, generator=g)
+    every, some, rest = (FourierBackprojector(D) for _ in range(3))
+    every.add(imgs, R, t)
+    some.add(imgs[:5], R[:5], t[:5])
+    rest.add(imgs[5:], R[5:], t[5:])
+    out = every.without(some)
+    assert out.n_images == n - 5
+    assert torch.allclose(out.volume(), rest.volume(), atol=1e-4 * float(rest.volume().abs().max()))
+    with pytest.raises(ValueError, match="sizes"):
+        every.without(FourierBackprojector(D + 2))

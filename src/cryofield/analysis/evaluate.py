@@ -21,6 +21,12 @@ maps its rows onto them. Reported (JSON-ready dict):
   best at its true pose, shift and CTF; ARI against the labels, on at most
   ``ceiling_max_images`` images), or ``{"skipped": reason}`` (homogeneous truth, images
   not found, ``ceiling_max_images=0``).
+* ``pose_floor``: homogeneous C1 runs, the pose error an ideal refinement reaches
+  (:func:`cryofield.inference.refine.pose_floor`: each image aligned, from its true pose,
+  to the half map of the true poses without its fold, on the run's training images; on
+  at most ``floor_max_images`` non-junk images), the same keys as ``poses`` plus
+  ``fsc0143_A``; ``poses.oop_median_over_floor`` compares the run with it. Or
+  ``{"skipped": reason}``.
 * ``junk``: precision / recall of :func:`junk.estimate_junk_combined` (the junk mask of
   ``analyze``: latents and, when the run wrote them, residuals) when the truth has junk.
 * ``latent_vs_coord``: Spearman correlation of PC1..3 with a continuous coordinate.
@@ -40,7 +46,17 @@ from cryofield.errors import InputFileError
 if TYPE_CHECKING:
     from cryofield.inference.rundir import RunDir
 
-__all__ = ["clustering_scores", "evaluate_run", "format_table", "load_truth", "scored_particles"]
+__all__ = [
+    "clustering_scores",
+    "evaluate_run",
+    "format_table",
+    "load_truth",
+    "pose_floor_scores",
+    "scored_particles",
+]
+
+#: fewest scored particles for the pose floor (fewer: each fold's reference is noise)
+FLOOR_MIN_IMAGES = 100
 
 log = logging.getLogger("cryofield.analysis.evaluate")
 
@@ -167,11 +183,13 @@ def evaluate_run(
     epoch: int | None = None,
     ceiling_max_images: int | None = 5000,
     ceiling_radius_px: float | None = None,
+    floor_max_images: int | None = 2000,
 ) -> dict[str, Any]:
     """Score a run against the truth; see the module docstring for the fields.
 
     ``ceiling_max_images`` (None: all, 0: no ceiling) and ``ceiling_radius_px`` (default
-    Nyquist) bound the cost of the state ceiling (:func:`ceiling.state_ceiling`).
+    Nyquist) bound the cost of the state ceiling (:func:`ceiling.state_ceiling`);
+    ``floor_max_images`` (None: all, 0: none) the images aligned for the pose floor.
     """
     from cryofield.inference.rundir import RunDir
 
@@ -211,6 +229,13 @@ def evaluate_run(
     hints = [(metrics.MIRROR @ G @ metrics.MIRROR if mir else G, mir)]
 
     z = run.latents(ep)
+    res["pose_floor"] = pose_floor_scores(
+        run, truth, index, good, z is None, symmetry, floor_max_images
+    )
+    if "out_of_plane_median_deg" in res["pose_floor"]:
+        res["poses"]["oop_median_over_floor"] = res["poses"]["out_of_plane_median_deg"] / max(
+            res["pose_floor"]["out_of_plane_median_deg"], 1e-6
+        )
     labels = np.asarray(truth["labels"])[index] if "labels" in truth else None
     vol_paths = _true_volumes(truth_path, truth, volumes)
     D, apix = run.training_D(), run.apix_A()
@@ -327,6 +352,61 @@ def _ceiling(
     return {"skipped": "; ".join(errors)}
 
 
+def pose_floor_scores(
+    run: RunDir,
+    truth: dict,
+    index: np.ndarray,
+    good: np.ndarray,
+    homogeneous: bool,
+    symmetry: str,
+    max_images: int | None,
+) -> dict[str, Any]:
+    """The pose floor of a homogeneous C1 run (see the module docstring): ``index``
+    maps the run's rows onto the truth's, ``good`` (bool, per run row) the particles
+    scored (non-junk); at most ``max_images`` of them (seeded random subset) aligned."""
+    import torch
+
+    from cryofield.errors import CryofieldError
+    from cryofield.inference.config import TrainConfig
+    from cryofield.inference.refine import pose_floor
+    from cryofield.inference.runner import training_batches
+
+    if not homogeneous:
+        return {"skipped": "heterogeneous run"}
+    if symmetry.upper() != "C1":
+        return {"skipped": f"symmetric run ({symmetry})"}
+    if max_images == 0:
+        return {"skipped": "not computed (floor_max_images = 0)"}
+    if "shifts_px" not in truth or "D" not in truth:
+        return {"skipped": "the truth has no shifts"}
+    rows = np.flatnonzero(good)
+    if rows.size < FLOOR_MIN_IMAGES:
+        return {"skipped": f"{rows.size} scored particles (at least {FLOOR_MIN_IMAGES} needed)"}
+    try:
+        batches = training_batches(TrainConfig.load(run.path / "config.yaml"), run.table())
+    except (CryofieldError, OSError) as err:
+        log.warning("pose floor: the run's images are unusable (%s)", err)
+        return {"skipped": f"the run's images: {err}"}
+    if len(batches.source) != len(index):
+        return {"skipped": f"{len(batches.source)} images for {len(index)} poses"}
+    sub = rows
+    if max_images is not None and rows.size > max_images:
+        sub = np.sort(np.random.default_rng(0).choice(rows, max_images, replace=False))
+    R_true = np.asarray(truth["rotations"], np.float64)[index]
+    t_true = np.asarray(truth["shifts_px"], np.float64)[index]
+    scale = batches.points.D / float(truth["D"])  # truth px -> training px
+    pf = pose_floor(
+        batches, torch.as_tensor(R_true), torch.as_tensor(t_true * scale), rows=rows,
+        refine_rows=sub,
+    )  # fmt: skip
+    out = metrics.pose_errors(
+        pf.rotations.double().numpy(), R_true[pf.rows], pf.shifts_px.double().numpy() / scale,
+        t_true[pf.rows],
+    )  # fmt: skip
+    out.pop("R_global", None)
+    return {**out, "fsc0143_A": pf.fsc0143_A, "folds": pf.folds}
+
+
 def format_table(res: dict[str, Any]) -> str:
     """Plain-text table of the main numbers of :func:`evaluate_run`."""
     rows: list[tuple[str, str]] = [
@@ -357,6 +437,14 @@ def format_table(res: dict[str, Any]) -> str:
                 f"{p['trans_mean_px']:.2f} / {p['trans_median_px']:.2f} px",
             )
         )
+    pf = res.get("pose_floor", {})
+    if "out_of_plane_median_deg" in pf:
+        rows.append((
+            "pose floor out-of-plane / in-plane / shift",
+            f"{pf['out_of_plane_median_deg']:.2f} / {pf['in_plane_median_deg']:.2f} deg / "
+            f"{pf['trans_median_px']:.2f} px (medians, {pf['n']} images; run "
+            f"{p['oop_median_over_floor']:.2f}x)",
+        ))  # fmt: skip
     for m in res.get("maps", []):
         rows.append(
             (

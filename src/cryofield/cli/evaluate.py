@@ -5,7 +5,9 @@ after a global alignment that includes the mirror; FSC, resolution (FSC 0.5 / 0.
 CryoBench FSC-AUC against the true map(s) after rigid alignment; ARI, NMI and accuracy
 of k-means (K = number of true states) vs the true labels, beside the state ceiling (the
 ARI of assigning each image to the true map that explains it best at its true pose,
-shift and CTF: what the data hold) and their gap; junk precision/recall;
+shift and CTF: what the data hold) and their gap; for homogeneous runs the pose floor
+(each image aligned from its true pose to the half map of the true poses without it:
+the pose error an ideal refinement reaches on these images); junk precision/recall;
 Spearman correlation of the latent PCs with a continuous truth coordinate. Writes JSON
 (default OUTDIR/evaluate.EPOCH.json) and prints a table.
 
@@ -45,6 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PX",
         help="Fourier radius (px) of the ceiling's residual (default: Nyquist)",
     )
+    parser.add_argument(
+        "--floor-max-images",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="pose floor (homogeneous runs: each image aligned from its true pose to the "
+        "true-pose half map without it) on at most N images (0: skip it; default 2000)",
+    )
     parser.add_argument("-o", "--out", help="JSON output (default OUTDIR/evaluate.EPOCH.json)")
 
 
@@ -58,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     setup_logging()
     if args.ceiling_max_images < 0:
         raise CryofieldError("--ceiling-max-images must be >= 0")
+    if args.floor_max_images < 0:
+        raise CryofieldError("--floor-max-images must be >= 0")
     res = evaluate_run(
         args.outdir,
         args.truth,
@@ -65,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         epoch=args.epoch,
         ceiling_max_images=args.ceiling_max_images,
         ceiling_radius_px=args.ceiling_radius,
+        floor_max_images=args.floor_max_images,
     )
     out = Path(args.out) if args.out else Path(args.outdir) / f"evaluate.{res['epoch']}.json"
     write_text_atomic(out, json.dumps(res, indent=2) + "\n")

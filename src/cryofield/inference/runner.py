@@ -22,7 +22,8 @@ from cryofield.errors import CryofieldError
 from cryofield.inference import distributed as dist
 from cryofield.inference import rundir as layout
 from cryofield.inference.config import TrainConfig
-from cryofield.inference.data import ImageSource
+from cryofield.inference.data import BatchMaker, ImageSource
+from cryofield.inference.pose_search import FrequencyPoints
 from cryofield.inference.rundir import RUN_FILES, RunDir, damaged, load_run_torch
 from cryofield.inference.trainer import Trainer
 from cryofield.io.atomic import refuse_overwrite
@@ -136,6 +137,24 @@ def _load_inputs(cfg: TrainConfig) -> tuple[Any, ImageSource]:
     table = load_particle_table(cfg.particles, datadir=cfg.datadir, ind=cfg.ind)
     source = ParticleSource(table, D=cfg.D, lazy=True)
     return table, source
+
+
+def training_batches(cfg: TrainConfig, table: Any = None, device: str = "cpu") -> BatchMaker:
+    """The training images of a finished run's resolved configuration (its
+    ``config.yaml``: box, contrast, window) and particle table (default: read from
+    ``cfg.particles``; a run's own ``particles.npz`` table, :meth:`RunDir.table`, has its
+    rows), for oracles that need the images as the run saw them (e.g.
+    :func:`cryofield.inference.refine.pose_floor`)."""
+    from cryofield.io.particles import ParticleSource
+
+    if table is None:
+        table, source = _load_inputs(cfg)
+    else:
+        source = ParticleSource(table, D=cfg.D, lazy=True)
+    D = int(source[np.array([0])].shape[-1])
+    ctf = CTFParams.from_table(table) if table.ctf is not None else None
+    points = FrequencyPoints.build(D, device)
+    return BatchMaker(source, ctf, points, bool(cfg.invert), cfg.window, device=device)
 
 
 def build_trainer(cfg: TrainConfig, table: Any, source: ImageSource) -> Trainer:

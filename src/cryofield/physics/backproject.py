@@ -188,6 +188,18 @@ class FourierBackprojector:
         out.n_images = self.n_images + sum(o.n_images for o in others)
         return out
 
+    def without(self, other: FourierBackprojector) -> FourierBackprojector:
+        """A new accumulator holding this one's insertions less ``other``'s (``other``'s
+        images must be among this one's: e.g. a half set without one of its folds, the
+        leave-fold-out reference of :func:`cryofield.inference.refine.pose_floor`); its
+        ``prior`` is None. Exact up to float rounding: the sums are linear in the images."""
+        if (other.D, other.P) != (self.D, self.P):
+            raise ValueError("cannot subtract back-projectors of different sizes")
+        out = self.merge()
+        out._acc -= other._acc.to(self.device)
+        out.n_images = self.n_images - other.n_images
+        return out
+
     def ctf_freqs(self) -> torch.Tensor:
         """``(P, P, 2)`` frequency grid on which :meth:`add` expects CTF values."""
         return freq_grid_2d(self.P, device=self.device)
