@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from synth import blob_volume, make_dataset
 
@@ -52,7 +53,8 @@ def test_reference_grid_matches_the_oversampled_transform():
     assert grid[c, c, c + 11].abs() == 0 and crop[c, c, c + 11].abs() > 0
 
 
-def test_refinement_brings_perturbed_poses_back(one_thread):
+@pytest.mark.parametrize("folds", [0, 4])
+def test_refinement_brings_perturbed_poses_back(one_thread, folds):
     D, n = 32, 400
     vol = blob_volume(D, n_blobs=10, seed=1, width_px=1.0)
     data = make_dataset([vol], n, snr=20.0, shift_px=1.0, apix_A=4.0, seed=3)
@@ -62,7 +64,8 @@ def test_refinement_brings_perturbed_poses_back(one_thread):
     w = w / w.norm(dim=-1, keepdim=True) * math.radians(3.0)  # every pose 3 deg off
     R0 = data.rotations @ axis_angle_to_matrix(w)
     t0 = data.shifts_px + 0.4 * torch.randn(n, 2, generator=g)
-    res = refine_poses_gold_standard(batches, R0, t0, RefineSettings(max_iters=3, chunk=128))
+    settings = RefineSettings(max_iters=3, chunk=128, folds=folds)
+    res = refine_poses_gold_standard(batches, R0, t0, settings)
     err0 = torch.rad2deg(geodesic_distance_rad(R0, data.rotations))
     err = torch.rad2deg(geodesic_distance_rad(res.rotations, data.rotations))
     assert float(err0.median()) > 2.9

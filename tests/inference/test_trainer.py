@@ -179,6 +179,20 @@ def test_latent_warmup_splits_the_search_into_consensus_then_per_state(tmp_path,
         TrainConfig(latent_warmup=1.5).validate()
 
 
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(refine_folds=1), "refine_folds"),
+        (dict(search_balance=-1.0), "search_balance"),
+        (dict(search_balance_fraction=1.5), "search_balance_fraction"),
+    ],
+)
+def test_refinement_and_balance_settings_are_range_checked(bad, match):
+    with pytest.raises(CryofieldError, match=match):
+        TrainConfig(**bad).validate()
+    TrainConfig(refine_folds=4, search_balance=0.0).validate()
+
+
 def test_search_goes_on_while_poses_have_not_settled(tmp_path, one_thread):
     """The search's stopping rule: pure-noise images never settle, so the search gets
     search_extend x its planned epochs more, the radius still growing at the planned rate

@@ -15,6 +15,7 @@ examples:
   cryofield evaluate out/ --truth sim/truth.npz
   cryofield evaluate out/ --truth sim/truth.npz --volume sim/volumes/state_00.mrc -o m.json
   cryofield evaluate out/ --truth sim/truth.npz --ceiling-max-images 0   # no ceiling
+  cryofield evaluate out/ --truth sim/truth.npz --floor-max-images 0     # no pose floor
 """
 
 from __future__ import annotations

@@ -105,9 +105,12 @@ class TrainConfig:
     steps_per_batch: int = 3
     lr_pose: float = _flag(1e-3, "--lr-pose", "pose table learning rate (heterogeneous runs)")
     # gold-standard refinement against back-projected half maps (homogeneous runs)
-    refine_iters: int = _flag(4, "--refine-iters", "most half-map refinement iterations (0: none)")
+    refine_iters: int = _flag(8, "--refine-iters", "most half-map refinement iterations (0: none)")
     refine_prior_deg: float = 1.0
     refine_global: bool = True
+    # >= 2: each image refined against its half map without its fold (of refine_folds per
+    # half): its own noise does not hold it in place (inference.refine.pose_floor); 0: off
+    refine_folds: int = 0
     lr_latent: float = _flag(1e-2, "--lr-latent", "latent table learning rate")
     latent_l2: float = 0.0
     latent_init_std: float = 0.1
@@ -394,6 +397,10 @@ class TrainConfig:
              "hidden must be >= 1 and layers >= 0"),
             (self.refine_iters >= 0 and self.refine_prior_deg > 0,
              "refine_iters must be >= 0 and refine_prior_deg > 0"),
+            (self.refine_folds == 0 or self.refine_folds >= 2,
+             "refine_folds must be 0 (off) or >= 2"),
+            (self.search_balance >= 0 and 0 <= self.search_balance_fraction <= 1,
+             "search_balance must be >= 0 and search_balance_fraction in [0, 1]"),
             (self.sgd_epochs >= 0, "sgd_epochs must be >= 0"),
             (self.field_images is None or self.field_images >= 1, "field_images must be >= 1"),
             (self.D is None or (self.D >= 8 and self.D % 2 == 0), f"D must be even >= 8: {self.D}"),

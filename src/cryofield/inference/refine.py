@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from cryofield.inference.consensus import backproject_sets
 from cryofield.inference.data import BatchMaker
 from cryofield.inference.pose_search import SearchSettings, local_refine_poses, search_poses
 from cryofield.logs import get_logger
+from cryofield.physics.backproject import FourierBackprojector
 from cryofield.physics.fourier import fft3_centered, ifft2_centered
 from cryofield.physics.fsc import fsc, resolution_at
 from cryofield.physics.lattice import radial_index_3d
@@ -72,6 +74,10 @@ class RefineSettings:
     #: point group of the map (:mod:`cryofield.physics.symmetry`): the half maps insert
     #: every image at its equivalent poses
     symmetry: str = "C1"
+    #: >= 2: each image's local search runs against its half map without its fold (of
+    #: ``folds`` per half), so its own noise does not hold it where it is (see
+    #: :func:`pose_floor`); 0: against the whole half map
+    folds: int = 0
 
 
 @dataclass
@@ -237,8 +243,14 @@ def refine_poses_gold_standard(
     history: list[dict[str, float]] = []
     best_px = 0.0
     ops = symmetry_operators(s.symmetry)
+    rows = np.arange(n)
+    half, fold = _split_folds(n, rows, max(s.folds, 1))
     for it in range(1, s.max_iters + 1):
-        h1, h2 = backproject_halves_batched(batches, R, t, s.chunk, symmetry=ops)
+        if s.folds >= 2:
+            halves = _backproject_halves(batches, R, t, rows, half, s.chunk, ops)
+            h1, h2 = halves[0].volume(), halves[1].volume()
+        else:
+            h1, h2 = backproject_halves_batched(batches, R, t, s.chunk, symmetry=ops)
         curve = fsc(h1, h2)
         res_px, res_A = resolution_at(curve, 0.143, batches.apix_A)
         weights = halfmap_weights(curve)
@@ -247,14 +259,22 @@ def refine_poses_gold_standard(
         rescued = None
         if it == 1 and s.global_search is not None:
             R, t, rescued = _global_rescue(batches, R, t, grids, s.global_search, s.chunk)
-        R_new, t_new = R.clone(), t.clone()
-        for h, rows, xft, ctf in _half_batches(batches, n, s.chunk, f"refine {it}"):
-            grid, Dg = grids[h]
-            R_new[rows], t_new[rows] = local_refine_poses(
-                grid, Dg, xft, ctf, batches.points, R[rows], t[rows], radius,
-                step_deg=s.step_deg, t_step_px=s.t_step_px, levels=s.levels,
-                iters_per_level=1, soft=s.soft, prior_deg=s.prior_deg,
-            )[:2]  # fmt: skip
+        local = dict(
+            step_deg=s.step_deg, t_step_px=s.t_step_px, levels=s.levels, iters_per_level=1,
+            soft=s.soft, prior_deg=s.prior_deg,
+        )  # fmt: skip
+        if s.folds >= 2:
+            R_new, t_new = _fold_out_refine(
+                batches, halves, R, t, rows, rows, half, fold, weights, radius, s.chunk,
+                f"refine {it}", ops, **local,
+            )  # fmt: skip
+        else:
+            R_new, t_new = R.clone(), t.clone()
+            for h, sel, xft, ctf in _half_batches(batches, n, s.chunk, f"refine {it}"):
+                grid, Dg = grids[h]
+                R_new[sel], t_new[sel] = local_refine_poses(
+                    grid, Dg, xft, ctf, batches.points, R[sel], t[sel], radius, **local
+                )[:2]
         ang = torch.rad2deg(geodesic_distance_rad(R, R_new))
         dt = (t_new - t).norm(dim=-1)
         moved = float(((ang > last_step * 1.01) | (dt > last_t * 1.01)).float().mean())
@@ -397,27 +417,89 @@ def pose_floor(
     todo = rows if refine_rows is None else np.sort(np.asarray(refine_rows, np.int64))
     if not np.isin(todo, rows).all():
         raise ValueError("refine_rows must be among rows")
-    half = np.zeros(R.shape[0], np.int64)
-    fold = np.zeros(R.shape[0], np.int64)
-    half[rows] = np.arange(rows.size) % 2
-    fold[rows] = (np.arange(rows.size) // 2) % folds
-    images = TrainingImages(batches)
-
-    def backproject(sel: np.ndarray, sets: np.ndarray, n_sets: int) -> list:
-        at = torch.as_tensor(sel, device=R.device)
-        ctf = batches.ctf_params
-        return backproject_sets(
-            images, R[at], t[at], None if ctf is None else ctf.subset(torch.as_tensor(sel)),
-            batches.apix_A, rows=sel, sets=sets, n_sets=n_sets, chunk=chunk,
-        )  # fmt: skip
-
-    halves = backproject(rows, half[rows], 2)
+    half, fold = _split_folds(R.shape[0], rows, folds)
+    halves = _backproject_halves(batches, R, t, rows, half, chunk)
     curve = fsc(halves[0].volume(), halves[1].volume())
     res_px, res_A = resolution_at(curve, 0.143, batches.apix_A)
-    weights = halfmap_weights(curve)
     radius = float(min(D / 2 - 1, res_px + margin_px))
+    R_out, t_out = _fold_out_refine(
+        batches, halves, R, t, rows, todo, half, fold, halfmap_weights(curve), radius, chunk,
+        "pose floor", None, step_deg=step_deg, t_step_px=t_step_px, levels=levels,
+        iters_per_level=1, soft=True, prior_deg=None,
+    )  # fmt: skip
+    return PoseFloor(todo, R_out.cpu(), t_out.cpu(), float(res_A), radius, folds)
+
+
+def _split_folds(n: int, rows: np.ndarray, folds: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(n,)`` half (even / odd position in ``rows``) and fold (``0 .. folds - 1``) of
+    every row of ``rows`` (other entries 0)."""
+    half = np.zeros(n, np.int64)
+    fold = np.zeros(n, np.int64)
+    half[rows] = np.arange(rows.size) % 2
+    fold[rows] = (np.arange(rows.size) // 2) % folds
+    return half, fold
+
+
+def _backproject_rows(
+    batches: BatchMaker,
+    R: torch.Tensor,
+    t: torch.Tensor,
+    sel: np.ndarray,
+    sets: np.ndarray,
+    n_sets: int,
+    chunk: int,
+    symmetry: torch.Tensor | None = None,
+) -> list[FourierBackprojector]:
+    """Accumulators of the training images ``sel`` at their poses ``R[sel]``, ``t[sel]``
+    (``R``, ``t`` of all ``N`` particles), split by ``sets``; ``symmetry``: ``(G, 3, 3)``
+    operators (each image inserted at its equivalent poses)."""
+    at = torch.as_tensor(sel, device=R.device)
+    ctf = batches.ctf_params
+    return backproject_sets(
+        TrainingImages(batches), R[at], t[at],
+        None if ctf is None else ctf.subset(torch.as_tensor(sel)), batches.apix_A,
+        rows=sel, sets=sets, n_sets=n_sets, chunk=chunk, symmetry=symmetry,
+    )  # fmt: skip
+
+
+def _backproject_halves(
+    batches: BatchMaker,
+    R: torch.Tensor,
+    t: torch.Tensor,
+    rows: np.ndarray,
+    half: np.ndarray,
+    chunk: int,
+    symmetry: torch.Tensor | None = None,
+) -> list[FourierBackprojector]:
+    """The two half-set accumulators of ``rows`` (``half`` from :func:`_split_folds`)."""
+    return _backproject_rows(batches, R, t, rows, half[rows], 2, chunk, symmetry)
+
+
+def _fold_out_refine(
+    batches: BatchMaker,
+    halves: list[FourierBackprojector],
+    R: torch.Tensor,
+    t: torch.Tensor,
+    rows: np.ndarray,
+    todo: np.ndarray,
+    half: np.ndarray,
+    fold: np.ndarray,
+    weights: torch.Tensor,
+    radius: float,
+    chunk: int,
+    desc: str,
+    symmetry: torch.Tensor | None = None,
+    **local: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local refinement of the images ``todo`` (sorted, among ``rows``), each against its
+    half map without its fold (the fold re-back-projected and subtracted,
+    :meth:`FourierBackprojector.without`), weighted per shell by ``weights`` and cropped
+    to ``radius``; ``local``: the settings of
+    :func:`~cryofield.inference.pose_search.local_refine_poses`. Returns the ``(m, 3, 3)``
+    rotations and ``(m, 2)`` shifts of ``todo``, in its order."""
+    folds = int(fold[rows].max()) + 1 if rows.size else 1
     R_out, t_out = R[torch.as_tensor(todo)].clone(), t[torch.as_tensor(todo)].clone()
-    bar = tqdm(total=todo.size, desc="pose floor", unit="img", leave=False, disable=None)
+    bar = tqdm(total=todo.size, desc=desc, unit="img", leave=False, disable=None)
     try:
         for h in (0, 1):
             for f in range(folds):
@@ -425,7 +507,9 @@ def pose_floor(
                 sel = todo[(half[todo] == h) & (fold[todo] == f)]
                 if sel.size == 0:
                     continue
-                out = halves[h].without(backproject(mine, np.zeros(mine.size, np.int64), 1)[0])
+                zeros = np.zeros(mine.size, np.int64)
+                own = _backproject_rows(batches, R, t, mine, zeros, 1, chunk, symmetry)[0]
+                out = halves[h].without(own)
                 grid, Dg = reference_grid(out.volume(), weights, radius)
                 for c0 in range(0, sel.size, chunk):
                     part = sel[c0 : c0 + chunk]
@@ -433,10 +517,9 @@ def pose_floor(
                     dst = torch.as_tensor(np.searchsorted(todo, part), device=R.device)
                     R_out[dst], t_out[dst] = local_refine_poses(
                         grid, Dg, batches.images_ft(part), batches.ctf(part), batches.points,
-                        R[at], t[at], radius, step_deg=step_deg, t_step_px=t_step_px,
-                        levels=levels, iters_per_level=1, soft=True, prior_deg=None,
+                        R[at], t[at], radius, **local,
                     )[:2]  # fmt: skip
                     bar.update(part.size)
     finally:
         bar.close()
-    return PoseFloor(todo, R_out.cpu(), t_out.cpu(), float(res_A), radius, folds)
+    return R_out, t_out

@@ -704,7 +704,7 @@ class Trainer:
         settings = RefineSettings(
             max_iters=c.refine_iters, step_deg=c.local_step_deg, t_step_px=c.local_t_step_px,
             levels=c.local_levels, prior_deg=c.refine_prior_deg, radius_max_px=c.radius_max_px,
-            global_search=search, symmetry=self.active_symmetry,
+            global_search=search, symmetry=self.active_symmetry, folds=c.refine_folds,
         )  # fmt: skip
         res = refine_poses_gold_standard(self.batches, R0, tr0, settings)
         self.poses.set(torch.arange(self.N, device=self.device), res.rotations, res.shifts_px)
