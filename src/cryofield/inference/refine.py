@@ -255,9 +255,15 @@ def refine_poses_gold_standard(
         res_px, res_A = resolution_at(curve, 0.143, batches.apix_A)
         weights = halfmap_weights(curve)
         radius = float(min(rmax, res_px + s.margin_px))
-        grids = [reference_grid(h, weights, radius) for h in (h1, h2)]
+        # whole-half references: the local search's (folds off) and the global check's
+        rescue = it == 1 and s.global_search is not None
+        grids = (
+            [reference_grid(h, weights, radius) for h in (h1, h2)]
+            if (s.folds < 2 or rescue)
+            else []
+        )
         rescued = None
-        if it == 1 and s.global_search is not None:
+        if rescue:
             R, t, rescued = _global_rescue(batches, R, t, grids, s.global_search, s.chunk)
         local = dict(
             step_deg=s.step_deg, t_step_px=s.t_step_px, levels=s.levels, iters_per_level=1,
