@@ -14,8 +14,11 @@ from cryofield.inference.pose_search import (
     FrequencyPoints,
     SearchSettings,
     centre_images,
+    centre_references,
     level0_slices,
+    reference_centres_px,
     search_poses,
+    shift_grid,
     slice_grid,
 )
 from cryofield.model.field import HartleyField, hartley_grid_to_fourier
@@ -146,8 +149,10 @@ def test_search_recovers_true_poses_of_a_known_volume_to_grid_precision():
     t = (torch.rand(12, 2, generator=g) - 0.5) * 4
     pts = FrequencyPoints.build(D)
     X, c = _observations(F, D, R, t, pts, with_ctf=True)
+    # translations about the box centre (the blobs' centre of mass is 3 px from it; the
+    # search about the map's centre is tested below)
     st = SearchSettings(base_nside=4, base_psi=24, levels=3, t_extent_px=3.0, t_ngrid=7,
-                        radius_lo_px=6.0, radius_hi_px=12.0)  # fmt: skip
+                        radius_lo_px=6.0, radius_hi_px=12.0, centre=False)  # fmt: skip
     Rh, th = search_poses(F, D, X, c, pts, st)[:2]
     err_deg = torch.rad2deg(geodesic_distance_rad(Rh, R))
     spacing = _spacing_deg(24, 3)  # 1.9 deg
@@ -192,8 +197,9 @@ def test_search_against_several_references_picks_each_image_s_volume():
     obs = [_observations(refs[k], D, R, t, pts, with_ctf=True) for k in (0, 1)]
     X = torch.where(truth[:, None] == 1, obs[1][0], obs[0][0])
     X = X + 0.05 * float(X.abs().mean()) * torch.randn(X.shape, generator=g, dtype=X.dtype)
+    # translations about the box centre (the centred search is tested below)
     st = SearchSettings(base_nside=4, base_psi=24, levels=2, t_extent_px=3.0, t_ngrid=7,
-                        radius_lo_px=6.0, radius_hi_px=10.0)  # fmt: skip
+                        radius_lo_px=6.0, radius_hi_px=10.0, centre=False)  # fmt: skip
     res = search_poses(refs, D, X, obs[0][1], pts, st, chunk=5)
     assert torch.equal(res.reference, truth)
     err_deg = torch.rad2deg(geodesic_distance_rad(res.rotations, R))
@@ -265,13 +271,16 @@ def test_assigned_search_with_the_right_hint_matches_the_exhaustive_search():
     assert torch.allclose(fast.rotations, full.rotations, atol=1e-6)
     assert torch.allclose(fast.shifts_px, full.shifts_px, atol=1e-6)
     assert torch.allclose(fast.error, full.error, rtol=1e-4)
-    # the level-0 slices computed once (at a larger radius) give the same search
-    s0 = level0_slices(refs, D, pts, st, radius_px=8.0)
+    # the level-0 slices of the centred maps computed once (at a larger radius), with
+    # the maps' centres, give the same search
+    cref, cen = centre_references(refs, D)
+    s0 = level0_slices(cref, D, pts, st, radius_px=8.0)
     assert s0.shape[:2] == (2, 4608)
-    again = search_poses(refs, D, X, c, pts, st, chunk=5, hint=truth, slices0=s0)
+    again = search_poses(cref, D, X, c, pts, st, chunk=5, hint=truth, slices0=s0,
+                         centres_px=cen)  # fmt: skip
     assert all(torch.equal(a, b) for a, b in zip(again, fast, strict=True))
     with pytest.raises(ValueError, match="level-0 slices"):
-        search_poses(refs, D, X, c, pts, st, hint=truth, slices0=s0[:, :, :5])
+        search_poses(cref, D, X, c, pts, st, hint=truth, slices0=s0[:, :, :5], centres_px=cen)
 
 
 def test_assigned_search_with_a_wrong_hint_mostly_finds_the_right_reference():
@@ -305,6 +314,7 @@ def test_one_reference_search_is_unchanged_by_a_hint_or_cached_slices():
     """G = 1: the hint and precomputed level-0 slices change nothing, bit for bit (also
     with symmetry, whose level 0 is one asymmetric unit)."""
     D, refs, X, c, pts, st, _, _, _ = _two_state_images(8, noise=0.3)
+    st = dataclasses.replace(st, centre=False)  # cached slices of the maps as given
     for settings in (st, dataclasses.replace(st, symmetry="C4")):
         ref = search_poses(refs[0], D, X, c, pts, settings)
         hinted = search_poses(refs[0], D, X, c, pts, settings, hint=torch.zeros(8).long())
@@ -351,3 +361,72 @@ def test_a_direction_penalty_moves_only_the_images_it_outweighs():
     assert torch.equal(small.rotations, plain.rotations)
     with pytest.raises(ValueError, match="one value per level-0"):
         search_poses(refs, D, X, c, pts, st, penalty0=zero[:5])
+
+
+def _off_centre_blobs(D: int, c: tuple[float, float, float]) -> torch.Tensor:
+    """The blob volume moved by ``c = (x, y, z)`` px (its centre of mass at about ``c``)."""
+    vol = blob_volume(D, 8)
+    vol = vol - vol.min()
+    F = fft3_centered(vol.to(torch.complex64))
+    return shift_grid(F[None], D, torch.tensor([c]))[0]
+
+
+def test_reference_centres_find_a_moved_map_and_respect_the_symmetry_axes():
+    D = 32
+    F0 = _off_centre_blobs(D, (0.0, 0.0, 0.0))
+    c0 = reference_centres_px(F0, D)[0]
+    F = _off_centre_blobs(D, (4.0, -3.0, 2.0))
+    c = reference_centres_px(torch.stack([F, F0]), D)
+    # moving the map by s moves its centre by s (whatever the blobs' own centre c0)
+    assert torch.allclose(c[0] - c0, torch.tensor([4.0, -3.0, 2.0]), atol=0.3), c
+    assert torch.allclose(c[1], c0, atol=1e-4)
+    # the same from the band-limited grid the search uses (crop to radius 6 px)
+    Dc, o = 16, D // 2 - 8
+    crop = F[o : o + Dc, o : o + Dc, o : o + Dc]
+    assert torch.allclose(reference_centres_px(crop, D)[0] - c0, c[0] - c0, atol=0.6)
+    # Cn keeps the axis component only, the other groups none
+    assert torch.allclose(reference_centres_px(F, D, "C4")[0, :2], torch.zeros(2))
+    assert torch.equal(reference_centres_px(F, D, "D2")[0], torch.zeros(3))
+    # centring brings the centre to the origin
+    Fc, cc = centre_references(F, D)
+    assert float(reference_centres_px(Fc, D)[0].norm()) < 0.05
+    assert torch.allclose(cc, c[:1])
+
+
+def test_centred_search_reaches_particles_of_an_off_centre_map_and_returns_its_frame():
+    """A map whose centre of mass is 4.3 px off the box centre, and images of its particle
+    picked within +-3 px of the particle's centre: in the map's frame the translations
+    reach 3 + 4.3 px. A grid of +-3 px about the box centre misses several; about the
+    map's centre of mass it finds every pose, the translations given in the map's own
+    frame (the ones the images were made with)."""
+    D = 32
+    F = _off_centre_blobs(D, (5.0, -4.0, 3.0))
+    cen = reference_centres_px(F, D)[0]
+    assert 4.0 < float(cen.norm()) < 6.0
+    g = torch.Generator().manual_seed(1)
+    R = random_rotations(16, generator=g)
+    t_pick = (torch.rand(16, 2, generator=g) - 0.5) * 6  # about the particle's centre
+    t = t_pick - torch.einsum("bij,j->bi", R[:, :2, :], cen)  # in the map's frame
+    pts = FrequencyPoints.build(D)
+    X, c = _observations(F, D, R, t, pts, with_ctf=True)
+    st = SearchSettings(base_nside=4, base_psi=24, levels=3, t_extent_px=3.0, t_ngrid=7,
+                        radius_lo_px=6.0, radius_hi_px=12.0)  # fmt: skip
+    out = {}
+    for centre in (True, False):
+        Rh, th = search_poses(F, D, X, c, pts, dataclasses.replace(st, centre=centre))[:2]
+        err = torch.rad2deg(geodesic_distance_rad(Rh, R))
+        out[centre] = (err, (th - t).norm(dim=-1))
+    err, terr = out[True]
+    assert float(err.median()) < _spacing_deg(24, 3), err
+    assert float(err.max()) < 4 * _spacing_deg(24, 3), err
+    assert float(terr.max()) < 0.5, terr
+    err_box, terr_box = out[False]
+    assert int(((err_box > 10) | (terr_box > 1)).sum()) >= 4, (err_box, terr_box)
+    # cached level-0 slices of the centred maps, with their centres: the same poses
+    refs, cen = centre_references(F, D)
+    cached = search_poses(refs, D, X, c, pts, st, slices0=level0_slices(refs, D, pts, st),
+                          centres_px=cen)  # fmt: skip
+    full = search_poses(F, D, X, c, pts, st)
+    assert all(torch.equal(a, b) for a, b in zip(full, cached, strict=True))
+    with pytest.raises(ValueError, match="centres_px"):
+        search_poses(F, D, X, c, pts, st, slices0=level0_slices(F, D, pts, st))

@@ -11,7 +11,13 @@ from synth import blob_volume, make_dataset
 
 from cryofield.inference.config import TrainConfig
 from cryofield.inference.data import ArraySource
-from cryofield.inference.pose_search import FrequencyPoints, SearchSettings, level0_slices
+from cryofield.inference.pose_search import (
+    FrequencyPoints,
+    SearchSettings,
+    centre_references,
+    level0_slices,
+    shift_grid,
+)
 from cryofield.inference.references import ReferenceMaps, latent_centres
 from cryofield.inference.trainer import Trainer
 from cryofield.model.field import HartleyField, hartley_grid_to_fourier
@@ -35,7 +41,10 @@ def test_reference_maps_build_refresh_and_assign():
     maps = ReferenceMaps.build(("e1",), _grid_fn(field), z, 3, D, pts, st)
     assert maps.centres.shape == (3, 2) and maps.radius_hi_px == 6.0 and maps.radius_lo_px == 3.5
     assert torch.equal(maps.centres, latent_centres(z, 3))
-    assert torch.allclose(maps.grids, _grid_fn(field)(maps.centres, 6.0))
+    # the maps moved to their common centre of mass (the search's translation frame)
+    moved, cen = centre_references(_grid_fn(field)(maps.centres, 6.0), D)
+    assert torch.allclose(maps.grids, moved) and torch.allclose(maps.centres_px, cen)
+    assert float(cen[0].norm()) > 0 and torch.equal(cen[0], cen[2])
     assert torch.allclose(maps.slices0, level0_slices(maps.grids, D, pts, st, 3.5))
     # every latent goes to its nearest centre
     d = torch.cdist(z, maps.centres)
@@ -51,7 +60,9 @@ def test_reference_maps_build_refresh_and_assign():
         p.add_(0.1)
     maps.refresh(_grid_fn(field), D, pts, st, 2)
     assert maps.next_ref == 2
-    new = _grid_fn(field)(maps.centres, 6.0)
+    # the refreshed maps keep the frame of the maps as built
+    cen = maps.centres_px.clone()
+    new = shift_grid(_grid_fn(field)(maps.centres, 6.0), D, -cen)
     assert torch.allclose(maps.grids[:2], new[:2]) and torch.equal(maps.grids[2], old[2])
     assert torch.allclose(maps.slices0, level0_slices(maps.grids, D, pts, st, 3.5))
     maps.refresh(_grid_fn(field), D, pts, st, 2)  # round robin

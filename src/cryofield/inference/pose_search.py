@@ -14,6 +14,16 @@ product over all (image, translation) x (rotation) pairs. Only the half plane is
 rotations per image (each with its best translation), subdivides them
 (:mod:`cryofield.physics.so3_grid`, without its pole offset) and halves the translation
 step at every level, as in cryoDRGN / DRGN-AI's HPS (Zhong et al. 2021; Levy et al. 2024).
+
+The translation grid is centred on the particle, not on the box: an ab initio map sits
+wherever its first epochs put it (3-5 px off centre at D=64 in the robustness cells), and
+a grid centred on the box then spends that offset of its range (an image's particle is at
+``t + P_R c`` from the box centre of a map off by ``c``). With ``settings.centre`` every
+reference is moved so its density's centre of mass is at the origin
+(:func:`reference_centres_px`, :func:`shift_grid`) and the translations found against it
+are put back into the reference's own frame, ``t = t_c - (R c)_xy`` (the projection of a
+volume moved by ``c`` is moved by ``(R c)_xy``, docs/dev/contracts.md): the poses
+returned are those of the map as it is.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from cryofield.physics import so3_grid
+from cryofield.physics.fourier import ifft3_centered
 from cryofield.physics.rotation import axis_angle_to_matrix
 from cryofield.physics.symmetry import symmetry_operators
 
@@ -178,6 +189,9 @@ class SearchSettings:
     t_extent_px, t_ngrid
         Level-0 translation grid (``t_ngrid^2`` points on ``[-t_extent, t_extent]^2``);
         ``t_extent_px = 0`` disables the translation search.
+    centre
+        Centre the translation grid on the references' centre of mass (module
+        docstring); ``False``, or no translation search: on the box centre.
     radius_lo_px, radius_hi_px
         Search radius at level 0 and at the last level (linear in between).
     symmetry
@@ -196,6 +210,94 @@ class SearchSettings:
     radius_lo_px: float = 6.0
     radius_hi_px: float = 12.0
     symmetry: str = "C1"
+    centre: bool = True
+
+
+#: quantile of ``|v - median|`` above which a voxel counts in a reference's centre of mass
+CENTRE_QUANTILE = 0.95
+
+
+@torch.no_grad()
+def reference_centres_px(grid_ft: torch.Tensor, D: int, symmetry: str = "C1") -> torch.Tensor:
+    """Centre of mass of each reference's density, ``(G, 3)`` ``(x, y, z)`` px from the
+    box centre.
+
+    The grid is brought to real space (``Dc^3`` voxels of ``D / Dc`` px: the map low-passed
+    to the grid's radius); the voxels weigh ``max(|v - median| - q, 0)`` with ``q`` the
+    :data:`CENTRE_QUANTILE` of ``|v - median|`` (the strongest few percent: the particle,
+    of either contrast). A point group other than ``C1`` fixes the origin on its axes: the
+    centre keeps only its component along the ``Cn`` axis (z), none for the others.
+
+    Parameters
+    ----------
+    grid_ft
+        ``(Dc, Dc, Dc)`` or ``(G, Dc, Dc, Dc)`` complex centred Fourier grid of box ``D``
+        (frequency ``(i - Dc // 2) / D`` cycles/px).
+    D
+        Box size of the map, px.
+    symmetry
+        Point group of the maps.
+    """
+    refs = grid_ft[None] if grid_ft.dim() == 3 else grid_ft
+    G, Dc = refs.shape[0], refs.shape[-1]
+    v = ifft3_centered(refs.to(torch.complex64)).real.reshape(G, -1)
+    a = (v - v.median(dim=1, keepdim=True).values).abs()
+    w = (a - torch.quantile(a, CENTRE_QUANTILE, dim=1, keepdim=True)).clamp_min(0)
+    w = w / w.sum(1, keepdim=True).clamp_min(1e-30)
+    g = (torch.arange(Dc, device=refs.device, dtype=v.dtype) - Dc // 2) * (D / Dc)
+    gz, gy, gx = torch.meshgrid(g, g, g, indexing="ij")
+    xyz = torch.stack([gx.flatten(), gy.flatten(), gz.flatten()], -1)  # (Dc^3, 3)
+    c = w @ xyz  # (G, 3)
+    sym = symmetry.upper()
+    if sym != "C1":
+        keep = torch.tensor([0.0, 0.0, 1.0 if sym.startswith("C") else 0.0], device=c.device)
+        c = c * keep
+    return c
+
+
+def shift_grid(grid_ft: torch.Tensor, D: int, shift_px: torch.Tensor) -> torch.Tensor:
+    """Move maps given by their centred Fourier grids by ``shift_px``: ``V'(x) = V(x - s)``,
+    ``V'_hat(k) = V_hat(k) exp(-2 pi i k.s)`` (shift theorem).
+
+    ``grid_ft`` ``(G, Dc, Dc, Dc)`` complex of box ``D`` (frequency ``(i - Dc // 2) / D``),
+    ``shift_px`` ``(G, 3)`` ``(x, y, z)`` px. Returns ``(G, Dc, Dc, Dc)``.
+    """
+    Dc = grid_ft.shape[-1]
+    k = (torch.arange(Dc, device=grid_ft.device, dtype=torch.float32) - Dc // 2) / D
+    s = shift_px.to(grid_ft.device, torch.float32)
+    phi = (
+        2
+        * math.pi
+        * (
+            s[:, 0, None, None, None] * k[None, None, None, :]
+            + s[:, 1, None, None, None] * k[None, None, :, None]
+            + s[:, 2, None, None, None] * k[None, :, None, None]
+        )
+    )
+    return grid_ft * torch.polar(torch.ones_like(phi), -phi).to(grid_ft.dtype)
+
+
+def centre_references(
+    grid_ft: torch.Tensor, D: int, symmetry: str = "C1"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The references moved by ``-c`` so that the mean of their centres of mass
+    (:func:`reference_centres_px`) is at the origin, ``(G, Dc, Dc, Dc)``, and ``c``
+    ``(G, 3)`` px (the same row for every map: one frame, so that a translation means
+    the same against every reference, as the multi-reference search compares them). A
+    pose ``(R, t_c)`` against a moved map is ``(R, t_c - (R c)_xy)`` against the map."""
+    refs = grid_ft[None] if grid_ft.dim() == 3 else grid_ft
+    c = reference_centres_px(refs, D, symmetry).mean(0, keepdim=True).expand(refs.shape[0], 3)
+    return shift_grid(refs, D, -c), c.contiguous()
+
+
+def uncentre_shifts(
+    rotations: torch.Tensor, shifts_px: torch.Tensor, centres_px: torch.Tensor
+) -> torch.Tensor:
+    """Translations against maps moved by ``-c`` (centred) put back into the maps' own
+    frame: ``t = t_c - (R c)_xy``. ``rotations (B, 3, 3)``, ``shifts_px (B, 2)``,
+    ``centres_px (B, 3)`` (each image's reference's centre). Returns ``(B, 2)``."""
+    proj = torch.einsum("bij,bj->bi", rotations[:, :2, :].float(), centres_px.float())
+    return shifts_px - proj.to(shifts_px.dtype)
 
 
 def cross_terms(
@@ -255,6 +357,7 @@ def search_poses(
     hint: torch.Tensor | None = None,
     slices0: torch.Tensor | None = None,
     penalty0: torch.Tensor | None = None,
+    centres_px: torch.Tensor | None = None,
 ) -> SearchResult:
     """Best pose of every image by hierarchical search, against one or several volumes.
 
@@ -314,15 +417,48 @@ def search_poses(
         level-0 radius (its noise power at low SNR; the error is ``sigma2`` times a
         negative log likelihood under white Gaussian noise, so the sum is ``sigma2``
         times a negative log posterior). The error returned is the error alone.
+    centres_px
+        ``(G, 3)``: the references (and ``slices0``) are already centred
+        (:func:`centre_references`) and these were their centres; the translations are
+        put back into the frame of the maps before centring. ``None`` with
+        ``settings.centre``: the references are centred here (``slices0`` must then be
+        ``None``).
 
     Returns
     -------
     SearchResult
     """
     s = settings
+    refs = grid_ft[None] if grid_ft.dim() == 3 else grid_ft  # (G, Dc, Dc, Dc)
+    if centres_px is None and s.centre and s.t_extent_px > 0 and s.t_ngrid > 1:
+        if slices0 is not None:
+            raise ValueError("slices0 of references not centred: pass their centres_px, "
+                             "or search with settings.centre False")  # fmt: skip
+        refs, centres_px = centre_references(refs, D, s.symmetry)
+    res = _search_poses(refs, D, images_ft, ctf, points, s, t_center_px, chunk, hint, slices0,
+                        penalty0)  # fmt: skip
+    if centres_px is None:
+        return res
+    c = centres_px.to(res.shifts_px.device)[res.reference.to(res.shifts_px.device)]
+    return res._replace(shifts_px=uncentre_shifts(res.rotations, res.shifts_px, c))
+
+
+def _search_poses(
+    refs: torch.Tensor,
+    D: int,
+    images_ft: torch.Tensor,
+    ctf: torch.Tensor,
+    points: FrequencyPoints,
+    s: SearchSettings,
+    t_center_px: torch.Tensor | None,
+    chunk: int,
+    hint: torch.Tensor | None,
+    slices0: torch.Tensor | None,
+    penalty0: torch.Tensor | None,
+) -> SearchResult:
+    """:func:`search_poses` against the references ``refs (G, Dc, Dc, Dc)`` as given."""
     B = images_ft.shape[0]
     dev = images_ft.device
-    refs = grid_ft[None] if grid_ft.dim() == 3 else grid_ft  # (G, Dc, Dc, Dc)
     radii = [
         s.radius_lo_px + (s.radius_hi_px - s.radius_lo_px) * (lv / max(s.levels, 1))
         for lv in range(s.levels + 1)

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 import torch
 
 from cryofield.inference.config import TrainConfig
-from cryofield.inference.pose_search import FrequencyPoints, SearchSettings, level0_slices
+from cryofield.inference.pose_search import (
+    FrequencyPoints,
+    SearchSettings,
+    centre_references,
+    level0_slices,
+    shift_grid,
+)
 from cryofield.inference.schedule import StepPlan
 
 #: ``grid_fn(z (G, zdim), radius_px) -> (G, Dc, Dc, Dc)`` complex Fourier grids of the
@@ -35,6 +41,7 @@ def search_settings(cfg: TrainConfig, plan: StepPlan) -> SearchSettings:
         radius_lo_px=plan.search_lo_px,
         radius_hi_px=plan.search_hi_px,
         symmetry=cfg.symmetry,
+        centre=cfg.search_centre,
     )
 
 
@@ -86,6 +93,11 @@ class ReferenceMaps:
         Radii of the grids and of the slices.
     grid_key
         The level-0 grid and symmetry of ``slices0``.
+    centres_px
+        ``(G, 3)`` the centres of mass the maps were moved from
+        (:func:`~cryofield.inference.pose_search.centre_references` at :meth:`build`, the
+        same for every map and kept by :meth:`refresh`; zero where the search does not
+        centre): pass to ``search_poses(centres_px=...)``.
     next_ref
         The map :meth:`refresh` rebuilds next.
     """
@@ -97,6 +109,7 @@ class ReferenceMaps:
     radius_hi_px: float
     radius_lo_px: float
     grid_key: tuple
+    centres_px: torch.Tensor
     next_ref: int = 0
 
     @staticmethod
@@ -125,10 +138,23 @@ class ReferenceMaps:
         if centres is None:
             assert z is not None
             centres = latent_centres(z, groups)
-        grids = grid_fn(centres, hi)
+        grids, offsets = cls._centred(grid_fn(centres, hi), D, settings)
         slices0 = level0_slices(grids, D, points, settings, lo)
         return cls(key, centres.to(grids.device), grids, slices0, hi, lo,
-                   cls._grid_key(settings))  # fmt: skip
+                   cls._grid_key(settings), offsets)  # fmt: skip
+
+    @staticmethod
+    def _centred(
+        grids: torch.Tensor, D: int, settings: SearchSettings, c: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grids centred (``c (3,)``: moved by ``-c``, the maps' frame kept) and their
+        centres ``(G, 3)``; unchanged with zeros where the search does not centre."""
+        if not (settings.centre and settings.t_extent_px > 0 and settings.t_ngrid > 1):
+            return grids, torch.zeros(grids.shape[0], 3, device=grids.device)
+        if c is None:
+            return centre_references(grids, D, settings.symmetry)
+        cc = c.to(grids.device).expand(grids.shape[0], 3)
+        return shift_grid(grids, D, -cc), cc.clone()
 
     def covers(self, key: tuple, settings: SearchSettings) -> bool:
         """Whether these maps serve a search with ``settings`` under ``key``."""
@@ -148,8 +174,11 @@ class ReferenceMaps:
         j = (self.next_ref + torch.arange(min(n, G))) % G
         self.next_ref = int(j[-1] + 1) % G
         j = j.to(self.grids.device)
-        grids = grid_fn(self.centres[j], self.radius_hi_px)
+        # moved by the centre of the maps as built: one frame for all of them
+        grids, offsets = self._centred(grid_fn(self.centres[j], self.radius_hi_px), D, settings,
+                                       self.centres_px[0])  # fmt: skip
         self.grids[j] = grids
+        self.centres_px[j] = offsets
         self.slices0[j] = level0_slices(grids, D, points, settings, self.radius_lo_px)
 
     def assign(self, z: torch.Tensor) -> torch.Tensor:

@@ -410,7 +410,8 @@ class Trainer:
                 maps.refresh(grid_fn, self.D, self.points, settings, c.het_search_refresh)
             hint = maps.assign(self.latents(torch.as_tensor(idx, device=self.device)))
             return search_poses(maps.grids, self.D, xft, ctf, self.points, settings, hint=hint,
-                                slices0=maps.slices0, penalty0=pen)[:2]  # fmt: skip
+                                slices0=maps.slices0, penalty0=pen,
+                                centres_px=maps.centres_px)[:2]  # fmt: skip
         with self._autocast():
             if self.latents is None or plan.z_frozen:
                 z0 = None if self.latents is None else self._batch_z(torch.zeros(1), plan)
