@@ -430,3 +430,14 @@ def test_centred_search_reaches_particles_of_an_off_centre_map_and_returns_its_f
     assert all(torch.equal(a, b) for a, b in zip(full, cached, strict=True))
     with pytest.raises(ValueError, match="centres_px"):
         search_poses(F, D, X, c, pts, st, slices0=level0_slices(F, D, pts, st))
+
+
+def test_references_are_moved_by_at_most_an_eighth_of_the_box():
+    D = 32
+    F = _off_centre_blobs(D, (9.0, 0.0, 0.0))
+    c = reference_centres_px(F, D)[0]
+    assert float(c.norm()) > 6.0
+    moved, cen = centre_references(F, D)
+    assert abs(float(cen[0].norm()) - D / 8) < 1e-4
+    assert torch.allclose(moved, shift_grid(F[None], D, -cen))
+    assert torch.allclose(cen[0] / cen[0].norm(), c / c.norm(), atol=1e-5)

@@ -156,8 +156,8 @@ class TrainConfig:
         None, "--t-extent", "translation search extent, px (default D/10)"
     )
     t_ngrid: int = 7
-    # the translation grid centred on the reference's centre of mass, not the box centre
-    # (pose_search module docstring); false: on the box centre
+    # after the first epoch, the translation grid centred on the references' centre of
+    # mass, not the box centre (pose_search module docstring); false: on the box centre
     search_centre: bool = True
     search_start_res_A: float = 53.0
     search_end_res_A: float = 20.0

@@ -385,8 +385,10 @@ class Trainer:
         poses; ``exhaustive``: the centres of the batch's latents, every image against
         every map on the whole level-0 grid."""
         c = self.cfg
-        settings = dataclasses.replace(search_settings(c, plan),
-                                       symmetry=self.active_symmetry)  # fmt: skip
+        # the translation grid about the maps' centre of mass once an epoch has placed
+        # the map (about the box centre before: it anchors the map, pose_search docstring)
+        settings = dataclasses.replace(search_settings(c, plan), symmetry=self.active_symmetry,
+                                       centre=c.search_centre and self.epoch >= 1)  # fmt: skip
         pen = None
         if self._balance is not None:
             pen = self._balance.penalty(self._cells_of_points(settings)).to(self.device)
