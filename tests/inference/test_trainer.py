@@ -10,6 +10,7 @@ from synth import blob_volume, make_dataset
 from cryofield.analysis.metrics import pose_errors
 from cryofield.errors import CryofieldError
 from cryofield.inference.config import TrainConfig
+from cryofield.inference.consensus import backproject_halves
 from cryofield.inference.data import ArraySource
 from cryofield.inference.rundir import RunDir
 from cryofield.inference.trainer import Trainer
@@ -51,6 +52,28 @@ def test_ab_initio_on_tiny_box_finds_poses(tmp_path, one_thread):
     assert np.all(np.isfinite(res)) and all(m["halfmap_images"] == N for m in metrics)
     with np.load(tmp_path / "epoch_007" / "residuals.npz") as f:
         assert np.all(f["power"] > 0) and np.all(np.isfinite(f["residual"]))
+    # the map was re-centred before the refinement: the field fitted to the centred
+    # back-projection has its centre of mass at the box centre, and the poses moved with
+    # it (their back-projection is the field's map)
+    centres = {e: float(_field_centre(run, e, D).norm()) for e in (5, 7)}
+    assert centres[7] < 0.5 < centres[5], centres
+    p = run.poses()
+    bp = backproject_halves(ArraySource(data.images, data.apix_A),
+                            torch.as_tensor(p["rotations"]), torch.as_tensor(p["shifts_px"]),
+                            data.ctf, data.apix_A)[0]  # fmt: skip
+    field = run.load_field()
+    with torch.no_grad():
+        vol = field.render_volume(None, D) * field.output_scale
+    assert float(fsc(vol, bp)[1:7].min()) > 0.95  # 1 px apart: < 0.6 at shell 5
+
+
+def _field_centre(run: RunDir, epoch: int, D: int) -> torch.Tensor:
+    """``(3,)`` centre of mass (px) of the field's map of ``epoch`` (to 10 px)."""
+    from cryofield.inference.pose_search import reference_centres_px
+    from cryofield.model.field import hartley_grid_to_fourier
+
+    grid, _ = run.load_field(epoch).grid_ht(10.0)
+    return reference_centres_px(hartley_grid_to_fourier(grid.detach().float()), D)[0]
 
 
 def test_known_pose_reconstruction_matches_truth(tmp_path, one_thread):

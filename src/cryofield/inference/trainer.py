@@ -31,9 +31,11 @@ from cryofield.inference.epoch_metrics import epoch_checks
 from cryofield.inference.loss import check_loss, grid_loss, image_power, slice_loss
 from cryofield.inference.pose_search import (
     FrequencyPoints,
+    centre_references,
     level0_points,
     local_refine_poses,
     search_poses,
+    uncentre_shifts,
 )
 from cryofield.inference.references import ReferenceMaps, kmeans_groups, search_settings
 from cryofield.inference.schedule import Phase, Schedule, StepPlan
@@ -144,6 +146,9 @@ class Trainer:
         self.latent_init_epoch = 0  # last epoch whose start set the latents by PCA
         self.search_extended = 0  # search epochs added by the stopping rule so far
         self.search_settled = 0  # consecutive search epochs, up to the last, that settled
+        #: the poses were moved with the map's centre of mass before the refinement
+        #: (:meth:`_recentre`): the next field fit starts from an empty field
+        self.refit_field = False
         #: the search failed (:meth:`_failed_search`) and a restart is due (:meth:`fit`
         #: returned early; the runner starts the next attempt)
         self.search_failed = False
@@ -184,6 +189,7 @@ class Trainer:
             "latent_init_epoch": self.latent_init_epoch,
             "search_extended": self.search_extended,
             "search_settled": self.search_settled,
+            "refit_field": self.refit_field,
             "max_step_images": self.max_step_images,
             "symmetry_aligned": getattr(self, "_symmetry_aligned", False),
             "loss_start": self.loss_start,
@@ -205,6 +211,7 @@ class Trainer:
         self.latent_init_epoch = int(st.get("latent_init_epoch", 0))
         self.search_extended = int(st.get("search_extended", 0))
         self.search_settled = int(st.get("search_settled", 0))
+        self.refit_field = bool(st.get("refit_field", False))
         saved = st.get("max_step_images")  # the step size an out-of-memory step left
         if saved is not None:  # resumed: kept; rolled back: the smaller limit is kept
             first = self.max_step_images is None
@@ -703,6 +710,7 @@ class Trainer:
         from cryofield.inference.refine import RefineSettings, refine_poses_gold_standard
 
         c = self.cfg
+        tr0 = self._recentre(R0, tr0)
         search = search_settings(c, self.schedule.final_search_plan()) if c.refine_global else None
         settings = RefineSettings(
             max_iters=c.refine_iters, step_deg=c.local_step_deg, t_step_px=c.local_t_step_px,
@@ -721,6 +729,35 @@ class Trainer:
             refine=res.history,
             **epoch_checks(c, self.batches, self.poses, self.latents, R0, tr0),
         )  # fmt: skip
+
+    @torch.no_grad()
+    def _recentre(self, R: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The translations ``t (N, 2)`` of the poses ``R (N, 3, 3)`` against the map moved
+        so that its centre of mass is at the box centre (ab initio homogeneous runs whose
+        field is next fitted to the back-projection, ``search_centre`` on): ``t + (R c)_xy``
+        for a map whose centre of mass is ``c`` (the field's map at the last search radius,
+        :func:`~cryofield.inference.pose_search.centre_references`, at most ``D / 8``;
+        under 0.5 px: ``t`` as it is). An ab initio map settles 3-5 px off the box centre
+        in its first epoch; from here on the half maps, the consensus map and the exported
+        poses are centred on the particle (a re-extraction that re-centres particles on
+        the poses' origins then centres them), and the field, fitted from an empty field
+        next epoch (:attr:`refit_field`), follows."""
+        c = self.cfg
+        if not (c.search_centre and not c.poses_from_file and c.field_fit == "backprojection"
+                and self.latents is None):  # fmt: skip
+            return t
+        r = self.schedule.final_search_plan().search_hi_px
+        grid, Dc = self.field.grid_ht(r, None)
+        fgrid = hartley_grid_to_fourier(grid.float().reshape(Dc, Dc, Dc))
+        cen = centre_references(fgrid, self.D, self.active_symmetry)[1][0].to(t.device)
+        dist.broadcast_(cen)  # rank 0's centre on every rank
+        if float(cen.norm()) < 0.5:
+            return t
+        log.info("map re-centred: its centre of mass was (%.2f, %.2f, %.2f) px from the box "
+                 "centre; the poses move with it and the field is fitted anew",
+                 *cen.tolist())  # fmt: skip
+        self.refit_field = True
+        return uncentre_shifts(R, t, -cen.expand(R.shape[0], 3))
 
     def _fits_field_to_map(self, phase: Phase) -> bool:
         """Whether an epoch of ``phase`` regresses the field onto the back-projected map
@@ -756,8 +793,9 @@ class Trainer:
         label = f"epoch {epoch}/{c.epochs} [field fit]"
         fit = fit_field_to_map(
             self.field, bp.volume().to(self.device), c.radius_max_px, settings, progress=label,
-            from_scratch=self.images_seen == 0,
+            from_scratch=self.images_seen == 0 or self.refit_field,
         )  # fmt: skip
+        self.refit_field = False
         self.images_seen += self.N  # every step saw the whole data set
         for p in self.field.parameters():
             dist.broadcast_(p.data)
