@@ -14,8 +14,6 @@ import yaml
 from cryofield.errors import CryofieldError
 from cryofield.physics.symmetry import SymmetryError, canonical_symmetry
 
-#: the default translation search extent is ``max(D / 10, T_EXTENT_MIN_PX)`` px
-T_EXTENT_MIN_PX = 5.0
 #: accepted values of ``TrainConfig.contrast``
 CONTRASTS = ("auto", "light-on-dark", "dark-on-light")
 #: accepted values of ``TrainConfig.latent_init``: linear variability analysis at the
@@ -155,7 +153,7 @@ class TrainConfig:
     search_levels: int = _flag(4, "--search-levels", "pose search subdivisions")
     n_keep: int = 8
     t_extent_px: float | None = _flag(
-        None, "--t-extent", "translation search extent, px (default D/10, at least 5)"
+        None, "--t-extent", "translation search extent, px (default D/10)"
     )
     t_ngrid: int = 7
     # after the first epoch, the translation grid centred on the references' centre of
@@ -344,9 +342,7 @@ class TrainConfig:
         if c.latent_init_radius_px is None:
             c.latent_init_radius_px = min(D / 4.0, c.radius_search_px)
         if c.t_extent_px is None:
-            # +-D/10, at least +-5 px: at D=32 +-3.2 px left 85% of box32's images with a
-            # shift component over 4 px (simulated shifts sd 2 px, 20 A) > 10 deg off
-            c.t_extent_px = max(D / 10.0, T_EXTENT_MIN_PX)
+            c.t_extent_px = D / 10.0
         if c.search_extend is None:
             c.search_extend = 0.0 if c.epochs is not None else 1.0
         if n_images is not None:
