@@ -216,6 +216,12 @@ class SearchSettings:
     symmetry: str = "C1"
     centre: bool = True
 
+    @property
+    def centres_grid(self) -> bool:
+        """Whether the translation grid is centred on the references (``centre`` and a
+        translation search to centre)."""
+        return self.centre and self.t_extent_px > 0 and self.t_ngrid > 1
+
 
 #: quantile of ``|v - median|`` above which a voxel counts in a reference's centre of mass
 CENTRE_QUANTILE = 0.95
@@ -439,7 +445,7 @@ def search_poses(
     """
     s = settings
     refs = grid_ft[None] if grid_ft.dim() == 3 else grid_ft  # (G, Dc, Dc, Dc)
-    if centres_px is None and s.centre and s.t_extent_px > 0 and s.t_ngrid > 1:
+    if centres_px is None and s.centres_grid:
         if slices0 is not None:
             raise ValueError("slices0 of references not centred: pass their centres_px, "
                              "or search with settings.centre False")  # fmt: skip

@@ -149,7 +149,7 @@ class ReferenceMaps:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The grids centred (``c (3,)``: moved by ``-c``, the maps' frame kept) and their
         centres ``(G, 3)``; unchanged with zeros where the search does not centre."""
-        if not (settings.centre and settings.t_extent_px > 0 and settings.t_ngrid > 1):
+        if not settings.centres_grid:
             return grids, torch.zeros(grids.shape[0], 3, device=grids.device)
         if c is None:
             return centre_references(grids, D, settings.symmetry)
