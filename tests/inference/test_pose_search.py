@@ -441,3 +441,50 @@ def test_references_are_moved_by_at_most_an_eighth_of_the_box():
     assert abs(float(cen[0].norm()) - D / 8) < 1e-4
     assert torch.allclose(moved, shift_grid(F[None], D, -cen))
     assert torch.allclose(cen[0] / cen[0].norm(), c / c.norm(), atol=1e-5)
+
+
+def test_particles_beyond_the_grid_are_counted_and_a_grid_grown_by_the_rule_finds_them():
+    """Images picked 4-5 px off the particle's centre at D=32: the default grid (+-3.2 px,
+    7 x 7) cannot reach them, most end on its border or past it and take wrong poses;
+    the rule grows it by one step per search (epoch, in training) while over its limit,
+    the step unchanged, and the grown grid finds them all. Images within the grid are
+    not counted as beyond it."""
+    from cryofield.inference.pose_search import (
+        BEYOND_GRID_LIMIT,
+        beyond_grid,
+        widened_translation_grid,
+    )
+
+    D = 32
+    F = _off_centre_blobs(D, (0.0, 0.0, 0.0))
+    cen = reference_centres_px(F, D)[0]
+    g = torch.Generator().manual_seed(2)
+    R = random_rotations(24, generator=g)
+    ang = torch.rand(24, generator=g) * 2 * math.pi
+    rad = 4.0 + torch.rand(24, generator=g)
+    t_pick = torch.stack([rad * torch.cos(ang), rad * torch.sin(ang)], -1)
+    t = t_pick - torch.einsum("bij,j->bi", R[:, :2, :], cen)  # in the map's frame
+    pts = FrequencyPoints.build(D)
+    X, c = _observations(F, D, R, t, pts, with_ctf=True)
+    st = SearchSettings(base_nside=4, base_psi=24, levels=3, t_extent_px=D / 10, t_ngrid=7,
+                        radius_lo_px=6.0, radius_hi_px=12.0)  # fmt: skip
+    step = 2 * st.t_extent_px / (st.t_ngrid - 1)
+    grids = []
+    while True:
+        res = search_poses(F, D, X, c, pts, st)
+        frac = float(beyond_grid(res.grid_offsets_px, st.t_extent_px, st.t_ngrid).float().mean())
+        err = torch.rad2deg(geodesic_distance_rad(res.rotations, R))
+        grids.append((st.t_ngrid, frac, int((err > 10).sum())))
+        wider = widened_translation_grid(st.t_extent_px, st.t_ngrid, frac, D)
+        if wider is None:
+            break
+        st = dataclasses.replace(st, t_extent_px=wider[0], t_ngrid=wider[1])
+        assert abs(2 * wider[0] / (wider[1] - 1) - step) < 1e-9  # the same step
+    assert grids[0][1] > 0.3 and grids[0][2] >= 5, grids
+    assert st.t_ngrid > 7 and st.t_extent_px <= D / 5 + 1e-6, grids
+    assert grids[-1][1] <= BEYOND_GRID_LIMIT, grids
+    assert float(err.max()) < 4 * _spacing_deg(24, 3), (grids, err)
+    assert float((res.shifts_px - t).norm(dim=-1).max()) < 0.5
+    # never past a fifth of the box; nothing without a translation search
+    assert widened_translation_grid(6.0, 7, 1.0, D) is None
+    assert widened_translation_grid(0.0, 1, 1.0, D) is None

@@ -156,6 +156,52 @@ def translation_grid(extent_px: float, n: int, device: torch.device | str = "cpu
     return torch.stack([tx.flatten(), ty.flatten()], -1)
 
 
+#: share of a search epoch's images found beyond the translation grid above which the
+#: grid grows by one step on each side (:func:`widened_translation_grid`)
+BEYOND_GRID_LIMIT = 0.02
+#: the translation grid grows to at most this fraction of the box on each side
+T_EXTENT_MAX_FRACTION = 0.2
+
+
+def beyond_grid(offsets_px: torch.Tensor, extent_px: float, n: int) -> torch.Tensor:
+    """``(B,)`` bool: the images whose translation ``offsets_px (B, 2)`` (px, from the
+    centre of the grid they were searched on, :attr:`SearchResult.grid_offsets_px`) lies
+    beyond the level-0 grid of ``n x n`` points on ``[-extent_px, extent_px]^2`` by more
+    than a quarter of its step in x or y.
+
+    The finer levels move a translation by half the step, then a quarter, ... (up to
+    ~one step beyond the edge in all), so an image whose particle lies outside the grid
+    ends on its border or past it; one inside it ends past the border by more than a
+    quarter step only through noise."""
+    if n <= 1 or extent_px <= 0:
+        return torch.zeros(offsets_px.shape[0], dtype=torch.bool, device=offsets_px.device)
+    step = 2.0 * extent_px / (n - 1)
+    return offsets_px.abs().amax(dim=-1) > extent_px + 0.25 * step
+
+
+def widened_translation_grid(
+    extent_px: float, n: int, frac_beyond: float, D: int
+) -> tuple[float, int] | None:
+    """The translation grid one step wider on each side, ``(extent_px + step, n + 2)``
+    (the same step, so the same precision at 1.5-2x the level-0 translations), when more
+    than :data:`BEYOND_GRID_LIMIT` of the images were found :func:`beyond_grid`;
+    ``None`` when the share is below it, there is no translation search, or the wider
+    grid would reach past :data:`T_EXTENT_MAX_FRACTION` of the box ``D`` (px).
+
+    Why: the default extent (``D / 10``, 32 A whatever the pixel) holds the shifts of
+    particles picked to a few percent of the box, but a box cropped tight, or a stack
+    downsampled less than its picking error (D=32 with shifts of sd 2 px), has particles
+    beyond it, and an image whose particle the grid cannot reach takes a wrong pose
+    (box32 robustness cell: 85% of the images with a shift over 4 px ended > 10 deg off,
+    benchmarks/README.md)."""
+    if n <= 1 or extent_px <= 0 or frac_beyond <= BEYOND_GRID_LIMIT:
+        return None
+    step = 2.0 * extent_px / (n - 1)
+    if extent_px + step > T_EXTENT_MAX_FRACTION * D + 1e-6:
+        return None
+    return extent_px + step, n + 2
+
+
 def centre_images(x: torch.Tensor, freqs: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
     """Undo translations: ``X(k) exp(+2 pi i k.t)``.
 
@@ -351,12 +397,17 @@ class SearchResult(NamedTuple):
         ``(B,)`` the minimised error up to the image-dependent constant ``|X|^2``.
     reference : torch.Tensor
         ``(B,)`` long, the reference each image was aligned to (0 with one volume).
+    grid_offsets_px : torch.Tensor or None
+        ``(B, 2)`` each image's translation from the centre of the translation grid it
+        was searched on (``t_center_px``, in the centred frame with ``settings.centre``):
+        what :func:`beyond_grid` compares with the grid's reach.
     """
 
     rotations: torch.Tensor
     shifts_px: torch.Tensor
     error: torch.Tensor
     reference: torch.Tensor
+    grid_offsets_px: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -452,6 +503,8 @@ def search_poses(
         refs, centres_px = centre_references(refs, D, s.symmetry)
     res = _search_poses(refs, D, images_ft, ctf, points, s, t_center_px, chunk, hint, slices0,
                         penalty0)  # fmt: skip
+    off = res.shifts_px if t_center_px is None else res.shifts_px - t_center_px
+    res = res._replace(grid_offsets_px=off)
     if centres_px is None:
         return res
     c = centres_px.to(res.shifts_px.device)[res.reference.to(res.shifts_px.device)]

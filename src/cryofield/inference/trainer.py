@@ -30,12 +30,15 @@ from cryofield.inference.data import Batch, BatchMaker, ImageSource
 from cryofield.inference.epoch_metrics import epoch_checks
 from cryofield.inference.loss import check_loss, grid_loss, image_power, slice_loss
 from cryofield.inference.pose_search import (
+    BEYOND_GRID_LIMIT,
     FrequencyPoints,
+    beyond_grid,
     centre_references,
     level0_points,
     local_refine_poses,
     search_poses,
     uncentre_shifts,
+    widened_translation_grid,
 )
 from cryofield.inference.references import ReferenceMaps, kmeans_groups, search_settings
 from cryofield.inference.schedule import Phase, Schedule, StepPlan
@@ -158,6 +161,9 @@ class Trainer:
         #: the balanced search of this epoch (:mod:`cryofield.inference.balance`), or None
         self._balance: DirectionBalance | None = None
         self._point_cells: dict[tuple[int, int, str], np.ndarray] = {}
+        #: this epoch's images found beyond the translation grid and images searched
+        #: (:meth:`_widen_translations`), on the device
+        self._t_beyond = torch.zeros(2, device=self.device)
         self._loss_first: torch.Tensor | None = None  # loss_start, still on the device
         #: per-image loss at its last step (epoch_NNN/residuals.npz, for the junk score),
         #: kept on the device
@@ -418,9 +424,10 @@ class Trainer:
             else:
                 maps.refresh(grid_fn, self.D, self.points, settings, c.het_search_refresh)
             hint = maps.assign(self.latents(torch.as_tensor(idx, device=self.device)))
-            return search_poses(maps.grids, self.D, xft, ctf, self.points, settings, hint=hint,
-                                slices0=maps.slices0, penalty0=pen,
-                                centres_px=maps.centres_px)[:2]  # fmt: skip
+            res = search_poses(maps.grids, self.D, xft, ctf, self.points, settings, hint=hint,
+                               slices0=maps.slices0, penalty0=pen,
+                               centres_px=maps.centres_px)  # fmt: skip
+            return self._count_beyond(res, settings)
         with self._autocast():
             if self.latents is None or plan.z_frozen:
                 z0 = None if self.latents is None else self._batch_z(torch.zeros(1), plan)
@@ -433,7 +440,18 @@ class Trainer:
                 centres = kmeans_groups(z.cpu(), self.cfg.het_search_groups)[1]
                 grids, _ = self.field.grid_ht(plan.search_hi_px, centres.to(self.device))
                 fgrid = hartley_grid_to_fourier(grids.float())
-        return search_poses(fgrid, self.D, xft, ctf, self.points, settings, penalty0=pen)[:2]
+        res = search_poses(fgrid, self.D, xft, ctf, self.points, settings, penalty0=pen)
+        return self._count_beyond(res, settings)
+
+    def _count_beyond(self, res: Any, settings: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotations and shifts of a search result; counts its images found beyond the
+        translation grid (:func:`~cryofield.inference.pose_search.beyond_grid`) once an
+        epoch has placed the map (the first epoch's grid anchors it about the box centre)."""
+        if self.epoch >= 1 and res.grid_offsets_px is not None:
+            out = beyond_grid(res.grid_offsets_px, settings.t_extent_px, settings.t_ngrid)
+            self._t_beyond[0] += out.sum()
+            self._t_beyond[1] += out.numel()
+        return res.rotations, res.shifts_px
 
     def _cells_of_points(self, settings: Any) -> np.ndarray:
         """``(Q,)`` viewing-direction cell of every level-0 rotation of the search."""
@@ -642,6 +660,7 @@ class Trainer:
         if phase.refines_locally:
             self._prepare_local()
         self._balance = self._start_balance(epoch, phase)
+        self._t_beyond.zero_()
         bar = tqdm(
             total=self.N, desc=f"epoch {epoch}/{cfg.epochs} [{phase}]", unit="img",
             disable=None if self.dist.is_main else True, leave=False, dynamic_ncols=True,
@@ -673,9 +692,16 @@ class Trainer:
         if self.dist.enabled:
             self._merge_rows(np.concatenate(order) if order else np.zeros(0, np.int64))
         dt = time.perf_counter() - t0
+        extra = {}
+        if phase.searches_poses and self.epoch >= 1 and cfg.t_extent_px:
+            n_out, n_all = dist.all_reduce_sum(self._t_beyond.clone()).tolist()
+            extra["translation_grid"] = dict(
+                extent_px=float(cfg.t_extent_px or 0.0), ngrid=cfg.t_ngrid,
+                frac_beyond=n_out / max(n_all, 1.0),
+            )  # fmt: skip
         return dict(
             epoch=epoch, phase=phase.value, loss=float(np.mean(losses)),
-            radius_px=float(plan.radius_train_px), images_s=self.N / dt, time_s=dt,
+            radius_px=float(plan.radius_train_px), images_s=self.N / dt, time_s=dt, **extra,
             **epoch_checks(dataclasses.replace(cfg, symmetry=self.active_symmetry),
                            self.batches, self.poses, self.latents, R_before, t_before,
                            map_symmetry=cfg.symmetry),
@@ -877,6 +903,7 @@ class Trainer:
             self.epoch = epoch
             self._shorten_search(epoch, metrics)
             self._extend_search(epoch, metrics)
+            self._widen_translations(epoch, metrics)
             self.save_epoch(metrics)
             pc = metrics["pose_change"]
             mod = (f" modulo {pc['modulo']} in the map's frame (without it "
@@ -1057,6 +1084,39 @@ class Trainer:
             "search epochs left out), its radius growing to %.1f px (%.1f A)",
             100 * pose_settle_limit(n), 100 * frac, last, saved, c.radius_search_px,
             self.D * self.batches.apix_A / c.radius_search_px,
+        )  # fmt: skip
+
+    def _widen_translations(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """After a search epoch in which more than :data:`~cryofield.inference.pose_search.
+        BEYOND_GRID_LIMIT` of the images were found beyond the translation grid, the grid
+        grows by one step on each side for the epochs that follow (and the refinement's
+        global search), up to a fifth of the box
+        (:func:`~cryofield.inference.pose_search.widened_translation_grid`); written to
+        config.yaml (a resumed run follows it). The first epoch is not counted: its grid is
+        about the box centre while the map forms."""
+        c = self.cfg
+        tg = metrics.get("translation_grid")
+        if tg is None or not c.t_extent_px:
+            return
+        wider = widened_translation_grid(c.t_extent_px, c.t_ngrid, tg["frac_beyond"], self.D)
+        if wider is None:
+            if tg["frac_beyond"] > BEYOND_GRID_LIMIT:
+                log.warning(
+                    "epoch %d: %.1f%% of the images were found beyond the translation grid "
+                    "(+-%.2f px), which is at its largest (a fifth of the box): particles "
+                    "this far off centre cannot be aligned; re-extract them centred",
+                    epoch, 100 * tg["frac_beyond"], c.t_extent_px,
+                )  # fmt: skip
+            return
+        old = c.t_extent_px
+        c.t_extent_px, c.t_ngrid = wider
+        if self.dist.is_main:
+            layout.write_config(self.outdir, c)
+        log.info(
+            "epoch %d: %.1f%% of the images were found beyond the translation grid (+-%.2f "
+            "px): it grows to +-%.2f px (%d x %d points, the same %.2f px step)",
+            epoch, 100 * tg["frac_beyond"], old, c.t_extent_px, c.t_ngrid, c.t_ngrid,
+            2 * c.t_extent_px / (c.t_ngrid - 1),
         )  # fmt: skip
 
     def _extend_search(self, epoch: int, metrics: dict[str, Any]) -> None:
