@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from cryofield.errors import CryofieldError
 from cryofield.inference.config import TrainConfig
 from cryofield.inference.consensus import backproject_halves
 from cryofield.inference.data import ArraySource
+from cryofield.inference.pose_search import widened_translation_grid
 from cryofield.inference.rundir import RunDir
 from cryofield.inference.trainer import Trainer
 from cryofield.physics.fsc import fsc
@@ -46,6 +49,19 @@ def test_ab_initio_on_tiny_box_finds_poses(tmp_path, one_thread):
     refine = metrics[5]["refine"]
     assert refine and refine[0]["fsc0143_A"] > 0 and "moved_fraction" in refine[-1]
     assert metrics[-1]["pose_change"]["frac_moved"] == 0.0  # field epochs keep the poses
+    # the translation grid: counted from the second search epoch, grown by the rule
+    # (pose_search.widened_translation_grid) with the step kept, and config.yaml follows
+    grids = [m.get("translation_grid") for m in metrics]
+    assert grids[0] is None and all(g is not None for g in grids[1:5]), grids
+    for a, b in itertools.pairwise(grids[1:5]):
+        wider = widened_translation_grid(a["extent_px"], a["ngrid"], a["frac_beyond"], D)
+        assert (b["extent_px"], b["ngrid"]) == pytest.approx(wider or (a["extent_px"], a["ngrid"]))
+        assert 2 * b["extent_px"] / (b["ngrid"] - 1) == pytest.approx(2 * (D / 10) / 6)
+    last = widened_translation_grid(grids[4]["extent_px"], grids[4]["ngrid"],
+                                    grids[4]["frac_beyond"], D) or (grids[4]["extent_px"],
+                                                                    grids[4]["ngrid"])  # fmt: skip
+    assert (tr.cfg.t_extent_px, tr.cfg.t_ngrid) == pytest.approx(last)
+    assert run.config()["t_ngrid"] == tr.cfg.t_ngrid
     # per-epoch half-map FSC (noiseless images: the halves agree whatever the poses, so
     # only its presence is checked here; tests/inference/test_refine_gold.py has numbers)
     res = [m["halfmap_fsc0143_A"] for m in metrics]
