@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -229,7 +230,26 @@ def _pose_scores(R: np.ndarray, R_true: np.ndarray, t: np.ndarray, t_true: np.nd
         "rot_median_deg": pe["rot_median_deg"], "frac_rot_10deg": float((rot <= 10).mean()),
         "frac_oop_10deg": float((oop <= 10).mean()), "trans_median_px": pe["trans_median_px"],
         "mirrored": pe["mirrored"], "_G": np.asarray(pe["R_global"]), "_R_al": R_al,
+        "off10_by_shift": _off_by_shift(rot > 10, t_true),
     }  # fmt: skip
+
+
+#: edges (px, input box) of the bins of :func:`_off_by_shift`
+SHIFT_BINS = (0.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, np.inf)
+
+
+def _off_by_shift(off: np.ndarray, t_true: np.ndarray) -> list[dict]:
+    """Share of the images ``off (N,)`` (e.g. > 10 deg from the truth) per bin of their
+    largest true shift component ``t_true (N, 2)`` px: whether a tail comes from the
+    translation range."""
+    m = np.abs(t_true).max(axis=1)
+    rows = []
+    for lo, hi in itertools.pairwise(SHIFT_BINS):
+        sel = (m >= lo) & (m < hi)
+        if sel.any():
+            rows.append({"shift_px": [lo, float(hi)], "n": int(sel.sum()),
+                         "frac_off": float(off[sel].mean())})  # fmt: skip
+    return rows
 
 
 def _map_scores(run: Any, data: Path, truth: Any, idx: np.ndarray, f: float, ps: dict) -> dict:
