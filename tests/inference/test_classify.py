@@ -16,6 +16,7 @@ from cryofield.inference.classify import (
     classification_latents,
     classify_3d,
     default_n_classes,
+    within_class_codes,
 )
 from cryofield.inference.data import ArraySource, BatchMaker
 from cryofield.inference.pose_search import FrequencyPoints
@@ -90,6 +91,51 @@ def test_embedding_orders_classes_that_tile_a_motion():
     assert torch.all(var[:-1] >= var[1:] - 1e-6)  # axes ordered by variance
     rho = abs(spearmanr(z[:, 0].numpy(), levels[labels].numpy()).statistic)
     assert rho > 0.95, rho
+
+
+def _occupancy(n_frames: int, amp: float) -> tuple[list[torch.Tensor], np.ndarray]:
+    """Maps of a fixed body with a domain whose density grows from 0 to ``amp`` (a
+    continuous change of occupancy), and the occupancies in [0, 1]."""
+    base = blob_volume(D, 6, seed=4)
+    c = torch.arange(D, dtype=torch.float32) - D // 2
+    zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
+    dom = torch.exp(-((xx - 4) ** 2 + (yy - 3) ** 2 + zz**2) / 6.0)
+    occ = np.linspace(0.0, 1.0, n_frames)
+    return [base + amp * float(a) * dom for a in occ], occ
+
+
+def test_within_class_codes_order_a_motion_that_few_classes_cover():
+    """A continuous change populates a few classes; the within-class regression orders
+    the images inside them, which the responsibilities alone cannot (measured at this
+    seed: |Spearman| 0.918 from the classes, 0.960 within them)."""
+    torch.set_num_threads(1)
+    vols, occ = _occupancy(12, 2.0)
+    data = make_dataset(vols, 600, snr=1.0, seed=3)
+    batches = BatchMaker(ArraySource(data.images, data.apix_A), data.ctf, FrequencyPoints.build(D))
+    batches.estimate_scale(200, torch.Generator().manual_seed(0))
+    s = ClassifySettings(n_classes=4, iters=6)
+    res = classify_3d(batches, data.rotations, data.shifts_px, s)
+    assert res.fold_maps is not None and res.fold_maps.shape[:2] == (s.folds, 4)
+    assert res.rows is not None and len(res.rows) == 600
+    truth = occ[np.asarray(data.labels)]
+    z0 = class_embedding(res.resp, res.maps, 2, res.radius_px, res.priors)
+    z, info = within_class_codes(batches, data.rotations, data.shifts_px, res, 2)
+    assert z.shape == (600, 2) and torch.isfinite(z).all()
+    rho0 = abs(spearmanr(z0[:, 0].numpy(), truth).statistic)
+    rho = abs(spearmanr(z[:, 0].numpy(), truth).statistic)
+    assert rho > 0.94 and rho > rho0 + 0.02, (rho, rho0)
+    assert info["within_sd"] > 0.3 * info["between_sd"], info  # the classes have a spread
+
+
+def test_within_class_codes_keep_discrete_states_apart(two_states):
+    data, batches = two_states
+    s = ClassifySettings(n_classes=2, iters=8, init="random")
+    res = classify_3d(batches, data.rotations, data.shifts_px, s)
+    z, info = within_class_codes(batches, data.rotations, data.shifts_px, res, 2)
+    pred = KMeans(2, n_init=10, random_state=0).fit_predict(z.numpy())
+    assert adjusted_rand_index(data.labels, pred) > 0.9
+    # two states: the images scatter about their class by noise only
+    assert info["within_sd"] < 0.2 * info["between_sd"], info
 
 
 def test_default_n_classes():

@@ -83,6 +83,19 @@ restricted to the mask (:mod:`cryofield.inference.variability`), and
 principal axes of the class maps (population-weighted PCA of their transforms inside the
 scoring radius). Images of similar classes get close codes, and classes that tile a
 continuous motion come out ordered along the first axes.
+
+Within-class codes (:func:`within_class_codes`): a code made of responsibilities alone
+says which class an image belongs to, not where inside it. Along a continuous motion the
+data populate only a few classes (on a 30 % hinge swing at D=64, 2 of 16), so every
+image of a class gets the same code up to its residual uncertainty. Ordering the images
+by how much more likely one class is than another does not fix it: the log-likelihood
+ratio of image ``i`` scales with ``|C_i P_i (V_1 - V_0)|^2``, which depends on its view
+and defocus, so ratios of different images are on different scales. Each image is
+therefore also placed inside its class by a regression of its residual
+``X_i - C_i P_i V_j`` on the projected class axes, shrunk by the class's own spread along
+them (fitted by EM): discrete states, whose images scatter along the axes only by noise,
+get a spread near zero and stay tight clusters, while a continuous motion gets the
+spread it has and its images come out ordered within every class.
 """
 
 from __future__ import annotations
@@ -166,6 +179,10 @@ class ClassifySettings:
         Images per block.
     seed
         Random seed (subset, initial partition, reseeding).
+    within_class
+        :func:`classification_latents` places every image inside its class
+        (:func:`within_class_codes`); False: the class coordinates only
+        (:func:`class_embedding`).
     """
 
     n_classes: int = 16
@@ -186,6 +203,7 @@ class ClassifySettings:
     max_images: int = 20000
     chunk: int = 256
     seed: int = 0
+    within_class: bool = True
 
 
 @dataclass
@@ -213,6 +231,12 @@ class ClassifyResult:
     history
         Per iteration: ``loglik``, ``changed`` (fraction of images whose most likely
         class changed), ``reseeded``, ``max_prior``, ``min_prior``, ``seconds``.
+    fold_maps
+        ``(F, K, D, D, D)`` the maps that scored the fitted images of fold ``f`` (made
+        without them; ``F = 1``: the full maps), of the kept iteration.
+    rows
+        ``(n,)`` the fitted images (their fold is ``rows % F``); the others were scored
+        against ``maps``.
     """
 
     resp: torch.Tensor
@@ -223,6 +247,8 @@ class ClassifyResult:
     fsc0143_px: float
     loglik: list[float] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
+    fold_maps: torch.Tensor | None = None
+    rows: np.ndarray | None = None
 
 
 def default_n_classes(zdim: int) -> int:
@@ -650,7 +676,49 @@ def classify_3d(
         full_resp[tj] = torch.softmax(scorer.loglik(E, s2) + logpi, 1)
         full_s2[tj] = s2
     fsc_px = res_px if s.radius_px is None else float("nan")
-    return ClassifyResult(full_resp, full_maps, priors, full_s2, radius, fsc_px, loglik, history)
+    return ClassifyResult(full_resp, full_maps, priors, full_s2, radius, fsc_px, loglik, history,
+                          maps, rows)  # fmt: skip
+
+
+def _class_axes(
+    maps: torch.Tensor, pri: torch.Tensor, zdim: int, radius_px: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal axes of the class maps (prior-weighted PCA of their 3-D transforms inside
+    ``radius_px``; None: Nyquist).
+
+    Returns ``e (K, q)``, the coordinates of the maps on the first ``q <= zdim`` axes
+    (unit vectors of the transforms), and ``coef (K, q)``: axis ``a`` is the map
+    ``sum_j coef[j, a] V_j`` (inside the ball; the columns of ``coef`` sum to 0, so the
+    axis is the same for maps offset by a common map), float64.
+    """
+    D = maps.shape[-1]
+    dev = pri.device
+    pri = pri.double()
+    r = D / 2 - 1 if radius_px is None else float(radius_px)
+    ball = radial_index_3d(D, device=maps.device) <= r
+    feats = torch.stack([torch.view_as_real(fft3_centered(m.float())[ball]).reshape(-1)
+                         for m in maps]).to(dev, torch.float64)  # (K, F)  # fmt: skip
+    mean = (pri[:, None] * feats).sum(0) / pri.sum().clamp_min(1e-30)
+    Y = (feats - mean) * pri.sqrt()[:, None]
+    U, sv, Vt = torch.linalg.svd(Y, full_matrices=False)  # Vt (min(K, F), F)
+    q = min(zdim, int((sv > 1e-6 * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0)
+    e = (feats - mean) @ Vt[:q].T  # (K, q)
+    # Vt[a] = sum_j U[j, a] sqrt(pri_j) (f_j - mean) / sv[a]; U[:, a] is orthogonal to
+    # sqrt(pri), so the mean drops out
+    coef = U[:, :q] * pri.sqrt()[:, None] / sv[:q].clamp_min(1e-30)
+    return e, coef
+
+
+def _scaled(z: torch.Tensor, zdim: int) -> torch.Tensor:
+    """``(N, zdim)`` float32 codes from ``(N, q)``: centred, the first component at unit
+    variance (the others keep their ratios), zeros beyond ``q``."""
+    z = z - z.mean(0)
+    q = z.shape[1]
+    if q > 0 and z.shape[0] > 1 and float(z[:, 0].std()) > 0:
+        z = z / z[:, 0].std()
+    out = torch.zeros(z.shape[0], zdim, dtype=torch.float32, device=z.device)
+    out[:, :q] = z.float()
+    return out
 
 
 def class_embedding(
@@ -682,25 +750,122 @@ def class_embedding(
     priors
         ``(K,)`` class weights of the PCA; None: ``resp.mean(0)``.
     """
-    D = maps.shape[-1]
-    dev = resp.device
-    pri = (resp.mean(0) if priors is None else priors.to(dev)).double()
-    r = D / 2 - 1 if radius_px is None else float(radius_px)
-    ball = radial_index_3d(D, device=maps.device) <= r
-    feats = torch.stack([torch.view_as_real(fft3_centered(m.float())[ball]).reshape(-1)
-                         for m in maps]).to(dev, torch.float64)  # (K, F)  # fmt: skip
-    mean = (pri[:, None] * feats).sum(0) / pri.sum().clamp_min(1e-30)
-    Y = (feats - mean) * pri.sqrt()[:, None]
-    _, sv, Vt = torch.linalg.svd(Y, full_matrices=False)  # Vt (min(K, F), F)
-    q = min(zdim, int((sv > 1e-6 * sv[0]).sum()) if sv.numel() and sv[0] > 0 else 0)
-    e = (feats - mean) @ Vt[:q].T  # (K, q)
-    z = resp.double() @ e  # (N, q)
-    z = z - z.mean(0)
-    if q > 0 and z.shape[0] > 1 and float(z[:, 0].std()) > 0:
-        z = z / z[:, 0].std()
-    out = torch.zeros(resp.shape[0], zdim, dtype=torch.float32, device=dev)
-    out[:, :q] = z.float()
-    return out
+    pri = resp.mean(0) if priors is None else priors.to(resp.device)
+    e, _ = _class_axes(maps, pri, zdim, radius_px)
+    return _scaled(resp.double() @ e, zdim)
+
+
+@torch.no_grad()
+def within_class_codes(
+    batches: BatchMaker,
+    rotations: torch.Tensor,
+    shifts_px: torch.Tensor,
+    res: ClassifyResult,
+    zdim: int,
+    min_prior: float = 2e-3,
+    iters: int = 50,
+    chunk: int = 256,
+    radius_px: float | None = None,
+    shrink: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Latent codes ``(N, zdim)`` from a classification, placed inside their classes
+    by every image's own data (module docstring, "Within-class codes").
+
+    ``z_i = sum_j r_ij (e_j + d_ij)``, ``e_j`` the class coordinates of
+    :func:`class_embedding` and ``d_ij`` the image's offset from class ``j`` along the
+    same axes ``A_a`` (maps): the posterior mean of the linear model
+    ``X_i = C_i P_i (V_j + sum_a d_a A_a) + n_i``, ``d ~ N(mu_j, Lambda_j)``:
+    ``d_ij = (G_i / s_i + Lambda_j^-1)^-1 (h_ij / s_i + Lambda_j^-1 mu_j)`` with
+    ``G_i,ab = Re<C P_i A_a, C P_i A_b>_w``, ``h_ij,a = Re<C P_i A_a, X_i - C P_i V_j>_w``,
+    ``s_i`` the noise variance, and ``mu_j, Lambda_j`` fitted by EM over the images of
+    each class (empirical Bayes, the mixture of factor analysers of Ghahramani & Hinton
+    1996, with the loadings fixed to the class axes). Each fitted image is compared with
+    the maps made without its fold (``res.fold_maps``), so its own noise is not in them.
+    Classes with a prior below ``min_prior`` are left out (their responsibilities go to
+    the others).
+
+    Returns the codes and ``info``: ``within_sd`` (mean over classes of the
+    responsibility-weighted within-class sd along axis 1, from ``Lambda_j``) and
+    ``between_sd`` (sd of the class coordinates along axis 1).
+    """
+    dev = batches.device
+    pri_all = res.priors.to(dev).double()
+    keep = torch.nonzero(pri_all >= min_prior).squeeze(1)
+    if keep.numel() < 2:
+        z = class_embedding(res.resp, res.maps, zdim, res.radius_px, res.priors)
+        return z, {"within_sd": 0.0, "between_sd": 0.0}
+    pri = pri_all[keep]
+    r = res.resp.to(dev).double()[:, keep]
+    r = r / r.sum(1, keepdim=True).clamp_min(1e-30)
+    rad = res.radius_px if radius_px is None else float(radius_px)
+    e, coef = _class_axes(res.maps[keep.to(res.maps.device)], pri, zdim, rad)
+    q, Kp, N = e.shape[1], keep.numel(), r.shape[0]
+    if q == 0:
+        return _scaled(r @ e, zdim), {"within_sd": 0.0, "between_sd": 0.0}
+    scorer = _Scorer(batches, rad, 2)
+    R = rotations.float().to(dev)
+    t = shifts_px.float().to(dev)
+    cf = coef.to(dev, torch.float32)  # (Kp, q)
+    G = torch.empty(N, q, q, dtype=torch.float64, device=dev)
+    H = torch.empty(N, Kp, q, dtype=torch.float64, device=dev)
+    groups: list[tuple[torch.Tensor, np.ndarray]] = []
+    fitted = np.zeros(N, bool)
+    if res.fold_maps is not None and res.rows is not None:
+        F = res.fold_maps.shape[0]
+        fitted[res.rows] = True
+        for f in range(F):
+            groups.append((res.fold_maps[f], res.rows[res.rows % F == f]))
+    groups.append((res.maps, np.flatnonzero(~fitted)))
+    w = scorer.w
+    for maps, idx in groups:
+        if len(idx) == 0:
+            continue
+        grids = [reference_grid(maps[int(j)], scorer._ones, scorer.radius, scorer.oversample)
+                 for j in keep.tolist()]  # fmt: skip
+        for a in range(0, len(idx), chunk):
+            part = idx[a : a + chunk]
+            tj = torch.as_tensor(part, device=dev)
+            o = scorer.observe(part, R[tj], t[tj], torch.zeros_like(tj), keep_images=False)
+            sl = torch.stack([slice_grid(g, Dg, o.R, scorer.freqs) for g, Dg in grids], 1)
+            cs = o.c[:, None] * sl  # (B, Kp, M)
+            ca = torch.einsum("bjm,ja->bam", cs, cf.to(cs.dtype))  # (B, q, M)
+            caw = ca.conj() * w
+            G[tj] = torch.einsum("bam,bcm->bac", caw, ca).real.double()
+            H[tj] = torch.einsum("bam,bjm->bja", caw, o.x[:, None] - cs).real.double()
+    s2 = res.sigma2.to(dev).double().clamp_min(1e-12)
+    A = G / s2[:, None, None]  # (N, q, q)
+    h = H / s2[:, None, None]  # (N, Kp, q)
+    eye = torch.eye(q, dtype=torch.float64, device=dev)
+    between = (
+        pri[:, None, None]
+        * (e - (pri[:, None] * e).sum(0) / pri.sum())[:, :, None]
+        * (e - (pri[:, None] * e).sum(0) / pri.sum())[:, None, :]
+    ).sum(0) / pri.sum()
+    lam = (between + 1e-6 * between.diagonal().max() * eye)[None].repeat(Kp, 1, 1)
+    mu = torch.zeros(Kp, q, dtype=torch.float64, device=dev)
+    d = torch.zeros(N, Kp, q, dtype=torch.float64, device=dev)
+    nj = r.sum(0)  # (Kp,)
+    for _ in range(iters):
+        lam_inv = torch.linalg.inv(lam)  # (Kp, q, q)
+        new_lam = torch.empty_like(lam)
+        for j in range(Kp):
+            P = A + lam_inv[j]
+            rhs = h[:, j] + lam_inv[j] @ mu[j]
+            d[:, j] = torch.linalg.solve(P, rhs)
+            cov = torch.linalg.inv(P)
+            rj = r[:, j]
+            m = (rj[:, None] * d[:, j]).sum(0) / nj[j].clamp_min(1e-30)
+            dev_ = d[:, j] - m
+            S = (rj[:, None, None] * (dev_[:, :, None] * dev_[:, None, :] + cov)).sum(0)
+            mu[j] = m
+            new_lam[j] = S / nj[j].clamp_min(1e-30) + 1e-9 * eye
+        lam = new_lam if shrink else lam * 1e6
+    z = (r[:, :, None] * (e[None] + d)).sum(1)  # (N, q)
+    info = {
+        "within_sd": float((pri * lam[:, 0, 0].clamp_min(0).sqrt()).sum() / pri.sum()),
+        "between_sd": float(between[0, 0].clamp_min(0).sqrt()),
+    }
+    return _scaled(z, zdim), info
 
 
 def classification_latents(
@@ -715,14 +880,22 @@ def classification_latents(
     alternative to :func:`~cryofield.inference.variability.variability_latents`.
 
     ``settings.n_classes`` is replaced by :func:`default_n_classes` ``(zdim)`` when
-    ``settings`` is None. With a ``mask`` the classification is focused on it and the
-    embedding is that of the masked class maps ``M V_j`` (the axes of ``z`` are the
-    variability inside the mask).
+    ``settings`` is None. The codes are :func:`within_class_codes` (``settings.within_class``,
+    the default) or :func:`class_embedding`. With a ``mask`` the classification is focused
+    on it and the axes of ``z`` are the variability inside it (the differences of the
+    maps ``M V_j + (1 - M) V_all`` are those of the masked maps ``M V_j``).
     """
     s = settings or ClassifySettings(n_classes=default_n_classes(zdim))
     res = classify_3d(batches, rotations, shifts_px, s, mask=mask)
-    maps = res.maps if mask is None else res.maps * mask.to(res.maps.device, res.maps.dtype)
-    z = class_embedding(res.resp, maps, zdim, res.radius_px, res.priors)
+    # with a mask the maps are M V_j + (1 - M) V_all: their differences, hence the axes,
+    # are those of the masked maps M V_j, and the residuals are those the images were
+    # classified by
+    if s.within_class:
+        z, info = within_class_codes(batches, rotations, shifts_px, res, zdim)
+        log.info("within-class codes: class spread %.3g, between classes %.3g (axis 1)",
+                 info["within_sd"], info["between_sd"])  # fmt: skip
+    else:
+        z = class_embedding(res.resp, res.maps, zdim, res.radius_px, res.priors)
     var = z.var(0).tolist()
     log.info("class embedding: code variances %s", ", ".join(f"{v:.3g}" for v in var))
     return z
