@@ -766,7 +766,7 @@ def within_class_codes(
     iters: int = 50,
     chunk: int = 256,
     radius_px: float | None = None,
-    shrink: bool = True,
+    min_weight: float = 1e-3,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Latent codes ``(N, zdim)`` from a classification, placed inside their classes
     by every image's own data (module docstring, "Within-class codes").
@@ -782,7 +782,9 @@ def within_class_codes(
     1996, with the loadings fixed to the class axes). Each fitted image is compared with
     the maps made without its fold (``res.fold_maps``), so its own noise is not in them.
     Classes with a prior below ``min_prior`` are left out (their responsibilities go to
-    the others).
+    the others), and so are the pairs with ``r_ij < min_weight`` (memory: one ``(q, q)``
+    matrix per image and one ``q``-vector per pair kept, about ``N`` of them). The
+    regression uses the frequencies inside ``radius_px`` (None: ``res.radius_px``).
 
     Returns the codes and ``info``: ``within_sd`` (mean over classes of the
     responsibility-weighted within-class sd along axis 1, from ``Lambda_j``) and
@@ -806,8 +808,10 @@ def within_class_codes(
     R = rotations.float().to(dev)
     t = shifts_px.float().to(dev)
     cf = coef.to(dev, torch.float32)  # (Kp, q)
-    G = torch.empty(N, q, q, dtype=torch.float64, device=dev)
-    H = torch.empty(N, Kp, q, dtype=torch.float64, device=dev)
+    # per image G (q, q); per (image, class) with r_ij >= min_weight the projections h
+    G = torch.empty(N, q, q, dtype=torch.float32, device=dev)
+    h_parts: list[list[torch.Tensor]] = [[] for _ in range(Kp)]
+    i_parts: list[list[torch.Tensor]] = [[] for _ in range(Kp)]
     groups: list[tuple[torch.Tensor, np.ndarray]] = []
     fitted = np.zeros(N, bool)
     if res.fold_maps is not None and res.rows is not None:
@@ -830,39 +834,45 @@ def within_class_codes(
             cs = o.c[:, None] * sl  # (B, Kp, M)
             ca = torch.einsum("bjm,ja->bam", cs, cf.to(cs.dtype))  # (B, q, M)
             caw = ca.conj() * w
-            G[tj] = torch.einsum("bam,bcm->bac", caw, ca).real.double()
-            H[tj] = torch.einsum("bam,bjm->bja", caw, o.x[:, None] - cs).real.double()
+            G[tj] = torch.einsum("bam,bcm->bac", caw, ca).real
+            H = torch.einsum("bam,bjm->bja", caw, o.x[:, None] - cs).real  # (B, Kp, q)
+            for j in range(Kp):
+                sel = torch.nonzero(r[tj, j] >= min_weight).squeeze(1)
+                h_parts[j].append(H[sel, j])
+                i_parts[j].append(tj[sel])
     s2 = res.sigma2.to(dev).double().clamp_min(1e-12)
-    A = G / s2[:, None, None]  # (N, q, q)
-    h = H / s2[:, None, None]  # (N, Kp, q)
     eye = torch.eye(q, dtype=torch.float64, device=dev)
-    between = (
-        pri[:, None, None]
-        * (e - (pri[:, None] * e).sum(0) / pri.sum())[:, :, None]
-        * (e - (pri[:, None] * e).sum(0) / pri.sum())[:, None, :]
-    ).sum(0) / pri.sum()
-    lam = (between + 1e-6 * between.diagonal().max() * eye)[None].repeat(Kp, 1, 1)
-    mu = torch.zeros(Kp, q, dtype=torch.float64, device=dev)
-    d = torch.zeros(N, Kp, q, dtype=torch.float64, device=dev)
-    nj = r.sum(0)  # (Kp,)
-    for _ in range(iters):
-        lam_inv = torch.linalg.inv(lam)  # (Kp, q, q)
-        new_lam = torch.empty_like(lam)
-        for j in range(Kp):
-            P = A + lam_inv[j]
-            rhs = h[:, j] + lam_inv[j] @ mu[j]
-            d[:, j] = torch.linalg.solve(P, rhs)
-            cov = torch.linalg.inv(P)
-            rj = r[:, j]
-            m = (rj[:, None] * d[:, j]).sum(0) / nj[j].clamp_min(1e-30)
-            dev_ = d[:, j] - m
-            S = (rj[:, None, None] * (dev_[:, :, None] * dev_[:, None, :] + cov)).sum(0)
-            mu[j] = m
-            new_lam[j] = S / nj[j].clamp_min(1e-30) + 1e-9 * eye
-        lam = new_lam if shrink else lam * 1e6
-    z = (r[:, :, None] * (e[None] + d)).sum(1)  # (N, q)
+    ec = e - (pri[:, None] * e).sum(0) / pri.sum()
+    between = (pri[:, None, None] * ec[:, :, None] * ec[:, None, :]).sum(0) / pri.sum()
+    lam = between + 1e-6 * between.diagonal().max() * eye  # every class's EM starts here
+    z = torch.zeros(N, q, dtype=torch.float64, device=dev)
+    rsum = torch.zeros(N, dtype=torch.float64, device=dev)
+    lam_sd = torch.zeros(Kp, dtype=torch.float64, device=dev)
+    for j in range(Kp):
+        idx_j = torch.cat(i_parts[j])
+        if idx_j.numel() == 0:
+            continue
+        h_j = torch.cat(h_parts[j]).double() / s2[idx_j, None]  # (n_j, q)
+        A_j = G[idx_j].double() / s2[idx_j, None, None]  # (n_j, q, q)
+        r_j = r[idx_j, j]
+        n_j = r_j.sum().clamp_min(1e-30)
+        lam_j, mu_j = lam.clone(), torch.zeros(q, dtype=torch.float64, device=dev)
+        for _ in range(iters):  # EM of the class's offset distribution N(mu_j, lam_j)
+            lam_inv = torch.linalg.inv(lam_j)
+            P = A_j + lam_inv
+            d_j = torch.linalg.solve(P, h_j + lam_inv @ mu_j)
+            mu_j = (r_j[:, None] * d_j).sum(0) / n_j
+            dv = d_j - mu_j
+            S = r_j[:, None, None] * (dv[:, :, None] * dv[:, None, :] + torch.linalg.inv(P))
+            lam_j = S.sum(0) / n_j + 1e-9 * eye
+        lam_inv = torch.linalg.inv(lam_j)
+        d_j = torch.linalg.solve(A_j + lam_inv, h_j + lam_inv @ mu_j)
+        z.index_add_(0, idx_j, r_j[:, None] * (e[j] + d_j))
+        rsum.index_add_(0, idx_j, r_j)
+        lam_sd[j] = lam_j[0, 0].clamp_min(0).sqrt()
+    z = z / rsum.clamp_min(1e-30)[:, None]
     info = {
-        "within_sd": float((pri * lam[:, 0, 0].clamp_min(0).sqrt()).sum() / pri.sum()),
+        "within_sd": float((pri * lam_sd).sum() / pri.sum()),
         "between_sd": float(between[0, 0].clamp_min(0).sqrt()),
     }
     return _scaled(z, zdim), info
