@@ -138,6 +138,20 @@ def test_within_class_codes_keep_discrete_states_apart(two_states):
     assert info["within_sd"] < 0.2 * info["between_sd"], info
 
 
+def test_within_class_codes_with_one_populated_class_are_zero(two_states):
+    """Nothing to embed: one class holds every image (no axis, no crash)."""
+    import dataclasses
+
+    data, batches = two_states
+    res = classify_3d(batches, data.rotations, data.shifts_px,
+                      ClassifySettings(n_classes=2, iters=1, init="random"))  # fmt: skip
+    n = len(data.labels)
+    one = torch.nn.functional.one_hot(torch.zeros(n, dtype=torch.long), 2).float()
+    res = dataclasses.replace(res, resp=one, priors=torch.tensor([1.0, 0.0]))
+    z, info = within_class_codes(batches, data.rotations, data.shifts_px, res, 3)
+    assert z.shape == (n, 3) and torch.all(z == 0) and info["between_sd"] == 0.0
+
+
 def test_default_n_classes():
     assert [default_n_classes(z) for z in (1, 2, 4, 8, 16)] == [4, 4, 8, 16, 16]
 
