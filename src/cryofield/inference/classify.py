@@ -892,15 +892,17 @@ def classification_latents(
     ``settings.n_classes`` is replaced by :func:`default_n_classes` ``(zdim)`` when
     ``settings`` is None. The codes are :func:`within_class_codes` (``settings.within_class``,
     the default) or :func:`class_embedding`. With a ``mask`` the classification is focused
-    on it and the axes of ``z`` are the variability inside it (the differences of the
-    maps ``M V_j + (1 - M) V_all`` are those of the masked maps ``M V_j``).
+    on it, the codes are :func:`class_embedding`'s, and the axes of ``z`` are the
+    variability inside it (the differences of the maps ``M V_j + (1 - M) V_all`` are
+    those of the masked maps ``M V_j``).
     """
     s = settings or ClassifySettings(n_classes=default_n_classes(zdim))
     res = classify_3d(batches, rotations, shifts_px, s, mask=mask)
     # with a mask the maps are M V_j + (1 - M) V_all: their differences, hence the axes,
-    # are those of the masked maps M V_j, and the residuals are those the images were
-    # classified by
-    if s.within_class:
+    # are those of the masked maps M V_j. Within-class codes are not made there: the
+    # residual to a class holds the variation outside the mask, which the regression on
+    # the projected axes would pick up where the projections overlap
+    if s.within_class and mask is None:
         z, info = within_class_codes(batches, rotations, shifts_px, res, zdim)
         log.info("within-class codes: class spread %.3g, between classes %.3g (axis 1)",
                  info["within_sd"], info["between_sd"])  # fmt: skip
