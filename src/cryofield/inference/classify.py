@@ -86,7 +86,7 @@ continuous motion come out ordered along the first axes.
 
 Within-class codes (:func:`within_class_codes`): a code made of responsibilities alone
 says which class an image belongs to, not where inside it. Along a continuous motion the
-data populate only a few classes (on a 30 % hinge swing at D=64, 2 of 16), so every
+data populate only a few classes (on a 22 deg hinge swing at D=64, 3 of 16), so every
 image of a class gets the same code up to its residual uncertainty. Ordering the images
 by how much more likely one class is than another does not fix it: the log-likelihood
 ratio of image ``i`` scales with ``|C_i P_i (V_1 - V_0)|^2``, which depends on its view
@@ -892,14 +892,12 @@ def classification_latents(
     ``settings.n_classes`` is replaced by :func:`default_n_classes` ``(zdim)`` when
     ``settings`` is None. The codes are :func:`within_class_codes` (``settings.within_class``,
     the default) or :func:`class_embedding`. With a ``mask`` the classification is focused
-    on it, the codes are :func:`class_embedding`'s, and the axes of ``z`` are the
-    variability inside it (the differences of the maps ``M V_j + (1 - M) V_all`` are
-    those of the masked maps ``M V_j``).
+    on it and the codes are :func:`class_embedding`'s of the masked class maps ``M V_j``
+    (the axes of ``z`` are the variability inside the mask).
     """
     s = settings or ClassifySettings(n_classes=default_n_classes(zdim))
     res = classify_3d(batches, rotations, shifts_px, s, mask=mask)
-    # with a mask the maps are M V_j + (1 - M) V_all: their differences, hence the axes,
-    # are those of the masked maps M V_j. Within-class codes are not made there: the
+    # with a mask, the embedding of the masked maps and no within-class codes: the
     # residual to a class holds the variation outside the mask, which the regression on
     # the projected axes would pick up where the projections overlap
     if s.within_class and mask is None:
@@ -907,7 +905,8 @@ def classification_latents(
         log.info("within-class codes: class spread %.3g, between classes %.3g (axis 1)",
                  info["within_sd"], info["between_sd"])  # fmt: skip
     else:
-        z = class_embedding(res.resp, res.maps, zdim, res.radius_px, res.priors)
+        maps = res.maps if mask is None else res.maps * mask.to(res.maps.device, res.maps.dtype)
+        z = class_embedding(res.resp, maps, zdim, res.radius_px, res.priors)
     var = z.var(0).tolist()
     log.info("class embedding: code variances %s", ", ".join(f"{v:.3g}" for v in var))
     return z
