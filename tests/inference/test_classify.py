@@ -107,7 +107,8 @@ def _occupancy(n_frames: int, amp: float) -> tuple[list[torch.Tensor], np.ndarra
 def test_within_class_codes_order_a_motion_that_few_classes_cover():
     """A continuous change populates a few classes; the within-class regression orders
     the images inside them, which the responsibilities alone cannot (measured at this
-    seed: |Spearman| 0.918 from the classes, 0.960 within them)."""
+    seed: |Spearman| 0.944 from the classes, 0.958 within them; 0.918 and 0.960 without the
+    filter of the class differences)."""
     torch.set_num_threads(1)
     vols, occ = _occupancy(12, 2.0)
     data = make_dataset(vols, 600, snr=1.0, seed=3)
@@ -123,7 +124,7 @@ def test_within_class_codes_order_a_motion_that_few_classes_cover():
     assert z.shape == (600, 2) and torch.isfinite(z).all()
     rho0 = abs(spearmanr(z0[:, 0].numpy(), truth).statistic)
     rho = abs(spearmanr(z[:, 0].numpy(), truth).statistic)
-    assert rho > 0.94 and rho > rho0 + 0.02, (rho, rho0)
+    assert rho > 0.95 and rho > rho0 + 0.01, (rho, rho0)
     assert info["within_sd"] > 0.3 * info["between_sd"], info  # the classes have a spread
 
 
@@ -164,3 +165,44 @@ def test_two_fold_class_matching_undoes_a_permutation():
     noisy = maps[torch.as_tensor(perm)] + 0.01 * torch.randn(4, 8, 8, 8)
     # a[j] pairs with b[found[j]]: maps[j] sits at position argsort(perm)[j] of noisy
     assert np.array_equal(_matching(maps, noisy), np.argsort(perm))
+
+
+def test_difference_filter_measures_the_noise_of_the_class_differences():
+    """Leave-one-fold-out maps of two classes ``A +- d`` with white noise of known
+    variance: the jackknife noise power of a difference is ``sigma^2 / (2 F)`` per voxel
+    (the difference of a class from the mean of two is half the difference of two
+    independent maps), and the filter keeps the shells where ``d`` dominates."""
+    from cryofield.inference.classify import _difference_filter, _filtered
+    from cryofield.physics.fourier import fft3_centered
+    from cryofield.physics.lattice import radial_index_3d
+
+    F, n, sigma = 4, 16, 0.05
+    g = torch.Generator().manual_seed(0)
+    A = blob_volume(n, 4, seed=1)
+    d = 0.3 * blob_volume(n, 2, seed=2)  # smooth: its power falls with the shell
+    X = torch.stack([A + d, A - d])[None] + sigma * torch.randn(F, 2, n, n, n, generator=g)
+    cv = torch.stack([torch.cat([X[:f], X[f + 1 :]]).mean(0) for f in range(F)])
+    h, ssnr, noise = _difference_filter(cv, torch.tensor([0.5, 0.5]))
+    assert h.shape == ssnr.shape == noise.shape == (2, n // 2 + 1)
+    # white noise of variance sigma^2 has power sigma^2 * n^3 |FFT(impulse)|^2 per voxel
+    impulse = torch.zeros(n, n, n)
+    impulse[0, 0, 0] = 1.0
+    unit = n**3 * float(fft3_centered(impulse).abs()[0, 0, 0] ** 2)
+    expected = unit * sigma**2 / (2 * F)
+    rel = noise[:, 3 : n // 2] / expected
+    assert torch.all((rel - 1).abs() < 0.2), rel
+    # the signal power of d per shell, against the filter
+    shell = radial_index_3d(n).round().long()
+    pd = torch.tensor(
+        [float((fft3_centered(d)[shell == r].abs() ** 2).mean()) for r in range(n // 2)]
+    )
+    strong, weak = pd > 20 * expected, pd < expected / 20
+    assert strong.any() and weak.any()
+    assert torch.all(h[:, : n // 2][:, strong] > 0.9) and torch.all(h[:, : n // 2][:, weak] < 0.2)
+    # filtering keeps the mean map and takes the noise out of the differences
+    out = _filtered(cv[0], torch.tensor([0.5, 0.5]), h)
+    assert torch.allclose(out.mean(0), cv[0].mean(0), atol=1e-5)
+    true = torch.stack([d, -d])
+    err = float((out - out.mean(0) - true).pow(2).sum())
+    raw = float((cv[0] - cv[0].mean(0) - true).pow(2).sum())
+    assert err < 0.1 * raw, (err, raw)  # measured: 0.047

@@ -57,6 +57,20 @@ or more the maps of any two folds share most of their images and stay matched. T
 objective is a cross-validated likelihood, which is not bound to rise at every iteration
 (``folds = 1``: the plain EM, whose log-likelihood cannot fall).
 
+Class differences: every map is shrunk towards zero with the SSNR of its own share of
+the images, but what tells the classes apart is their difference from the mean map,
+whose SSNR is far lower (a domain of a few percent of the mass, in a class of 10% of the
+images). Unfiltered, that difference is noise past a few shells, and the noise of a
+small class's map decides its images' assignments (measured at the true poses on
+bench_het dom0.93_pop10: the 10% state got 8.1% of the images, ARI 0.895). With several
+folds each class's difference ``D_j = V_j - sum_k pi_k V_k`` is therefore Wiener filtered
+per shell, ``h_j = SSNR_j / (1 + SSNR_j)``, in every M-step (the maps of every fold and
+the full maps): its noise power is the jackknife variance of the leave-one-fold-out
+differences, ``(F - 1) / F sum_f |D_fj - mean_f D_fj|^2`` (Efron & Stein 1981, Ann.
+Stat. 9:586), its signal power ``|mean_f D_fj|^2`` minus that, both shell means
+(:func:`_difference_filter`; ``filter_differences``). It needs no resolution limit and
+adapts to every class: a class whose difference is signal to Nyquist keeps it.
+
 The classes start from a partition: k-means (k-means++) of the linear variability codes
 (:func:`~cryofield.inference.variability.variability_latents`), or a random one. A class
 whose prior falls below ``min_class_fraction / K`` can be reseeded with a random part of
@@ -113,7 +127,7 @@ from cryofield.inference.refine import backproject_halves_batched, reference_gri
 from cryofield.logs import get_logger
 from cryofield.physics.backproject import FourierBackprojector
 from cryofield.physics.ctf import compute_ctf
-from cryofield.physics.fourier import fft3_centered, ifft2_centered
+from cryofield.physics.fourier import fft3_centered, ifft2_centered, ifft3_centered
 from cryofield.physics.fsc import fsc, resolution_at
 from cryofield.physics.lattice import radial_index_3d
 
@@ -183,6 +197,10 @@ class ClassifySettings:
         :func:`classification_latents` places every image inside its class
         (:func:`within_class_codes`); False: the class coordinates only
         (:func:`class_embedding`).
+    filter_differences
+        With several folds: every class's difference from the mean map is Wiener-filtered
+        per shell by its own SSNR, from the spread of the leave-one-fold-out maps (module
+        docstring, "Class differences"); False: the class maps as back-projected.
     """
 
     n_classes: int = 16
@@ -204,6 +222,7 @@ class ClassifySettings:
     chunk: int = 256
     seed: int = 0
     within_class: bool = True
+    filter_differences: bool = True
 
 
 @dataclass
@@ -430,6 +449,72 @@ def _combined(bps: list[FourierBackprojector]) -> FourierBackprojector:
     return bps[0].merge(*bps[1:])
 
 
+def _difference_filter(
+    cv: torch.Tensor, pri: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Wiener filter of each class's difference from the mean map, from the jackknife of
+    the leave-one-fold-out maps (module docstring, "Class differences").
+
+    Parameters
+    ----------
+    cv
+        ``(F, K, D, D, D)`` class maps made without fold ``f`` (``F >= 2``), real space.
+    pri
+        ``(K,)`` class priors (weights of the mean map).
+
+    Returns
+    -------
+    h, ssnr, noise
+        ``(K, D // 2 + 1)`` per class and shell: the filter ``SSNR / (1 + SSNR)`` in
+        ``[0, 1]`` (0 past the last shell), the SSNR of the difference, and its noise
+        power ``(F - 1) / F sum_f |D_fj - mean_f D_fj|^2`` (jackknife variance of the
+        full-data difference, shell mean per voxel). ``SSNR = max(|mean_f D_fj|^2 -
+        noise, 0) / noise``.
+    """
+    F, K, D = cv.shape[0], cv.shape[1], cv.shape[-1]
+    S = D // 2 + 1
+    dev = cv.device
+    w = (pri.double() / pri.double().sum().clamp_min(1e-30)).to(dev)
+    shell = radial_index_3d(D, device=dev).round().long()
+    inside = shell < S
+    sh = shell[inside]
+    cnt = (
+        torch.zeros(S, dtype=torch.float64, device=dev)
+        .index_add_(0, sh, torch.ones(sh.shape, dtype=torch.float64, device=dev))
+        .clamp_min(1)
+    )
+    mean = torch.einsum("k,fkxyz->fxyz", w.float(), cv)  # (F, D, D, D)
+    noise = torch.zeros(K, S, dtype=torch.float64, device=dev)
+    power = torch.zeros(K, S, dtype=torch.float64, device=dev)
+    for j in range(K):
+        dj = fft3_centered(cv[:, j] - mean)[:, inside]  # (F, V)
+        dbar = dj.mean(0)
+        nv = (F - 1) / F * (dj - dbar).abs().double().pow(2).sum(0)
+        noise[j].index_add_(0, sh, nv)
+        power[j].index_add_(0, sh, dbar.abs().double().pow(2))
+    noise, power = noise / cnt, power / cnt
+    sig = (power - noise).clamp_min(0)
+    ssnr = sig / noise.clamp_min(1e-30)
+    h = torch.where(sig + noise > 0, sig / (sig + noise).clamp_min(1e-300), 1.0)
+    return h, ssnr, noise
+
+
+def _filtered(maps: torch.Tensor, pri: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``(K, D, D, D)`` ``mean + ifft(h_j fft(V_j - mean))``, ``mean`` the ``pri``-weighted
+    mean of ``maps`` and ``h (K, D // 2 + 1)`` per shell (:func:`_difference_filter`)."""
+    D = maps.shape[-1]
+    w = (pri.double() / pri.double().sum().clamp_min(1e-30)).float().to(maps.device)
+    mean = torch.einsum("k,kxyz->xyz", w, maps)
+    shell = radial_index_3d(D, device=maps.device).round().long()
+    inside = shell < h.shape[1]
+    out = torch.empty_like(maps)
+    for j in range(maps.shape[0]):
+        hv = torch.zeros(D, D, D, device=maps.device)
+        hv[inside] = h[j].float().to(maps.device)[shell[inside]]
+        out[j] = mean + ifft3_centered(fft3_centered(maps[j] - mean) * hv).real
+    return out
+
+
 def _m_step(
     scorer: _Scorer,
     fit: _Fit,
@@ -485,11 +570,11 @@ def _m_step(
         full_maps = focused(volumes(bps[0], 1.0), bps[0], 1.0)
         return full_maps[None], full_maps, resp
     q = (F - 1) / F
-    cv = []
-    for f in range(F):
-        rest = [bps[g] for g in range(F) if g != f]  # the other folds' sets of K classes
-        maps_f = volumes([_combined([r[j] for r in rest]) for j in range(K)], q)
-        cv.append(focused(maps_f, [bp for r in rest for bp in r], q))
+
+    def rest(f: int) -> list[list[FourierBackprojector]]:  # the other folds' sets of K
+        return [bps[g] for g in range(F) if g != f]
+
+    cv = [volumes([_combined([r[j] for r in rest(f)]) for j in range(K)], q) for f in range(F)]
     if F == 2:
         # the halves share no image: classes the data cannot tell apart chase each
         # other's noise and can come out permuted; relabel fold 0's classes (its maps
@@ -504,6 +589,12 @@ def _m_step(
             rows = fit.fold == 0
             resp[rows] = resp[rows][:, torch.as_tensor(perm, device=resp.device)]
     full_maps = volumes([_combined([bps[f][j] for f in range(F)]) for j in range(K)], 1.0)
+    if s.filter_differences:
+        pri = resp.mean(0)
+        h = _difference_filter(torch.stack(cv), pri)[0]
+        cv = [_filtered(m, pri, h) for m in cv]
+        full_maps = _filtered(full_maps, pri, h)
+    cv = [focused(cv[f], [bp for r in rest(f) for bp in r], q) for f in range(F)]
     full_maps = focused(full_maps, [bp for f in range(F) for bp in bps[f]], 1.0)
     return torch.stack(cv), full_maps, resp
 
