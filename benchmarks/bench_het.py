@@ -12,7 +12,9 @@ then scores the last epoch with ``cryofield.analysis.evaluate.evaluate_run`` (wh
 of states) beside the state ceiling (every image assigned to the true map that explains
 it best at its true pose and CTF: what the data hold) and their gap; for continuous
 motions the best |Spearman| of the first principal components of z against the true
-coordinate; ab initio also the median out-of-plane pose error.
+coordinate and that of the main path of z (the 1-D Isomap coordinate of ``analyze``'s
+``path/`` maps, which follows a curve that PC1 folds back on); ab initio also the median
+out-of-plane pose error.
 
 The base is the built-in two-domain object at D=64, 5 A/px, N=6000, SNR 0.1. Cells:
 
@@ -25,7 +27,8 @@ The base is the built-in two-domain object at D=64, 5 A/px, N=6000, SNR 0.1. Cel
   cont1.0, cont0.3            the built-in hinge motion (40 frames) over its full swing
                               (75 deg) and over 30 % of it
 
-Targets: ARI within 0.05 of the ceiling where the ceiling is >= 0.9; |Spearman| >= 0.95.
+Targets: ARI within 0.05 of the ceiling where the ceiling is >= 0.9; |Spearman| >= 0.95
+(the better of the PCs and the main path: the two read-outs of ``analyze``).
 
 Writes OUT/CELL/{data/, MODE/run/, MODE/train.log, MODE/result.json} and OUT/bench_het.json
 and .md. Finished cells are reused (--rescore scores them again).
@@ -164,6 +167,8 @@ def score(run: Path, data: Path) -> dict[str, Any]:
     if rho is not None:
         out["spearman_abs"] = float(max(abs(r) for r in rho))
         out["spearman_ceiling"] = ev.get("latent_vs_coord_ceiling")
+        path = ev.get("latent_path_spearman")
+        out["spearman_path_abs"] = None if path is None else abs(float(path))
     poses = ev.get("poses") or {}
     out["oop_median_deg"] = poses.get("out_of_plane_median_deg")
     return out
@@ -172,7 +177,7 @@ def score(run: Path, data: Path) -> dict[str, Any]:
 def check(r: dict[str, Any]) -> bool | None:
     """Whether the cell meets its target (None: no target applies)."""
     if r.get("spearman_abs") is not None:
-        return r["spearman_abs"] >= SPEARMAN
+        return max(r["spearman_abs"], r.get("spearman_path_abs") or 0.0) >= SPEARMAN
     if r.get("ceiling_ari") is not None and r["ceiling_ari"] >= 0.9:
         return r["ceiling_ari"] - r["ari"] <= ARI_GAP
     return None
@@ -211,7 +216,7 @@ def _f(v: Any, fmt: str = ".3f") -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     head = ["cell", "mode", "N", "SNR", "map corr", "ARI", "ceiling", "gap", "|Spearman|",
-            "ceiling", "oop med °", "wall min", "target"]  # fmt: skip
+            "path", "ceiling", "oop med °", "wall min", "target"]  # fmt: skip
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if "error" in r:
@@ -221,7 +226,8 @@ def table(results: list[dict[str, Any]]) -> str:
         rows.append("| " + " | ".join([
             r["cell"], r["mode"], str(r["N"]), str(r["snr"]), _f(r.get("map_corr")),
             _f(r.get("ari")), _f(r.get("ceiling_ari")), _f(r.get("ari_gap")),
-            _f(r.get("spearman_abs")), _f(r.get("spearman_ceiling")),
+            _f(r.get("spearman_abs")), _f(r.get("spearman_path_abs")),
+            _f(r.get("spearman_ceiling")),
             _f(r.get("oop_median_deg"), ".2f"),
             f"{r['wall_s'] / 60:.1f}", ok,
         ]) + " |")  # fmt: skip

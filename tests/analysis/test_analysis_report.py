@@ -12,7 +12,13 @@ import torch
 from fakerun import FakeRun
 
 from cryofield.analysis import latent
-from cryofield.analysis.report import analyze_run, kmeans_for_run, read_verdict, verdict_banner
+from cryofield.analysis.report import (
+    PC_PERCENTILES,
+    analyze_run,
+    kmeans_for_run,
+    read_verdict,
+    verdict_banner,
+)
 from cryofield.errors import CryofieldError
 from cryofield.inference.rundir import RunDir
 from cryofield.io.mrc import read_mrc
@@ -25,6 +31,7 @@ HET_FIGURES = (
     "kde_umap.png",
     "cluster_counts.png",
     "junk.png",
+    "path_gallery.png",
     "poses.png",
     "training.png",
 )
@@ -54,7 +61,9 @@ def test_heterogeneous_report(fake_het_run: FakeRun) -> None:
     with np.load(folder / "analysis.npz") as f:
         labels, nearest = f["kmeans_labels"], f["kmeans_nearest"]
         np.testing.assert_allclose(f["explained_variance_ratio"].sum(), 1.0)
+        path = f["path_coordinate"]
     np.testing.assert_array_equal(labels, latent.kmeans(z, 20).labels)
+    np.testing.assert_allclose(path, latent.path_coordinate(z))
     np.testing.assert_array_equal(kmeans_for_run(run, 2).labels, labels)
     # maps at the particles nearest the centres, and along the PCs
     kfiles = sorted((folder / "kmeans").glob("vol_*.mrc"))
@@ -64,6 +73,12 @@ def test_heterogeneous_report(fake_het_run: FakeRun) -> None:
     assert info.apix_A == pytest.approx(3.0)
     ref = field.render_volume(torch.as_tensor(z[nearest[3]])).numpy()
     np.testing.assert_allclose(vol, ref, atol=1e-5)
+    # the main path's maps: the field at the mean z of the particles about each percentile
+    pts = latent.path_trajectory(z, path, PC_PERCENTILES)
+    pfiles = sorted((folder / "path").glob("vol_*.mrc"))
+    assert len(pfiles) == 10
+    ref = field.render_volume(torch.as_tensor(pts[0], dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(read_mrc(pfiles[0])[0], ref, atol=1e-5)
     for pc in ("pc1", "pc2"):
         assert len(list((folder / pc).glob("vol_*.mrc"))) == 10
         cxc = (folder / pc / "open_in_chimerax.cxc").read_text()

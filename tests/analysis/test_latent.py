@@ -68,3 +68,25 @@ def test_kde_normalised() -> None:
     assert dens.sum() * area == pytest.approx(1.0, abs=0.03)
     iy, ix = np.unravel_index(np.argmax(dens), dens.shape)
     assert abs(X[iy, ix]) < 0.5 and abs(Y[iy, ix]) < 0.5
+
+
+def test_path_coordinate_follows_a_curve_that_pc1_folds_back_on() -> None:
+    """Latents on 7/8 of a circle (a motion whose maps bend back): PC1 orders its ends no
+    better than chance, the main path orders all of it; its maps lie on the curve."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    t = rng.uniform(0, 1.75 * np.pi, 3000)
+    z = np.stack([np.cos(t), np.sin(t), np.zeros_like(t), np.zeros_like(t)], 1)
+    z += 0.03 * rng.standard_normal(z.shape)
+    pc1 = abs(spearmanr(latent.pca(z).projected[:, 0], t).statistic)
+    path = latent.path_coordinate(z, max_points=1500)
+    assert path is not None and path.shape == (3000,)
+    rho = abs(spearmanr(path, t).statistic)
+    assert pc1 < 0.9 and rho > 0.99, (pc1, rho)
+    # geodesic units: the arc is 1.75 pi long (the graph's steps zigzag through the noise)
+    assert 0.95 < (path.max() - path.min()) / (1.75 * np.pi) < 1.2
+    pts = latent.path_trajectory(z, path, (5.0, 50.0, 95.0))
+    assert pts.shape == (3, 4)
+    assert np.all(np.abs(np.linalg.norm(pts[:, :2], axis=1) - 1) < 0.05)  # on the curve
+    assert latent.path_coordinate(z[:10]) is None

@@ -29,7 +29,10 @@ maps its rows onto them. Reported (JSON-ready dict):
   ``{"skipped": reason}``.
 * ``junk``: precision / recall of :func:`junk.estimate_junk_combined` (the junk mask of
   ``analyze``: latents and, when the run wrote them, residuals) when the truth has junk.
-* ``latent_vs_coord``: Spearman correlation of PC1..3 with a continuous coordinate.
+* ``latent_vs_coord``: Spearman correlation of PC1..3 with a continuous coordinate; and
+  ``latent_path_spearman``, that of the main path of the latent space
+  (:func:`cryofield.analysis.latent.path_coordinate`, the path of ``analyze``'s
+  ``path/`` maps), which follows a curved trajectory that PC1 folds back on.
 """
 
 from __future__ import annotations
@@ -308,6 +311,7 @@ def evaluate_run(
         coord = np.asarray(truth["coord"], np.float64)[index]
         if np.isfinite(coord).sum() >= 3:
             res["latent_vs_coord_spearman"] = metrics.spearman_latent_vs_coord(z, coord)
+            res["latent_path_spearman"] = metrics.spearman_path_vs_coord(z, coord)
             if "spearman_abs" in res["ceiling"]:
                 res["latent_vs_coord_ceiling"] = res["ceiling"]["spearman_abs"]
     return res
@@ -494,5 +498,7 @@ def format_table(res: dict[str, Any]) -> str:
                 ", ".join(f"{v:.3f}" for v in res["latent_vs_coord_spearman"]),
             )
         )
+    if res.get("latent_path_spearman") is not None:
+        rows.append(("Spearman main path vs coord", f"{res['latent_path_spearman']:.3f}"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

@@ -1,4 +1,4 @@
-"""Latent-space analysis: PCA, UMAP, k-means, kernel density.
+"""Latent-space analysis: PCA, UMAP, k-means, kernel density, the main path.
 
 All functions take the per-particle latents ``z (N, zdim)`` of a run and return plain
 numpy arrays, so the report, ``select`` and ``eval-vol`` compute the same things (same
@@ -20,6 +20,8 @@ __all__ = [
     "default_n_clusters",
     "kde_2d",
     "kmeans",
+    "path_coordinate",
+    "path_trajectory",
     "pc_trajectory",
     "pca",
     "umap_embedding",
@@ -78,6 +80,73 @@ def pc_trajectory(
     """
     vals = np.percentile(result.projected[:, pc], percentiles)
     return result.mean[None, :] + vals[:, None] * result.components[pc][None, :]
+
+
+#: The main path is fitted on at most this many particles (Isomap's geodesic distances
+#: are a dense (n, n) matrix: 4000 points, 128 MB).
+PATH_MAX_POINTS = 4000
+
+
+def path_coordinate(
+    z: np.ndarray, n_neighbors: int = 15, max_points: int = PATH_MAX_POINTS,
+    seed: int = DEFAULT_SEED,
+) -> np.ndarray | None:  # fmt: skip
+    """``(N,)`` position of every particle along the main path of the latent space.
+
+    A continuous motion traces a curve in ``z`` that a linear axis cannot follow: the
+    first principal component folds back at its ends (the "horseshoe": PC2 is then about
+    quadratic in PC1) and orders the particles there no better than chance. The path
+    coordinate is the 1-D Isomap embedding (Tenenbaum, de Silva & Langford 2000, Science
+    290:2319): geodesic distances along the ``n_neighbors`` nearest-neighbour graph of a
+    seeded subset of ``max_points`` particles, scaled to 1-D by classical MDS; the other
+    particles are placed by their neighbours in the subset. Disconnected clusters
+    (discrete states) are joined by their closest pair of points, so the coordinate then
+    orders the clusters. Sign: increasing with PC1 (a convention). Units: those of ``z``
+    (geodesic length).
+
+    Returns None (and logs why) for fewer than 20 particles or a single distinct latent.
+    """
+    from sklearn.manifold import Isomap
+
+    z = np.asarray(z, np.float64).reshape(len(z), -1)
+    if len(z) < 20 or len(np.unique(z[: min(len(z), 1000)].round(12), axis=0)) < 2:
+        log.info("main path skipped: %d particles", len(z))
+        return None
+    idx = subsample_index(len(z), max_points, seed)
+    k = min(n_neighbors, len(idx) - 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning of a disconnected graph
+        iso = Isomap(n_neighbors=k, n_components=1).fit(z[idx])
+        # in blocks: transform holds an (n, max_points) matrix of geodesic distances
+        coord = np.concatenate(
+            [iso.transform(z[a : a + 10000])[:, 0] for a in range(0, len(z), 10000)]
+        )
+    pc1 = pca(z).projected[:, 0]
+    if np.corrcoef(coord, pc1)[0, 1] < 0:
+        coord = -coord
+    return coord
+
+
+def path_trajectory(
+    z: np.ndarray, coord: np.ndarray, percentiles: tuple[float, ...], width: float = 5.0
+) -> np.ndarray:
+    """``(len(percentiles), zdim)`` latent points along the main path: at each percentile
+    ``p`` of ``coord`` (:func:`path_coordinate`), the mean ``z`` of the particles between
+    percentiles ``p - width / 2`` and ``p + width / 2`` (on the data, unlike a point on a
+    straight PC axis)."""
+    z = np.asarray(z, np.float64).reshape(len(z), -1)
+    lo = np.percentile(coord, np.clip(np.asarray(percentiles) - width / 2, 0, 100))
+    hi = np.percentile(coord, np.clip(np.asarray(percentiles) + width / 2, 0, 100))
+    out = []
+    for a, b, p in zip(lo, hi, percentiles, strict=True):
+        sel = (coord >= a) & (coord <= b)
+        if not sel.any():
+            sel = (
+                np.abs(coord - np.percentile(coord, p))
+                == np.abs(coord - np.percentile(coord, p)).min()
+            )
+        out.append(z[sel].mean(0))
+    return np.stack(out)
 
 
 def default_n_clusters(n: int, requested: int | None = None) -> int:

@@ -46,6 +46,7 @@ __all__ = [
     "out_of_plane_error_rad",
     "pose_errors",
     "spearman_latent_vs_coord",
+    "spearman_path_vs_coord",
     "viewing_directions",
 ]
 
@@ -407,3 +408,18 @@ def spearman_latent_vs_coord(z: np.ndarray, coord: np.ndarray, n_pcs: int = 3) -
             continue
         out.append(float(spearmanr(pcs[:, j], c).statistic))
     return out
+
+
+def spearman_path_vs_coord(z: np.ndarray, coord: np.ndarray) -> float | None:
+    """Spearman correlation (signed; sign a convention) of the main path of the latent
+    space (:func:`cryofield.analysis.latent.path_coordinate`) with a coordinate ``(N,)``
+    (NaN entries ignored); None when there is no path (too few particles)."""
+    from scipy.stats import spearmanr
+
+    from cryofield.analysis.latent import path_coordinate
+
+    z = np.asarray(z, np.float64).reshape(len(z), -1)
+    c = np.asarray(coord, np.float64)
+    ok = np.isfinite(c)
+    path = path_coordinate(z[ok]) if ok.sum() >= 3 else None
+    return None if path is None else float(spearmanr(path, c[ok]).statistic)

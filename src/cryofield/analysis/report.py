@@ -588,6 +588,7 @@ def _heterogeneous(
         "<table><tr><th>cluster</th><th>particles</th><th>nearest particle</th>"
         f"</tr>{counts}</table>",
     )
+    path = rep.step("main path", lambda: latent.path_coordinate(z)) if zdim >= 2 else None
     out = {
         "z_pca": pc.projected,
         "pca_components": pc.components,
@@ -598,6 +599,8 @@ def _heterogeneous(
         "kmeans_nearest": km.nearest,
         "particle_index": index,
     }
+    if path is not None:
+        out["path_coordinate"] = path
     if emb is not None:
         out["umap"] = emb
         out["umap_index"] = umap_idx
@@ -661,6 +664,29 @@ def _heterogeneous(
                     ),
                 ),
                 f"projections along z of the PC{j + 1} maps",
+            )
+    if path is not None:
+        pts = latent.path_trajectory(z, path, PC_PERCENTILES)
+        series = rep.step(
+            "main path volumes",
+            lambda: _write_series(field, pts, folder / "path", apix, "main path of the latents"),
+        )
+        if series:
+            names, projs = series
+            rep.add(
+                "Volumes",
+                f"<p>Main path (geodesic, follows a curved trajectory that PC1 folds back "
+                f"on): {len(names)} maps at percentiles of the path coordinate in "
+                f"<code>path/</code></p>",
+            )
+            titles = [f"path {p:g}%" for p in PC_PERCENTILES]
+            rep.figure(
+                "Volumes",
+                rep.step(
+                    "main path gallery",
+                    lambda: plots.plot_volume_gallery(projs, titles, folder / "path_gallery.png"),
+                ),
+                "projections along z of the main-path maps",
             )
     if mask is not None:
         for j in range(min(n_pcs, zdim)):
