@@ -71,9 +71,13 @@ leave-one-fold-out differences, ``(F - 1) / F sum_f |D_fj - mean_f D_fj|^2`` (Ef
 Stein 1981, Ann. Stat. 9:586), its signal power ``|mean_f D_fj|^2`` minus that, both
 shell means (:func:`_difference_filter`; ``filter_differences``). It needs no resolution
 limit and adapts to every class: a class whose difference is signal to Nyquist keeps it.
-Not inside the EM: there it makes classes that split one state identical (their
-difference is noise, filtered away), so they never empty and share its images by their
-priors (measured on a two-state test set with 8 classes: hard-label ARI 1.0 -> 0.75).
+Measured (bench_het, known poses, the k-means ARI of the trainer's codes): dom0.93_pop10
+0.899 -> 0.991 (ceiling 1.000), dom0.97 0.894 -> 0.931 (ceiling 0.971). Not inside the
+EM: there it makes classes that split one state identical (their difference is noise,
+filtered away), so they never empty and share its images by their priors (measured on a
+two-state test set with 8 classes: hard-label ARI 1.0 -> 0.75). On a small test set
+(D = 24, 1000 images, a 10 % state) it moved the hard-label ARI from 0.937 to 0.902 and
+0.805 to 0.764 (two seeds; more majority images taken as the minority).
 Not with a mask (not measured there).
 
 The classes start from a partition: k-means (k-means++) of the linear variability codes
