@@ -140,11 +140,8 @@ def path_trajectory(
     out = []
     for a, b, p in zip(lo, hi, percentiles, strict=True):
         sel = (coord >= a) & (coord <= b)
-        if not sel.any():
-            sel = (
-                np.abs(coord - np.percentile(coord, p))
-                == np.abs(coord - np.percentile(coord, p)).min()
-            )
+        if not sel.any():  # (a few particles): the one nearest the percentile
+            sel = np.abs(coord - np.percentile(coord, p)).argmin()[None]
         out.append(z[sel].mean(0))
     return np.stack(out)
 

@@ -580,11 +580,11 @@ def _m_step(
         full_maps = focused(volumes(bps[0], 1.0), bps[0], 1.0)
         return full_maps[None], full_maps, resp
     q = (F - 1) / F
-
-    def rest(f: int) -> list[list[FourierBackprojector]]:  # the other folds' sets of K
-        return [bps[g] for g in range(F) if g != f]
-
-    cv = [volumes([_combined([r[j] for r in rest(f)]) for j in range(K)], q) for f in range(F)]
+    cv = []
+    for f in range(F):
+        rest = [bps[g] for g in range(F) if g != f]  # the other folds' sets of K classes
+        maps_f = volumes([_combined([r[j] for r in rest]) for j in range(K)], q)
+        cv.append(focused(maps_f, [bp for r in rest for bp in r], q))
     if F == 2:
         # the halves share no image: classes the data cannot tell apart chase each
         # other's noise and can come out permuted; relabel fold 0's classes (its maps
@@ -599,7 +599,6 @@ def _m_step(
             rows = fit.fold == 0
             resp[rows] = resp[rows][:, torch.as_tensor(perm, device=resp.device)]
     full_maps = volumes([_combined([bps[f][j] for f in range(F)]) for j in range(K)], 1.0)
-    cv = [focused(cv[f], [bp for r in rest(f) for bp in r], q) for f in range(F)]
     full_maps = focused(full_maps, [bp for f in range(F) for bp in bps[f]], 1.0)
     return torch.stack(cv), full_maps, resp
 
